@@ -1,0 +1,15 @@
+"""sdbatch: Stable Diffusion image sweeps at cluster scale, written as a resumable Parquet dataset.
+
+Architecture (who calls whom; one module per stage):
+
+    cli ── generate ─┬─ spec        YAML -> typed, validated JobSpec (before anything starts)
+                     ├─ prompts     Parquet prompt set -> (prompt_id, prompt, negative_prompt)
+                     ├─ sweep       configurations, per-image seeds, work units left to do
+                     ├─ pipeline    model ref -> pinned ModelSource; from_pretrained in workers
+                     │    └─ builtin, schedulers
+                     ├─ dataset     output layout: run.json, atomic unit commits, done markers
+                     └─ distribute  Ray actors (one per GPU) pulling units, progress bar
+                          └─ worker   plain class: loaded pipeline -> PNG rows -> dataset commit
+"""
+
+__version__ = "0.1.0"

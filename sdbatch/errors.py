@@ -1,0 +1,13 @@
+"""The two kinds of failure a user sees: bad input (exit 2), and a job that broke (exit 1)."""
+
+
+class InputError(Exception):
+    """Bad input: a spec field, a prompt file, a model reference or an argument.
+
+    The message is one line that names the field and says what is allowed; it is raised before any
+    model or Ray worker starts, so nothing has been written.
+    """
+
+
+class JobFailed(Exception):
+    """Generation started and could not finish; committed work units are kept for a rerun."""

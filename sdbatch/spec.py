@@ -1,0 +1,252 @@
+"""Job specs: the YAML a user writes, parsed once into typed, validated values.
+
+Every check here runs before Ray or a model starts. A bad field raises `InputError` with one line
+that names the field (``sweep.num_inference_steps[1]``) and what is allowed.
+
+Example:
+    >>> spec = load_spec("jobs/demo.yaml")
+    >>> spec.sweep.scheduler
+    ('ddim', 'euler_a')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sdbatch.errors import InputError
+from sdbatch.schedulers import SCHEDULERS
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where the prompts are: a Parquet file or folder, and which columns mean what."""
+
+    path: str
+    column: str = "prompt"
+    id_column: str | None = None
+    negative_column: str | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The grid: every scheduler x steps x guidance combination is one configuration."""
+
+    scheduler: tuple[str, ...] = ("euler",)
+    num_inference_steps: tuple[int, ...] = (25,)
+    guidance_scale: tuple[float, ...] = (7.5,)
+    images_per_prompt: int = 1
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the work is run. None of it changes which images are made, so a resume may change it."""
+
+    actors: int | Literal["auto"] = "auto"
+    batch_size: int = 8
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    # Prompts per work unit. A unit is the grain of resume: smaller loses less work on a crash,
+    # larger writes fewer, bigger Parquet files.
+    shard_size: int = 16
+    # zlib level of the lossless PNGs: 1 is several times faster than 6-9 for a few % more bytes.
+    png_compress_level: int = 1
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole job: model, prompts, sweep, seed, output and runtime."""
+
+    name: str
+    model: str
+    prompts: PromptSource
+    sweep: Sweep = Sweep()
+    seed: int = 0
+    output: str | None = None
+    model_revision: str | None = None
+    runtime: Runtime = Runtime()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job spec file.
+
+    Relative prompt paths are taken relative to the spec file; `output` defaults to ``out/NAME``
+    and, like a local `model` folder, is relative to the working directory.
+
+    Raises:
+        InputError: the file is missing, is not YAML, or a field is wrong.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"spec: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"spec: cannot read {path}: {e}") from None
+    try:
+        # safe_load builds plain values only: nothing in a spec is ever evaluated as code.
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        raise InputError(f"spec: {path} is not valid YAML{line}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"spec: {path} must be a mapping of fields, like jobs/demo.yaml")
+    data.setdefault("name", path.stem)
+    prompts = data.get("prompts")
+    if isinstance(prompts, dict) and isinstance(prompts.get("path"), str):
+        prompts["path"] = _relative_to(prompts["path"], path.parent)
+    return parse_spec(data)
+
+
+def parse_spec(data: dict[str, Any]) -> JobSpec:
+    """Build a `JobSpec` from plain data (parsed YAML) and check every field."""
+    spec = _build(JobSpec, data, "")
+    _check(spec)
+    return spec
+
+
+def _relative_to(location: str, base: Path) -> str:
+    if "://" in location or Path(location).expanduser().is_absolute():
+        return location
+    return str((base / location).resolve())
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Construct dataclass `cls` from a mapping, converting each field by its type annotation."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where.rstrip('.') or 'spec'}: must be a mapping of fields")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InputError(f"{where}{unknown[0]}: unknown field; allowed here: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _convert(hints[name], data[name], f"{where}{name}")
+        elif f.default is dataclasses.MISSING:
+            raise InputError(f"{where}{name}: required field is missing")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except InputError:
+                pass
+        raise InputError(f"{where}: must be {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise InputError(f"{where}: must be {_describe(hint)}, got {value!r}")
+        return value
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise InputError(f"{where}: must list at least one value")
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(items))
+    # bool is an int in Python; a YAML `yes` must not pass as a step count.
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise InputError(f"{where}: must be {_describe(hint)}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return {int: "an integer", float: "a number", str: "a string", type(None): "null"}[hint]
+
+
+def _check(spec: JobSpec) -> None:
+    """Range and vocabulary checks that types alone do not express."""
+    _require(spec.name.strip() != "", "name", "must not be empty")
+    _require(
+        spec.model.strip() != "", "model", "must name a hub id, a local folder or builtin:NAME"
+    )
+    _require(0 <= spec.seed <= MAX_SEED, "seed", f"must be between 0 and {MAX_SEED}")
+
+    p = spec.prompts
+    _require(p.path.strip() != "", "prompts.path", "must name a Parquet file or folder")
+    _require(p.limit is None or p.limit >= 1, "prompts.limit", "must be >= 1 or null")
+
+    s = spec.sweep
+    _unique(s.scheduler, "sweep.scheduler")
+    for i, name in enumerate(s.scheduler):
+        _require(
+            name in SCHEDULERS,
+            f"sweep.scheduler[{i}]",
+            f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}",
+        )
+    _unique(s.num_inference_steps, "sweep.num_inference_steps")
+    for i, steps in enumerate(s.num_inference_steps):
+        _require(steps >= 1, f"sweep.num_inference_steps[{i}]", f"must be >= 1, got {steps}")
+    _unique(s.guidance_scale, "sweep.guidance_scale")
+    for i, g in enumerate(s.guidance_scale):
+        _require(
+            math.isfinite(g) and g >= 0,
+            f"sweep.guidance_scale[{i}]",
+            f"must be a finite number >= 0, got {g}",
+        )
+    _require(s.images_per_prompt >= 1, "sweep.images_per_prompt", "must be >= 1")
+    for side in ("height", "width"):
+        size = getattr(s, side)
+        _require(
+            size >= 8 and size % 8 == 0,
+            f"sweep.{side}",
+            f"must be a positive multiple of 8 (the VAE's downsampling), got {size}",
+        )
+
+    r = spec.runtime
+    _require(r.actors == "auto" or r.actors >= 1, "runtime.actors", "must be 'auto' or >= 1")
+    _require(r.batch_size >= 1, "runtime.batch_size", "must be >= 1")
+    _require(r.shard_size >= 1, "runtime.shard_size", "must be >= 1")
+    _require(
+        0 <= r.png_compress_level <= 9, "runtime.png_compress_level", "must be between 0 and 9"
+    )
+
+
+def _require(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise InputError(f"{where}: {message}")
+
+
+def _unique(values: tuple, where: str) -> None:
+    seen = set()
+    for v in values:
+        # Two equal values would make two identical configurations and duplicate every image.
+        _require(v not in seen, where, f"{v!r} is listed twice")
+        seen.add(v)

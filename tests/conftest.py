@@ -1,0 +1,87 @@
+"""Shared fixtures: a real local Ray instance on loopback, prompt files and spec files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+# Ray binds its services to the machine's address unless told this is a single-node setup;
+# tests keep everything on 127.0.0.1.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+PARTI = REPO.parent / "shared" / "data" / "PartiPrompts.tsv"
+PROMPTS = [
+    "a red circle on a white background",
+    "a lighthouse on a cliff at sunset",
+    "a bowl of ramen, studio photo",
+    "an astronaut riding a horse",
+    "a cat in a wizard hat, watercolor",
+    "a city street at night, neon",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One real Ray instance for the whole session (2 CPUs, loopback); yields its address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    """Write a Parquet prompt file; returns a function (texts, **extra columns) -> path."""
+
+    def write(texts=PROMPTS, name="prompts.parquet", **columns):
+        path = tmp_path / name
+        pq.write_table(pa.table({"prompt": list(texts), **columns}), path)
+        return path
+
+    return write
+
+
+def job(prompts_path: Path, /, **overrides) -> dict:
+    """A small, fast job spec as plain data; `overrides` replace top-level sections or fields."""
+    spec = {
+        "name": "test",
+        "model": "builtin:tiny",
+        "prompts": {"path": str(prompts_path)},
+        "sweep": {
+            "scheduler": ["ddim", "euler_a"],
+            "num_inference_steps": [2],
+            "guidance_scale": [1.0, 7.5],
+            "images_per_prompt": 2,
+            "height": 32,
+            "width": 32,
+        },
+        "seed": 7,
+        "runtime": {"batch_size": 4, "shard_size": 2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    """Write a spec dict as YAML; returns a function (dict, name) -> path."""
+
+    def write(data: dict, name: str = "job.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
