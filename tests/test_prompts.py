@@ -1,0 +1,154 @@
+"""Prompt sets: loading with checks, stable ids, and `sdbatch prompts` conversions."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import PARTI, PROMPTS, REPO, job
+
+from sdbatch.cli import main
+from sdbatch.errors import InputError
+from sdbatch.prompts import convert_prompt_file, derive_prompt_ids, load_prompts
+from sdbatch.spec import PromptSource
+
+
+def test_derived_ids_are_stable_and_follow_position_and_text():
+    ids = derive_prompt_ids(["a cat", "a dog", "a cat"])
+    assert ids == derive_prompt_ids(["a cat", "a dog", "a cat"])
+    assert len(set(ids)) == 3  # the same text twice still gets two ids
+    assert ids[:2] == derive_prompt_ids(["a cat", "a dog", "something new"])[:2]
+    assert derive_prompt_ids(["a cow"])[0] != ids[0]
+
+
+def test_load_with_id_negative_column_and_limit(prompt_file):
+    path = prompt_file(id=[10, 11, 12, 13, 14, 15], neg=["blurry", None, "", "x", "y", "z"])
+    prompts = load_prompts(PromptSource(str(path), id_column="id", negative_column="neg", limit=3))
+    assert list(prompts.columns) == ["prompt_id", "prompt", "negative_prompt"]
+    assert prompts["prompt_id"].tolist() == ["10", "11", "12"]
+    assert prompts["negative_prompt"].tolist() == ["blurry", None, ""]
+    assert prompts["prompt"].tolist() == PROMPTS[:3]
+
+
+def test_load_reads_a_folder_of_parquet_files(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"prompt": ["c"]}), folder / "part-1.parquet")
+    assert load_prompts(PromptSource(str(folder)))["prompt"].tolist() == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("columns", "source", "message"),
+    [
+        ({}, {"column": "text"}, "prompts.column: no column 'text'"),
+        ({}, {"id_column": "uid"}, "prompts.id_column: no column 'uid'"),
+        ({}, {"negative_column": "neg"}, "prompts.negative_column: no column 'neg'"),
+        ({"id": [1, 1, 2, 3, 4, 5]}, {"id_column": "id"}, "duplicate prompt id"),
+    ],
+)
+def test_load_errors(prompt_file, columns, source, message):
+    path = prompt_file(**columns)
+    with pytest.raises(InputError, match=message):
+        load_prompts(PromptSource(str(path), **source))
+
+
+def test_blank_and_empty_prompt_sets(prompt_file):
+    with pytest.raises(InputError, match=r"2 prompt.* null or blank, first at row 1"):
+        load_prompts(PromptSource(str(prompt_file(["ok", "  ", None]))))
+    with pytest.raises(InputError, match=r"prompts\.path: the prompt set .* is empty"):
+        load_prompts(PromptSource(str(prompt_file([]))))
+
+
+def test_not_parquet_and_missing(tmp_path):
+    bogus = tmp_path / "prompts.parquet"
+    bogus.write_text("this is not parquet\n")
+    with pytest.raises(InputError, match=r"prompts\.path: .* not a readable Parquet"):
+        load_prompts(PromptSource(str(bogus)))
+    with pytest.raises(InputError, match=r"prompts\.path: .* does not exist"):
+        load_prompts(PromptSource(str(tmp_path / "nope.parquet")))
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"prompts": {"path": "missing.parquet"}}, "prompts.path"),
+        ({"prompts": {"column": "caption"}}, "prompts.column"),
+    ],
+)
+def test_prompt_errors_exit_2_before_anything_is_written(
+    override, field, tmp_path, prompt_file, spec_file, capsys
+):
+    path = spec_file(job(prompt_file(), **override))
+    assert main(["generate", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdbatch: error: {field}:") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_prompt_set_exits_2(tmp_path, prompt_file, spec_file, capsys):
+    path = spec_file(job(prompt_file([])))
+    assert main(["generate", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_convert_txt_csv_jsonl_agree(tmp_path):
+    texts = ["a red circle", 'a "quoted" word, with a comma', "naïve café ☕"]
+    (tmp_path / "p.txt").write_text("\n".join([texts[0], "", texts[1], texts[2]]) + "\n")
+    pd.DataFrame({"prompt": texts, "style": ["x", "y", "z"]}).to_csv(
+        tmp_path / "p.csv", index=False
+    )
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tables = {}
+    for suffix in ("txt", "csv", "jsonl"):
+        n = convert_prompt_file(str(tmp_path / f"p.{suffix}"), str(tmp_path / f"{suffix}.parquet"))
+        assert n == 3
+        tables[suffix] = pd.read_parquet(tmp_path / f"{suffix}.parquet")
+    for table in tables.values():
+        assert table["prompt"].tolist() == texts
+        assert table["id"].tolist() == derive_prompt_ids(texts)
+    assert tables["csv"]["style"].tolist() == ["x", "y", "z"]
+
+
+def test_convert_partiprompts_tsv_and_generate_reads_it(tmp_path):
+    """The real PartiPrompts file: quotes, unicode and long prompts, 1,632 rows."""
+    out = tmp_path / "parti.parquet"
+    assert main(["prompts", str(PARTI), "-o", str(out)]) == 0
+    table = pd.read_parquet(out)
+    assert len(table) == 1632
+    assert list(table.columns) == ["id", "prompt", "Category", "Challenge", "Note"]
+    assert table["id"].is_unique
+    raw = PARTI.read_text(encoding="utf-8").splitlines()[1:]
+    assert table["prompt"].tolist() == [line.split("\t")[0].strip() for line in raw]
+    prompts = load_prompts(PromptSource(str(out), id_column="id"))
+    assert prompts["prompt_id"].tolist() == table["id"].tolist()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "args", "message"),
+    [
+        ("p.md", b"a cat\n", [], "must end in one of"),
+        ("p.txt", b"a cat\n\xff\xfe broken\n", [], "not UTF-8 text (line 2)"),
+        ("p.jsonl", b'{"prompt": "a"}\nnot json\n', [], "line 2 is not JSON"),
+        ("p.csv", b"a,b\n1,2\n", [], "--column: say which column"),
+        ("p.csv", b"prompt\n1\n", ["--column", "text"], "--column: no column 'text'"),
+        ("p.txt", b"\n\n", [], "holds no prompts"),
+    ],
+)
+def test_convert_errors_exit_2_without_output(tmp_path, capsys, name, content, args, message):
+    source = tmp_path / name
+    source.write_bytes(content)
+    target = tmp_path / "out.parquet"
+    assert main(["prompts", str(source), "-o", str(target), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not target.exists()
+
+
+def test_shipped_demo_prompts_match_their_text_source(tmp_path):
+    convert_prompt_file(str(REPO / "jobs/demo-prompts.txt"), str(tmp_path / "demo.parquet"))
+    fresh = pd.read_parquet(tmp_path / "demo.parquet")
+    pd.testing.assert_frame_equal(fresh, pd.read_parquet(REPO / "jobs/demo-prompts.parquet"))
