@@ -1,0 +1,118 @@
+"""The sweep's configurations, each image's seed, and the work units that cover what is left to do.
+
+A work unit is one configuration x one shard of prompts: a small plain value that any worker can
+take. Seeds depend on (spec seed, prompt id, sample index) only, so the same prompt and sample start
+from the same noise in every configuration, and no batch, shard or actor layout changes an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+
+from sdbatch.spec import Sweep
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the sweep: everything that changes an image besides prompt and seed."""
+
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    negative_prompt: str
+
+    @property
+    def config_id(self) -> str:
+        """Readable and stable: ``ddim-s25-g7.5-3fa9c1``; the hash covers every field."""
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        return f"{self.scheduler}-s{self.num_inference_steps}-g{self.guidance_scale:g}-{digest[:6]}"
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One configuration over a shard of prompts; the worker makes every sample of each prompt."""
+
+    unit_id: str
+    config: Config
+    prompt_ids: tuple[str, ...]
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    images_per_prompt: int
+    seed: int
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompt_ids) * self.images_per_prompt
+
+
+def configurations(sweep: Sweep) -> list[Config]:
+    """The Cartesian product of the sweep's lists, in the order the spec lists them."""
+    return [
+        Config(s, n, g, sweep.height, sweep.width, sweep.negative_prompt)
+        for s, n, g in itertools.product(
+            sweep.scheduler, sweep.num_inference_steps, sweep.guidance_scale
+        )
+    ]
+
+
+def image_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    """The seed of one image's generator: a hash of spec seed, prompt id and sample index."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def plan_units(
+    prompts: pd.DataFrame,
+    configs: list[Config],
+    images_per_prompt: int,
+    seed: int,
+    shard_size: int,
+    done: Iterable[tuple[str, str]] = (),
+) -> list[WorkUnit]:
+    """Work units for every (configuration, prompt) pair not in `done`.
+
+    Shards run in the outer loop and configurations in the inner one, so a job stopped early holds
+    every configuration for its first prompts: enough for paired comparisons.
+    """
+    finished = set(done)
+    todo = {
+        c.config_id: [
+            i for i, pid in enumerate(prompts["prompt_id"]) if (c.config_id, pid) not in finished
+        ]
+        for c in configs
+    }
+    longest = max((len(rows) for rows in todo.values()), default=0)
+    units = []
+    for start in range(0, longest, shard_size):
+        for config in configs:
+            rows = todo[config.config_id][start : start + shard_size]
+            if rows:
+                units.append(_unit(prompts.iloc[rows], config, images_per_prompt, seed))
+    return units
+
+
+def _unit(shard: pd.DataFrame, config: Config, images_per_prompt: int, seed: int) -> WorkUnit:
+    ids = tuple(shard["prompt_id"])
+    # Named by content, so a rerun that plans the same unit writes the same file name.
+    digest = hashlib.sha1("\x00".join(ids).encode()).hexdigest()[:10]
+    # A row without its own negative prompt (None, or NaN once pandas has held it) uses the sweep's.
+    negatives = tuple(
+        n if isinstance(n, str) else config.negative_prompt for n in shard["negative_prompt"]
+    )
+    return WorkUnit(
+        unit_id=f"{config.config_id}-{digest}",
+        config=config,
+        prompt_ids=ids,
+        prompts=tuple(shard["prompt"]),
+        negative_prompts=negatives,
+        images_per_prompt=images_per_prompt,
+        seed=seed,
+    )

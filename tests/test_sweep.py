@@ -1,0 +1,81 @@
+"""Configurations, seeds and work-unit planning."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from sdbatch.spec import Sweep
+from sdbatch.sweep import Config, configurations, image_seed, plan_units
+
+
+def prompts(n: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "prompt_id": [f"p{i}" for i in range(n)],
+            "prompt": [f"prompt {i}" for i in range(n)],
+            "negative_prompt": pd.Series([None] * (n - 1) + ["own negative"], dtype=object),
+        }
+    )
+
+
+SWEEP = Sweep(scheduler=("ddim", "euler"), num_inference_steps=(10, 25), guidance_scale=(1.0, 7.5))
+
+
+def test_configurations_are_the_cartesian_product_in_spec_order():
+    configs = configurations(SWEEP)
+    assert len(configs) == 8
+    assert [(c.scheduler, c.num_inference_steps, c.guidance_scale) for c in configs[:3]] == [
+        ("ddim", 10, 1.0),
+        ("ddim", 10, 7.5),
+        ("ddim", 25, 1.0),
+    ]
+    assert len({c.config_id for c in configs}) == 8
+
+
+def test_config_id_is_readable_stable_and_covers_every_field():
+    config = Config("ddim", 25, 7.5, 512, 512, "")
+    assert config.config_id.startswith("ddim-s25-g7.5-")
+    assert config.config_id == Config("ddim", 25, 7.5, 512, 512, "").config_id
+    for other in (
+        Config("ddim", 25, 7.5, 512, 768, ""),
+        Config("ddim", 25, 7.5, 512, 512, "blurry"),
+    ):
+        assert other.config_id != config.config_id
+
+
+def test_seed_depends_on_prompt_and_sample_only():
+    seeds = {image_seed(0, p, s) for p in ("a", "b") for s in range(3)}
+    assert len(seeds) == 6
+    assert image_seed(0, "a", 0) != image_seed(1, "a", 0)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_units_cover_every_pair_once_and_skip_done_ones():
+    configs = configurations(SWEEP)
+    table = prompts(5)
+    units = plan_units(table, configs, images_per_prompt=2, seed=0, shard_size=2)
+    assert len(units) == 3 * 8  # shards of 2, 2, 1 prompts for each configuration
+    pairs = [(u.config.config_id, pid) for u in units for pid in u.prompt_ids]
+    assert len(pairs) == len(set(pairs)) == 5 * 8
+    assert sum(u.num_images for u in units) == 5 * 8 * 2
+    # shards outermost: the first units hold every configuration for the first prompts
+    assert {u.config.config_id for u in units[:8]} == {c.config_id for c in configs}
+
+    done = pairs[:7]
+    rest = plan_units(table, configs, 2, 0, 2, done=done)
+    left = [(u.config.config_id, pid) for u in rest for pid in u.prompt_ids]
+    assert sorted(left) == sorted(pairs[7:])
+
+
+def test_unit_ids_are_named_by_content():
+    configs = configurations(SWEEP)
+    first = plan_units(prompts(4), configs, 1, 0, 2)
+    again = plan_units(prompts(4), configs, 1, 0, 2)
+    assert [u.unit_id for u in first] == [u.unit_id for u in again]
+    assert len({u.unit_id for u in first}) == len(first)
+
+
+def test_negative_prompt_from_the_row_else_the_sweep():
+    config = Config("ddim", 10, 7.5, 64, 64, "sweep negative")
+    (unit,) = plan_units(prompts(3), [config], 1, 0, shard_size=3)
+    assert unit.negative_prompts == ("sweep negative", "sweep negative", "own negative")
