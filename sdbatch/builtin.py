@@ -1,0 +1,136 @@
+"""Builtin models, shipped inside the package and loaded like any checkpoint (`from_pretrained`).
+
+`builtin:tiny` is a Stable Diffusion pipeline with the real diffusers and transformers classes
+(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer) at toy size, with fixed random
+weights. Its images are noise; it exists so that everything else can run on a laptop and in CI.
+
+Rebuild the shipped files (deterministic from the seed):
+    python -m sdbatch.builtin tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from sdbatch.errors import InputError
+
+MODELS_DIR = Path(__file__).parent / "models"
+PREFIX = "builtin:"
+
+
+def builtin_path(name: str) -> Path:
+    """The folder of builtin model `name`.
+
+    Raises:
+        InputError: no such builtin model.
+    """
+    if name not in BUILDERS:
+        raise InputError(f"model: unknown builtin model {name!r}; known: {', '.join(BUILDERS)}")
+    return MODELS_DIR / name
+
+
+def make_byte_tokenizer(max_length: int = 77):
+    """A CLIP tokenizer over single bytes: CLIP's byte-level alphabet, no merges.
+
+    It tokenizes any text (one token per character, so prompts over ~75 characters are truncated
+    like long prompts in real CLIP) and needs no vocabulary from the hub.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = alphabet + [a + "</w>" for a in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {s: i for i, s in enumerate(symbols)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def build_tiny(destination: Path, seed: int = 0) -> None:
+    """Build `builtin:tiny` and save it with `save_pretrained` (safetensors) into `destination`."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = make_byte_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    # Four VAE levels give Stable Diffusion's 8x latent downsampling at a fraction of the size.
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    # Stable Diffusion 1.x's own scheduler config.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if destination.exists():
+        shutil.rmtree(destination)
+    pipe.save_pretrained(destination, safe_serialization=True)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Rebuild a builtin model's shipped files.")
+    parser.add_argument("name", choices=sorted(BUILDERS))
+    parser.add_argument("--dest", type=Path, help="folder to write (default: the package's own)")
+    args = parser.parse_args(argv)
+    destination = args.dest or builtin_path(args.name)
+    BUILDERS[args.name](destination)
+    print(destination)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Models: resolve a spec's `model` to something loadable with an identity, and load it once.
+
+`resolve_model` runs on the driver before any work starts: it checks the reference and records what
+exactly will be used (a hash of local weights, or the hub commit). `load_pipeline` runs in each
+worker, always through `from_pretrained`, safetensors only and never with remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdbatch.builtin import PREFIX, builtin_path
+from sdbatch.errors import InputError
+
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# What makes up a pipeline: weights, configs and tokenizer files. Other files (READMEs, images,
+# duplicate .bin/.ckpt copies) do not change images and would only slow the hash down.
+IDENTITY_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: where `from_pretrained` finds it and what exactly it is."""
+
+    ref: str  # as the spec wrote it
+    location: str  # a local folder, or a hub repo id
+    revision: str | None  # the hub commit, pinned so every worker loads the same files
+    identity: str  # "sha256:..." of a local folder's files, or "hub:REPO@COMMIT"
+
+
+def resolve_model(ref: str, revision: str | None = None) -> ModelSource:
+    """Check a model reference and pin what it points to.
+
+    Args:
+        ref: ``builtin:NAME``, a local diffusers folder, or a Hugging Face hub id.
+        revision: a hub branch, tag or commit (hub ids only).
+
+    Raises:
+        InputError: no such builtin, folder or hub model, or a folder that is not a pipeline.
+    """
+    if ref.startswith(PREFIX):
+        folder = builtin_path(ref.removeprefix(PREFIX))
+        return ModelSource(ref, str(folder), None, weights_digest(folder))
+    folder = Path(ref).expanduser()
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise InputError(
+                f"model: {ref} is not a diffusers pipeline folder (no model_index.json)"
+            )
+        return ModelSource(ref, str(folder.resolve()), None, weights_digest(folder))
+    if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
+        raise InputError(f"model: no folder {ref!r}, and it is not a hub id like org/name")
+    return _resolve_hub(ref, revision)
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> ModelSource:
+    import huggingface_hub
+
+    try:
+        # Fetches (or, with HF_HUB_OFFLINE=1, finds in the cache) just model_index.json: enough
+        # to pin the commit and to know the repo is a diffusers pipeline.
+        snapshot = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=["model_index.json"]
+        )
+    except Exception as e:  # the hub client raises many types; all mean "cannot resolve"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"model: cannot find {repo_id!r} on the Hugging Face hub or in its cache ({reason})"
+        ) from None
+    if not (Path(snapshot) / "model_index.json").is_file():
+        raise InputError(f"model: hub repo {repo_id!r} is not a diffusers pipeline")
+    commit = Path(snapshot).name
+    return ModelSource(repo_id, repo_id, commit, f"hub:{repo_id}@{commit}")
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over a pipeline folder's weight, config and tokenizer files (names and bytes)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in IDENTITY_SUFFIXES)
+    for path in files:
+        h.update(path.relative_to(folder).as_posix().encode() + b"\x00")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def load_pipeline(source: ModelSource, dtype: str, device: str) -> Any:
+    """Load the text-to-image pipeline once, on `device`, in `dtype` (fp16, bf16 or fp32)."""
+    import diffusers
+    import torch
+    import transformers
+
+    # Loading bars of every worker would interleave with the driver's own progress bar.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+        source.location,
+        revision=source.revision,
+        dtype=getattr(torch, TORCH_DTYPES[dtype]),
+        use_safetensors=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
