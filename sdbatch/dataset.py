@@ -1,0 +1,172 @@
+"""The output: a Parquet image dataset plus the records that make a run resumable.
+
+Layout of an output location (a local folder or any fsspec URI such as s3://bucket/run):
+
+    images/UNIT.parquet   the dataset: one file per work unit; pyarrow, pandas, Ray Data and
+                          Hugging Face `datasets` read the folder as one table
+    run.json              the resolved spec, library versions and the model's identity
+    prompts.parquet       the prompt set the run used
+    _units/UNIT.json      done markers: a unit is done only once its marker exists
+    _tmp/                 files being written; readers never look here
+
+A unit commits in three steps: write under _tmp/, move into images/, then write its marker. A crash
+at any point leaves either nothing visible or a complete file; files without a marker are removed
+before the next run plans its work, so no row is ever duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdbatch.errors import InputError
+
+IMAGES = "images"
+UNITS = "_units"
+TMP = "_tmp"
+RUN = "run.json"
+PROMPTS = "prompts.parquet"
+OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS)
+ROWS_PER_ROW_GROUP = 64  # ~25 MB of 512x512 PNGs: small enough for readers to stream
+
+# `datasets` reads this schema metadata and decodes the struct column to PIL images.
+HF_FEATURES = {"info": {"features": {"image": {"_type": "Image"}}}}
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("sample_index", pa.int32()),
+        ("seed", pa.int64()),
+        ("config_id", pa.string()),
+        ("scheduler", pa.string()),
+        ("num_inference_steps", pa.int32()),
+        ("guidance_scale", pa.float64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("model", pa.string()),
+        ("dtype", pa.string()),
+        ("batch_size", pa.int32()),
+        ("generation_seconds", pa.float64()),
+    ],
+    metadata={"huggingface": json.dumps(HF_FEATURES)},
+)
+VERSIONED = ("sdbatch", "torch", "diffusers", "transformers", "ray", "pyarrow")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries an image depends on (read without importing them)."""
+    return {name: metadata.version(name) for name in VERSIONED}
+
+
+class Output:
+    """An output location and the operations on its layout."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = fsspec.core.url_to_fs(uri)
+
+    @property
+    def location(self) -> str:
+        """The same place from every process: an absolute path, or the URI of remote storage."""
+        return self.root if "file" in self.fs.protocol else self.fs.unstrip_protocol(self.root)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def is_empty(self) -> bool:
+        return not self.fs.exists(self.root) or not self.fs.ls(self.root)
+
+    def read_run(self) -> dict[str, Any] | None:
+        """The run record, or None for a location sdbatch has not written to."""
+        path = self.path(RUN)
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
+    def check_writable(self) -> None:
+        """Refuse a location that holds something other than an sdbatch output."""
+        if self.read_run() is None and not self.is_empty():
+            raise InputError(
+                f"--out: {self.uri} is not empty and holds no sdbatch run.json; "
+                "choose an empty or new location"
+            )
+
+    def write_run(self, run: dict[str, Any]) -> None:
+        body = json.dumps(run, indent=2, sort_keys=True).encode()
+        self._publish(lambda tmp: self.fs.pipe_file(tmp, body), self.path(RUN))
+
+    def read_prompts(self) -> pd.DataFrame:
+        with self.fs.open(self.path(PROMPTS), "rb") as f:
+            return pq.read_table(f).to_pandas()
+
+    def write_prompts(self, prompts: pd.DataFrame) -> None:
+        table = pa.Table.from_pandas(prompts, preserve_index=False)
+        self._publish(
+            lambda tmp: pq.write_table(table, tmp, filesystem=self.fs), self.path(PROMPTS)
+        )
+
+    def done_units(self) -> list[dict[str, Any]]:
+        """The markers of committed units (one small JSON read each, fetched together)."""
+        folder = self.path(UNITS)
+        if not self.fs.exists(folder):
+            return []
+        paths = [p for p in self.fs.ls(folder, detail=False) if p.endswith(".json")]
+        markers = []
+        for body in self.fs.cat(paths, on_error="omit").values():
+            try:
+                markers.append(json.loads(body))
+            except json.JSONDecodeError:
+                continue  # never written whole; the unit is simply redone
+        return markers
+
+    def remove_orphans(self, markers: list[dict[str, Any]]) -> int:
+        """Delete image files no marker claims (a crash between publish and mark) and _tmp/."""
+        claimed = {_basename(m["file"]) for m in markers}
+        images = self.path(IMAGES)
+        present = self.fs.ls(images, detail=False) if self.fs.exists(images) else []
+        orphans = [p for p in present if _basename(p) not in claimed]
+        for path in orphans:
+            self.fs.rm(path)
+        if self.fs.exists(self.path(TMP)):
+            self.fs.rm(self.path(TMP), recursive=True)
+        return len(orphans)
+
+    def clear(self) -> None:
+        """Remove everything sdbatch wrote here (for --overwrite); nothing else is touched."""
+        for name in OWNED:
+            if self.fs.exists(self.path(name)):
+                self.fs.rm(self.path(name), recursive=True)
+
+    def commit_unit(self, unit_id: str, table: pa.Table, marker: dict[str, Any]) -> dict[str, Any]:
+        """Publish a unit's images, then mark it done (the marker is the commit); returns it."""
+        file = f"{IMAGES}/{unit_id}.parquet"
+        self._publish(
+            lambda tmp: pq.write_table(
+                table, tmp, filesystem=self.fs, row_group_size=ROWS_PER_ROW_GROUP
+            ),
+            self.path(file),
+        )
+        marker = {**marker, "file": file}
+        body = json.dumps(marker).encode()
+        self._publish(lambda tmp: self.fs.pipe_file(tmp, body), self.path(UNITS, f"{unit_id}.json"))
+        return marker
+
+    def _publish(self, write: Callable[[str], None], final: str) -> None:
+        """Write through a temporary name, then move it into place, so readers never see half."""
+        tmp = self.path(TMP, f"{uuid.uuid4().hex}-{_basename(final)}")
+        self.fs.makedirs(self.path(TMP), exist_ok=True)
+        write(tmp)
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(tmp, final)
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]

@@ -1,0 +1,159 @@
+"""The worker: one loaded pipeline that turns work units into committed Parquet files.
+
+A plain class, so tests run it in-process; distribute.py wraps it, unchanged, in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from sdbatch.dataset import IMAGE_SCHEMA, Output, versions
+from sdbatch.pipeline import ModelSource, load_pipeline
+from sdbatch.schedulers import make_scheduler
+from sdbatch.sweep import WorkUnit, image_seed
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every worker of a run shares; the driver resolves it once."""
+
+    model: ModelSource
+    dtype: str  # fp16, bf16 or fp32
+    output: str  # an Output.location
+    batch_size: int
+    png_compress_level: int
+    threads: int | None = None  # torch CPU threads; None keeps torch's default
+
+
+def encode_png(pixels: np.ndarray, level: int) -> bytes:
+    """Lossless PNG of an HxWx3 uint8 array."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=level)
+    return buffer.getvalue()
+
+
+class Worker:
+    """Loads the pipeline once; `run` generates a work unit and commits it."""
+
+    def __init__(self, settings: WorkerSettings):
+        import torch
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = load_pipeline(settings.model, settings.dtype, self.device)
+        # Every scheduler is built from the model's own config, never from the last one used.
+        self._scheduler_config = self.pipe.scheduler.config
+        self._schedulers: dict[str, Any] = {}
+        self._output = Output(settings.output)
+        # zlib releases the GIL, so PNG encoding of one batch overlaps the next batch's denoising.
+        self._encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+
+    def describe(self) -> dict[str, Any]:
+        """Where this worker runs, for the run's provenance."""
+        import torch
+
+        device = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
+        return {
+            "host": socket.gethostname(),
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
+            "versions": versions(),
+        }
+
+    def run(self, unit: WorkUnit) -> Iterator[int | dict[str, Any]]:
+        """Generate `unit`, yielding each batch's image count; commit it and yield its marker."""
+        # 1. switch scheduler; the weights stay loaded
+        name = unit.config.scheduler
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self._scheduler_config)
+        self.pipe.scheduler = self._schedulers[name]
+
+        # 2. generate batch by batch; every image has its own seed, whatever batch it lands in
+        images = [
+            (p, s) for p in range(len(unit.prompt_ids)) for s in range(unit.images_per_prompt)
+        ]
+        rows: list[dict[str, Any]] = []
+        pngs = []
+        size = self.settings.batch_size
+        for start in range(0, len(images), size):
+            batch = images[start : start + size]
+            seeds = [image_seed(unit.seed, unit.prompt_ids[p], s) for p, s in batch]
+            began = time.perf_counter()
+            pixels = self._generate(unit, [p for p, _ in batch], seeds)
+            seconds = (time.perf_counter() - began) / len(batch)
+            level = self.settings.png_compress_level
+            pngs += [self._encoder.submit(encode_png, px, level) for px in pixels]
+            rows += [
+                self._row(unit, p, s, seed, len(batch), seconds)
+                for (p, s), seed in zip(batch, seeds, strict=True)
+            ]
+            yield len(batch)
+
+        # 3. commit: the images first, the done marker last
+        for row, png in zip(rows, pngs, strict=True):
+            row["image"]["bytes"] = png.result()
+        table = pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+        marker = {
+            "unit_id": unit.unit_id,
+            "config_id": unit.config.config_id,
+            "prompt_ids": list(unit.prompt_ids),
+            "images": len(rows),
+            "generation_seconds": sum(r["generation_seconds"] for r in rows),
+        }
+        yield self._output.commit_unit(unit.unit_id, table, marker)
+
+    def _generate(self, unit: WorkUnit, prompts: list[int], seeds: list[int]) -> np.ndarray:
+        import torch
+
+        config = unit.config
+        result = self.pipe(
+            prompt=[unit.prompts[p] for p in prompts],
+            negative_prompt=[unit.negative_prompts[p] for p in prompts],
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            height=config.height,
+            width=config.width,
+            # CPU generators give the same noise on any device, so a seed means one image.
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            output_type="pt",
+        )
+        # diffusers' own rounding (numpy_to_pil), on the device: a quarter of the bytes to copy.
+        pixels = (result.images * 255).round().clamp(0, 255).to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+    def _row(
+        self, unit: WorkUnit, p: int, sample: int, seed: int, batch: int, seconds: float
+    ) -> dict[str, Any]:
+        config = unit.config
+        prompt_id = unit.prompt_ids[p]
+        return {
+            "image": {"bytes": None, "path": f"{config.config_id}/{prompt_id}-{sample}.png"},
+            "prompt_id": prompt_id,
+            "prompt": unit.prompts[p],
+            "negative_prompt": unit.negative_prompts[p],
+            "sample_index": sample,
+            "seed": seed,
+            "config_id": config.config_id,
+            "scheduler": config.scheduler,
+            "num_inference_steps": config.num_inference_steps,
+            "guidance_scale": config.guidance_scale,
+            "height": config.height,
+            "width": config.width,
+            "model": self.settings.model.ref,
+            "dtype": self.settings.dtype,
+            "batch_size": batch,
+            "generation_seconds": seconds,
+        }

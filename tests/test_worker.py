@@ -1,0 +1,128 @@
+"""The worker in-process: schedulers, recorded parameters, batching, commits."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import diffusers
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from sdbatch.dataset import Output
+from sdbatch.pipeline import resolve_model
+from sdbatch.schedulers import SCHEDULERS
+from sdbatch.sweep import Config, plan_units
+from sdbatch.worker import Worker, WorkerSettings
+
+TINY = resolve_model("builtin:tiny")
+
+
+def settings(output, batch_size=4) -> WorkerSettings:
+    return WorkerSettings(TINY, "fp32", str(output), batch_size, png_compress_level=1)
+
+
+def one_unit(config: Config, texts=("a red circle",), images_per_prompt=1, negatives=None):
+    table = pd.DataFrame(
+        {
+            "prompt_id": [f"p{i}" for i in range(len(texts))],
+            "prompt": list(texts),
+            "negative_prompt": pd.Series(negatives or [None] * len(texts), dtype=object),
+        }
+    )
+    (unit,) = plan_units(table, [config], images_per_prompt, seed=3, shard_size=len(texts))
+    return unit
+
+
+def run(worker: Worker, unit) -> tuple[list, dict]:
+    items = list(worker.run(unit))
+    return items[:-1], items[-1]
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    return Worker(settings(tmp_path_factory.mktemp("out")))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_runs_without_reloading_weights(worker, name):
+    unet = worker.pipe.unet
+    weights = unet.conv_in.weight.data_ptr()
+    progress, marker = run(worker, one_unit(Config(name, 2, 7.5, 32, 32, "")))
+    assert progress == [1]
+    assert type(worker.pipe.scheduler).__name__ == SCHEDULERS[name][0]
+    assert worker.pipe.unet is unet and unet.conv_in.weight.data_ptr() == weights
+    table = pq.read_table(Output(worker.settings.output).path(marker["file"]))
+    assert table.column("scheduler").to_pylist() == [name]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "diffusers_class", "guidance"),
+    [
+        ("ddim", diffusers.DDIMScheduler, 7.5),
+        ("euler_a", diffusers.EulerAncestralDiscreteScheduler, 4.0),  # stochastic sampler
+        ("heun", diffusers.HeunDiscreteScheduler, 1.0),
+    ],
+)
+def test_a_row_is_reproduced_by_plain_diffusers_from_its_recorded_parameters(
+    worker, scheduler, diffusers_class, guidance
+):
+    unit = one_unit(Config(scheduler, 3, guidance, 32, 32, ""), negatives=["grainy"])
+    _, marker = run(worker, unit)
+    row = pq.read_table(Output(worker.settings.output).path(marker["file"])).to_pylist()[0]
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(TINY.location)
+    pipe.scheduler = diffusers_class.from_config(pipe.scheduler.config)
+    expected = pipe(
+        row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        height=row["height"],
+        width=row["width"],
+        generator=torch.Generator().manual_seed(row["seed"]),
+        output_type="np",
+    ).images[0]
+    expected = (expected * 255).round().astype(np.int16)
+    assert row["negative_prompt"] == "grainy"
+    assert np.abs(pixels(row["image"]["bytes"]) - expected).max() <= 1
+
+
+def test_images_do_not_depend_on_batch_size(tmp_path):
+    config = Config("euler_a", 3, 7.5, 32, 32, "")
+    unit = one_unit(config, texts=("a cat", "a dog", "a cow"), images_per_prompt=2)
+    tables = []
+    for size in (1, 4):
+        output = tmp_path / f"batch{size}"
+        progress, marker = run(Worker(settings(output, batch_size=size)), unit)
+        assert sum(progress) == 6 and max(progress) == size
+        tables.append(pq.read_table(Output(str(output)).path(marker["file"])).to_pylist())
+    for one, four in zip(*tables, strict=True):
+        assert (one["prompt_id"], one["sample_index"]) == (four["prompt_id"], four["sample_index"])
+        assert np.abs(pixels(one["image"]["bytes"]) - pixels(four["image"]["bytes"])).max() <= 2
+    # and different samples of one prompt really are different images
+    assert not np.array_equal(
+        pixels(tables[0][0]["image"]["bytes"]), pixels(tables[0][1]["image"]["bytes"])
+    )
+
+
+def test_a_unit_commits_its_file_then_its_marker(tmp_path):
+    unit = one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a", "b"), images_per_prompt=2)
+    _, marker = run(Worker(settings(tmp_path)), unit)
+    assert json.loads((tmp_path / "_units" / f"{unit.unit_id}.json").read_text()) == marker
+    assert marker["images"] == 4 and marker["prompt_ids"] == ["p0", "p1"]
+    table = pq.read_table(tmp_path / marker["file"])
+    assert table.num_rows == 4
+    assert not list((tmp_path / "_tmp").iterdir())  # nothing left half-written
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["image"]["path"] == f"{unit.config.config_id}/p0-0.png"
+    assert Image.open(io.BytesIO(row["image"]["bytes"])).format == "PNG"
+    assert row["generation_seconds"] > 0 and row["batch_size"] == 4
