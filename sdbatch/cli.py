@@ -1,0 +1,165 @@
+"""The `sdbatch` command. Exit codes: 0 done, 1 failed while running, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from sdbatch.errors import InputError, JobFailed
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+log = logging.getLogger("sdbatch")
+
+GENERATE_HELP = """\
+Generate every image of a job spec into a Parquet dataset (OUT/images/).
+
+Rerunning the same command resumes: finished work units are kept, unfinished
+ones are redone, and no image is written twice. A rerun whose spec only adds
+configurations (scheduler, steps or guidance values) or prompts extends the
+output with the new images. Any other change (model, seed, size, images per
+prompt, negative prompt, an edited or removed prompt or configuration) is
+refused: pass --overwrite to start over, or choose another --out.
+
+examples:
+  sdbatch generate jobs/demo.yaml
+  sdbatch generate jobs/my_sweep.yaml --out s3://bucket/run1 --address auto
+  sdbatch generate jobs/my_sweep.yaml --dry-run
+"""
+
+PROMPTS_HELP = """\
+Convert a prompt list to the Parquet format job specs read: an `id` column of
+stable ids (from row position and text), a `prompt` column, and the input's
+other columns. .txt is one prompt per line (blank lines skipped); .csv/.tsv
+need a header row; .jsonl is one JSON object per line.
+
+examples:
+  sdbatch prompts prompts.txt
+  sdbatch prompts PartiPrompts.tsv -o parti.parquet --column Prompt
+"""
+
+DEMO_HELP = """\
+Run jobs/demo.yaml end to end on the embedded model (builtin:tiny) with a local
+Ray instance, and print where the dataset is.
+
+example:
+  sdbatch demo --out /tmp/sdbatch-demo
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sdbatch` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="sdbatch: %(message)s", level=logging.WARNING)
+    log.setLevel(logging.INFO)
+    try:
+        return args.handler(args)
+    except InputError as e:
+        print(f"sdbatch: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except JobFailed as e:
+        print(f"sdbatch: failed: {e}", file=sys.stderr)
+        print("sdbatch: finished units are kept; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("sdbatch: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdbatch",
+        description="Generate Stable Diffusion image sweeps on a Ray cluster, resumably.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate a job spec's images",
+        description=GENERATE_HELP,
+        formatter_class=raw,
+    )
+    gen.add_argument("spec", help="job spec YAML, e.g. jobs/demo.yaml")
+    _add_run_options(gen)
+    gen.add_argument("--dry-run", action="store_true", help="check inputs and show the plan only")
+    gen.set_defaults(handler=_generate)
+
+    prompts = commands.add_parser(
+        "prompts",
+        help="convert a prompt list to Parquet",
+        description=PROMPTS_HELP,
+        formatter_class=raw,
+    )
+    prompts.add_argument("input", help="a .txt, .csv, .tsv or .jsonl file (local path or URI)")
+    prompts.add_argument(
+        "-o", "--output", help="Parquet file to write (default: INPUT with .parquet)"
+    )
+    prompts.add_argument("--column", help="column holding the prompt text (default: guessed)")
+    prompts.add_argument("--id-column", help="keep this column's values as ids instead of deriving")
+    prompts.set_defaults(handler=_prompts)
+
+    demo = commands.add_parser(
+        "demo", help="run jobs/demo.yaml end to end", description=DEMO_HELP, formatter_class=raw
+    )
+    _add_run_options(demo)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", help="output folder or URI (default: the spec's `output`)")
+    parser.add_argument(
+        "--address", help="Ray cluster to join, e.g. auto (default: $RAY_ADDRESS, else a local one)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete what sdbatch wrote at the output first"
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sdbatch.generate import generate
+    from sdbatch.spec import load_spec
+
+    spec = load_spec(args.spec)
+    generate(spec, args.out, args.address, args.overwrite, args.dry_run)
+    return EXIT_OK
+
+
+def _prompts(args: argparse.Namespace) -> int:
+    from sdbatch.prompts import convert_prompt_file
+
+    output = args.output or str(Path(args.input).with_suffix(".parquet"))
+    count = convert_prompt_file(args.input, output, args.column, args.id_column)
+    log.info("wrote %d prompts to %s", count, output)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sdbatch.generate import generate
+    from sdbatch.spec import load_spec
+
+    summary = generate(load_spec(demo_spec()), args.out, args.address, args.overwrite)
+    print(summary.output)
+    return EXIT_OK
+
+
+def demo_spec() -> Path:
+    """jobs/demo.yaml from the source checkout, or from where pip installed the jobs folder."""
+    for jobs in (
+        Path(__file__).resolve().parents[1] / "jobs",
+        Path(sys.prefix) / "share/sdbatch/jobs",
+    ):
+        if (jobs / "demo.yaml").is_file():
+            return jobs / "demo.yaml"
+    raise InputError("demo: jobs/demo.yaml is not installed; run from a source checkout")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""`sdbatch generate`: spec in, committed image dataset out; resumable and safe to rerun.
+
+Example:
+    >>> from sdbatch.spec import load_spec
+    >>> summary = generate(load_spec("jobs/demo.yaml"), output="out/demo")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+
+from sdbatch import distribute, schedulers
+from sdbatch.dataset import Output, versions
+from sdbatch.errors import InputError
+from sdbatch.pipeline import ModelSource, resolve_model
+from sdbatch.prompts import load_prompts, prompt_set_digest
+from sdbatch.spec import JobSpec
+from sdbatch.sweep import Config, configurations, plan_units
+from sdbatch.worker import WorkerSettings
+
+log = logging.getLogger("sdbatch")
+# Fields of run.json that fix what every image looks like: a rerun must match them exactly.
+FIXED_FIELDS = (
+    ("model", "identity"),
+    ("spec", "seed"),
+    ("spec", "sweep", "images_per_prompt"),
+    ("spec", "sweep", "height"),
+    ("spec", "sweep", "width"),
+    ("spec", "sweep", "negative_prompt"),
+)
+
+
+@dataclass(frozen=True)
+class GenerateSummary:
+    """What a generate call did."""
+
+    output: str
+    total_images: int
+    new_images: int
+    seconds: float  # the whole call, Ray start and model loading included
+    generation_seconds: float = 0.0  # from the first loaded worker to the last commit
+
+
+def generate(
+    spec: JobSpec,
+    output: str | None = None,
+    address: str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+) -> GenerateSummary:
+    """Generate every image of `spec` that `output` does not hold yet.
+
+    Args:
+        output: where to write (default: the spec's `output`).
+        address: a Ray cluster address; None joins $RAY_ADDRESS or starts a local instance.
+        overwrite: delete what sdbatch wrote at `output` and start over.
+        dry_run: check everything and print the plan, but generate nothing.
+
+    Raises:
+        InputError: bad spec, prompts, model or output; raised before any model loads.
+        JobFailed: generation broke; finished units are kept and a rerun resumes.
+    """
+    began = time.perf_counter()
+    # 1. check every input before anything expensive starts
+    prompts = load_prompts(spec.prompts)
+    configs = configurations(spec.sweep)
+    model = resolve_model(spec.model, spec.model_revision)
+    out = Output(output or spec.output or f"out/{spec.name}")
+    spec = dataclasses.replace(spec, output=out.location)
+    record = _run_record(spec, prompts, configs, model)
+    out.check_writable()
+    total = len(prompts) * len(configs) * spec.sweep.images_per_prompt
+    log.info(
+        "job %s: %d prompts x %d configurations x %d images = %d images -> %s",
+        spec.name, len(prompts), len(configs), spec.sweep.images_per_prompt, total, out.location,
+    )  # fmt: skip
+
+    # 2. reconcile with what the output already holds
+    previous = None if overwrite else out.read_run()
+    if previous is not None:
+        _check_same_job(previous, record, out.read_prompts(), prompts, out.uri)
+    if overwrite and not dry_run:
+        out.clear()
+
+    # 3. plan the work units that are not done yet
+    markers = [] if overwrite else out.done_units()
+    done = {(m["config_id"], pid) for m in markers for pid in m["prompt_ids"]}
+    units = plan_units(
+        prompts, configs, spec.sweep.images_per_prompt, spec.seed, spec.runtime.shard_size, done
+    )
+    left = sum(u.num_images for u in units)
+    if markers:
+        log.info("resuming: %d images done, %d left in %d units", total - left, left, len(units))
+    if dry_run:
+        for config in configs:
+            todo = sum(u.num_images for u in units if u.config == config)
+            log.info("  %s: %d images left", config.config_id, todo)
+        log.info("dry run: %d images left in %d units; nothing generated", left, len(units))
+    if dry_run or not units:
+        if not units:
+            log.info("nothing to generate")
+        return GenerateSummary(out.location, total, 0, time.perf_counter() - began)
+    if not overwrite and (orphans := out.remove_orphans(markers)):
+        log.info("removed %d image files of units that never finished", orphans)
+
+    # 4. start Ray and the actors' plan; the dtype follows the hardware
+    connected = distribute.connect(address)
+    try:
+        plan = distribute.plan_actors(spec.runtime)
+        dtype = distribute.resolve_dtype(spec.runtime.dtype, plan)
+        if previous is not None and previous["dtype"] != dtype:
+            raise InputError(
+                f"runtime.dtype: {out.uri} was generated in {previous['dtype']}, this run "
+                f"would use {dtype}; set runtime.dtype: {previous['dtype']} or choose another --out"
+            )
+        log.info("model %s (%s), %s, %s", model.ref, model.identity[:19], plan.describe(), dtype)
+
+        # 5. record the run, then generate
+        record["dtype"] = dtype
+        record["history"] = (previous or {}).get("history", [])
+        out.write_prompts(prompts)
+        out.write_run(record)
+        settings = WorkerSettings(
+            model=model,
+            dtype=dtype,
+            output=out.location,
+            batch_size=spec.runtime.batch_size,
+            png_compress_level=spec.runtime.png_compress_level,
+        )
+        result = distribute.run_units(units, settings, plan, total, total - left)
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
+
+    record["history"].append(
+        {
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "new_images": left,
+            "seconds": round(result.seconds, 3),
+            "workers": result.workers,
+        }
+    )
+    out.write_run(record)
+    log.info(
+        "done: %d new images in %.1f s (%.2f images/s); %d images in %s/images",
+        left, result.seconds, left / result.seconds, total, out.location,
+    )  # fmt: skip
+    return GenerateSummary(out.location, total, left, time.perf_counter() - began, result.seconds)
+
+
+def _run_record(
+    spec: JobSpec, prompts: pd.DataFrame, configs: list[Config], model: ModelSource
+) -> dict[str, Any]:
+    record = {
+        "format": 1,
+        "spec": spec.to_dict(),
+        "model": dataclasses.asdict(model),
+        "prompts": {"count": len(prompts), "sha256": prompt_set_digest(prompts)},
+        "configs": [{"config_id": c.config_id, **dataclasses.asdict(c)} for c in configs],
+        "schedulers": schedulers.describe(list(spec.sweep.scheduler)),
+        "versions": versions(),
+    }
+    # As it reads back from JSON, so a stored record and a new one compare equal.
+    return json.loads(json.dumps(record))
+
+
+def _check_same_job(
+    previous: dict[str, Any],
+    record: dict[str, Any],
+    old_prompts: pd.DataFrame,
+    prompts: pd.DataFrame,
+    uri: str,
+) -> None:
+    """Allow a rerun that resumes or only adds configurations or prompts; refuse anything else."""
+    changes = []
+    for path in FIXED_FIELDS:
+        old, new = _lookup(previous, path), _lookup(record, path)
+        if old != new:
+            changes.append(
+                f"{'.'.join(path[1:] if path[0] == 'spec' else path)}: {old!r} -> {new!r}"
+            )
+    missing = {c["config_id"] for c in previous["configs"]} - {
+        c["config_id"] for c in record["configs"]
+    }
+    if missing:
+        changes.append(f"configurations removed: {', '.join(sorted(missing))}")
+    merged = old_prompts.merge(prompts, on="prompt_id", how="left", suffixes=("", "_new"))
+    gone = merged[merged["prompt_new"].isna()]
+    if len(gone):
+        changes.append(f"{len(gone)} prompt(s) removed, first {gone['prompt_id'].iloc[0]!r}")
+    kept = merged[merged["prompt_new"].notna()]
+    edited = kept[
+        (kept["prompt"] != kept["prompt_new"])
+        | (kept["negative_prompt"].fillna("\0") != kept["negative_prompt_new"].fillna("\0"))
+    ]
+    if len(edited):
+        changes.append(f"{len(edited)} prompt(s) changed, first {edited['prompt_id'].iloc[0]!r}")
+    if changes:
+        raise InputError(
+            f"--out: {uri} holds a different job ({'; '.join(changes)}); "
+            "use --overwrite to start over, or another --out"
+        )
+
+
+def _lookup(record: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        record = record[key]
+    return record

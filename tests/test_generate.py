@@ -1,0 +1,314 @@
+"""Generation end to end on a real local Ray instance with builtin:tiny."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import PROMPTS, REPO, job
+from PIL import Image
+
+from sdbatch.builtin import builtin_path
+from sdbatch.errors import InputError
+from sdbatch.generate import generate
+from sdbatch.spec import load_spec, parse_spec
+
+KEY = ["prompt_id", "sample_index", "config_id"]
+
+
+def read(output) -> list[dict]:
+    """Every row of an output, sorted by key."""
+    rows = pads.dataset(str(output / "images")).to_table().to_pylist()
+    return sorted(rows, key=lambda r: tuple(r[k] for k in KEY))
+
+
+def keys(rows) -> list[tuple]:
+    return [tuple(r[k] for k in KEY) for r in rows]
+
+
+def pixels(row) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])), dtype=np.int16)
+
+
+def sdbatch(*args, env=None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdbatch.cli", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, ray_address):
+    """One uninterrupted run of the standard small sweep: (spec path, output)."""
+    folder = tmp_path_factory.mktemp("reference")
+    pq.write_table(pa.table({"prompt": PROMPTS}), folder / "prompts.parquet")
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job(folder / "prompts.parquet")))
+    summary = generate(load_spec(path), str(folder / "out"), ray_address)
+    assert summary.new_images == summary.total_images == 6 * 2 * 2 * 2
+    return path, folder / "out"
+
+
+def test_sweep_rows_are_complete_unique_and_self_consistent(reference):
+    spec_path, output = reference
+    rows = read(output)
+    spec = load_spec(spec_path)
+    assert len(rows) == 6 * 4 * 2
+    assert len(set(keys(rows))) == len(rows)
+    run = json.loads((output / "run.json").read_text())
+    configs = {c["config_id"]: c for c in run["configs"]}
+    prompt_ids = {r["prompt_id"] for r in rows}
+    assert set(keys(rows)) == {(p, s, c) for p in prompt_ids for s in (0, 1) for c in configs}
+    for row in rows:
+        config = configs[row["config_id"]]
+        for field in ("scheduler", "num_inference_steps", "guidance_scale", "height", "width"):
+            assert row[field] == config[field]
+        assert row["model"] == "builtin:tiny" and row["dtype"] == "fp32"
+        assert pixels(row).shape == (32, 32, 3)
+    # the same prompt and sample start from the same seed in every configuration
+    seeds = {(r["prompt_id"], r["sample_index"]): r["seed"] for r in rows}
+    assert all(seeds[(r["prompt_id"], r["sample_index"])] == r["seed"] for r in rows)
+    assert len(set(seeds.values())) == 12
+    # provenance
+    assert run["spec"]["sweep"]["scheduler"] == list(spec.sweep.scheduler)
+    assert set(run["versions"]) >= {"sdbatch", "torch", "diffusers", "transformers", "ray"}
+    assert run["model"]["identity"].startswith("sha256:")
+    assert run["history"][-1]["new_images"] == 48
+
+
+def test_output_reads_with_datasets_pandas_and_ray_data(reference, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import pandas as pd
+    import ray
+
+    _, output = reference
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files=str(output / "images" / "*.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )
+    assert len(ds) == 48
+    assert isinstance(ds.features["image"], datasets.Image)
+    image = ds[0]["image"]
+    assert isinstance(image, Image.Image) and image.size == (32, 32)
+    frame = pd.read_parquet(output / "images", columns=[*KEY, "guidance_scale"])
+    assert len(frame) == 48 and not frame.duplicated(KEY).any()
+    assert ray.data.read_parquet(str(output / "images")).count() == 48
+
+
+def test_images_do_not_depend_on_actor_count_batch_or_shard_size(reference, spec_file, ray_address):
+    spec_path, output = reference
+    data = job(
+        load_spec(spec_path).prompts.path, runtime={"actors": 2, "batch_size": 3, "shard_size": 1}
+    )
+    other = spec_file(data).parent / "out-2-actors"
+    summary = generate(load_spec(spec_file(data)), str(other), ray_address)
+    assert summary.new_images == 48
+    run = json.loads((other / "run.json").read_text())
+    assert len(run["history"][-1]["workers"]) == 2
+    a, b = read(output), read(other)
+    assert keys(a) == keys(b)
+    assert all(x["seed"] == y["seed"] for x, y in zip(a, b, strict=True))
+    diffs = [np.abs(pixels(x) - pixels(y)).max() for x, y in zip(a, b, strict=True)]
+    assert max(diffs) <= 2
+    assert {x["batch_size"] for x in a} == {4} and {y["batch_size"] for y in b} <= {1, 2, 3}
+
+
+def test_resume_after_the_driver_is_killed(reference, tmp_path, spec_file, ray_address):
+    spec_path, reference_out = reference
+    slow = job(
+        load_spec(spec_path).prompts.path,
+        sweep={"num_inference_steps": [25], "height": 64, "width": 64},
+        runtime={"batch_size": 1, "shard_size": 1},
+    )
+    path = spec_file(slow)
+    output = tmp_path / "killed"
+    driver = sdbatch("generate", str(path), "--out", str(output), "--address", ray_address)
+    markers = output / "_units"
+    deadline = time.time() + 240
+    while len(list(markers.glob("*.json")) if markers.exists() else []) < 2:
+        assert driver.poll() is None, driver.communicate()
+        assert time.time() < deadline, "no unit finished in time"
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    # Let the dead driver's actors be reaped before looking at what was committed.
+    time.sleep(3)
+    before = {p.name: p.stat().st_mtime_ns for p in markers.glob("*.json")}
+    files = {p.name: p.stat().st_mtime_ns for p in (output / "images").glob("*.parquet")}
+    units = 6 * 4
+    assert 2 <= len(before) < units, "the kill should land mid-job"
+
+    rerun = sdbatch("generate", str(path), "--out", str(output), "--address", ray_address)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert f"resuming: {len(before) * 2} images done" in err
+    after = {p.name: p.stat().st_mtime_ns for p in markers.glob("*.json")}
+    assert len(after) == units
+    assert all(after[name] == mtime for name, mtime in before.items()), "done units were redone"
+    for name, mtime in files.items():
+        if name.replace(".parquet", ".json") in before:
+            assert (output / "images" / name).stat().st_mtime_ns == mtime
+    rows = read(output)
+    assert len(rows) == 6 * 4 * 2 and len(set(keys(rows))) == len(rows)
+    assert not list((output / "_tmp").glob("*")) if (output / "_tmp").exists() else True
+
+    # and the result equals an uninterrupted run of the same spec, byte for byte
+    whole = generate(parse_spec({**slow, "name": "whole"}), str(tmp_path / "whole"), ray_address)
+    assert whole.new_images == 48
+    assert [r["image"]["bytes"] for r in rows] == [
+        r["image"]["bytes"] for r in read(tmp_path / "whole")
+    ]
+    assert reference_out.exists()
+
+
+def test_a_published_file_without_marker_is_never_duplicated(reference, tmp_path, ray_address):
+    spec_path, output = reference
+    copy = tmp_path / "crashed"
+    shutil.copytree(output, copy)
+    # A crash between "publish" and "mark done": the file is there, its marker is not.
+    marker = sorted((copy / "_units").glob("*.json"))[0]
+    marker.unlink()
+    (copy / "_tmp").mkdir(exist_ok=True)
+    (copy / "_tmp" / "half-written.parquet").write_bytes(b"PAR1 truncated")
+    summary = generate(load_spec(spec_path), str(copy), ray_address)
+    assert summary.new_images == 4  # one unit: 2 prompts x 2 samples
+    rows = read(copy)
+    assert len(rows) == 48 and len(set(keys(rows))) == 48
+    assert not (copy / "_tmp" / "half-written.parquet").exists()
+
+
+def test_rerun_extends_with_new_configurations_and_prompts(
+    tmp_path, prompt_file, spec_file, ray_address
+):
+    path = prompt_file()
+    output = str(tmp_path / "out")
+    first = job(path, sweep={"scheduler": ["ddim"], "guidance_scale": [7.5]}, prompts={"limit": 4})
+    assert generate(parse_spec(first), output, ray_address).new_images == 4 * 2
+    done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "_units").iterdir()}
+
+    wider = job(path, sweep={"scheduler": ["ddim", "pndm"], "guidance_scale": [7.5]})
+    summary = generate(parse_spec(wider), output, ray_address)
+    assert summary.new_images == 6 * 2 * 2 - 4 * 2
+    rows = read(tmp_path / "out")
+    assert len(rows) == 24 and len(set(keys(rows))) == 24
+    assert all((tmp_path / "out" / "_units" / n).stat().st_mtime_ns == t for n, t in done.items())
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert len(run["configs"]) == 2 and run["prompts"]["count"] == 6
+    assert [h["new_images"] for h in run["history"]] == [8, 16]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": 8}, "seed: 7 -> 8"),
+        ({"sweep": {"height": 64}}, "sweep.height: 32 -> 64"),
+        ({"sweep": {"scheduler": ["ddim"]}}, "configurations removed: euler_a-"),
+        ({"prompts": {"limit": 3}}, "3 prompt(s) removed"),
+        ({"model": "TINY_COPY"}, "model.identity"),
+    ],
+)
+def test_rerun_with_a_different_job_is_refused(change, message, reference, tmp_path, ray_address):
+    spec_path, output = reference
+    data = job(load_spec(spec_path).prompts.path, **change)
+    if data["model"] == "TINY_COPY":
+        data["model"] = str(tmp_path / "tiny")
+        shutil.copytree(builtin_path("tiny"), data["model"])
+        (tmp_path / "tiny" / "scheduler" / "scheduler_config.json").write_text(
+            (tmp_path / "tiny" / "scheduler" / "scheduler_config.json")
+            .read_text()
+            .replace('"steps_offset": 1', '"steps_offset": 0')
+        )
+    before = sorted(p.name for p in (output / "_units").iterdir())
+    with pytest.raises(InputError, match=r"--out: .* holds a different job") as error:
+        generate(parse_spec(data), str(output), ray_address)
+    assert message in str(error.value) and "--overwrite" in str(error.value)
+    assert sorted(p.name for p in (output / "_units").iterdir()) == before
+
+
+def test_overwrite_starts_over_and_edited_prompts_are_refused(tmp_path, prompt_file, ray_address):
+    output = str(tmp_path / "out")
+    ids = {"id": [f"id{i}" for i in range(len(PROMPTS))]}
+    sweep = {"scheduler": ["ddim"], "guidance_scale": [7.5]}
+    small = job(prompt_file(**ids), sweep=sweep, prompts={"id_column": "id"})
+    generate(parse_spec(small), output, ray_address)
+    texts = [*PROMPTS[:-1], "an edited prompt"]
+    edited = job(prompt_file(texts, **ids), sweep=sweep, prompts={"id_column": "id"})
+    with pytest.raises(InputError, match=r"1 prompt\(s\) changed"):
+        generate(parse_spec(edited), output, ray_address)
+    summary = generate(parse_spec(edited), output, ray_address, overwrite=True)
+    assert summary.new_images == 12
+    rows = read(tmp_path / "out")
+    assert len(rows) == 12 and "an edited prompt" in {r["prompt"] for r in rows}
+
+
+def test_dry_run_writes_nothing(tmp_path, prompt_file, ray_address):
+    summary = generate(parse_spec(job(prompt_file())), str(tmp_path / "out"), dry_run=True)
+    assert summary.total_images == 48 and summary.new_images == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_that_is_not_ours_and_fp16_on_cpu_are_refused(tmp_path, prompt_file, ray_address):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(InputError, match=r"--out: .* holds no sdbatch run\.json"):
+        generate(parse_spec(job(prompt_file())), str(foreign), ray_address, overwrite=True)
+    assert (foreign / "holiday.jpg").exists()
+    fp16 = job(prompt_file(), runtime={"dtype": "fp16"})
+    with pytest.raises(InputError, match=r"runtime\.dtype: fp16 needs GPUs"):
+        generate(parse_spec(fp16), str(tmp_path / "out"), ray_address)
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_hub_id_loads_from_the_offline_cache(tmp_path, prompt_file, spec_file):
+    """A hub id resolved and loaded through the HF cache with HF_HUB_OFFLINE=1 (own local Ray)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--sdbatch--tiny-test"
+    shutil.copytree(builtin_path("tiny"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    data = job(prompt_file(PROMPTS[:2]), model="sdbatch/tiny-test")
+    data["sweep"] = {**data["sweep"], "scheduler": ["ddim"], "guidance_scale": [7.5]}
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    proc = sdbatch("generate", str(spec_file(data)), "--out", str(tmp_path / "out"), env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["model"]["identity"] == f"hub:sdbatch/tiny-test@{commit}"
+    assert len(read(tmp_path / "out")) == 4
+
+    missing = job(prompt_file(PROMPTS[:2]), model="sdbatch/not-cached")
+    proc = sdbatch("generate", str(spec_file(missing)), "--out", str(tmp_path / "out2"), env=env)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.startswith("sdbatch: error: model: cannot find 'sdbatch/not-cached'"), err
+
+
+def test_demo_command_runs_end_to_end(tmp_path):
+    """The README's first command, with its own local Ray instance."""
+    proc = sdbatch("demo", "--out", str(tmp_path / "demo"), env={"RAY_ADDRESS": ""}, cwd=REPO)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.strip() == str(tmp_path / "demo")
+    spec = load_spec(REPO / "jobs" / "demo.yaml")
+    expected = 8 * 2 * 2 * 2 * spec.sweep.images_per_prompt
+    assert len(read(tmp_path / "demo")) == expected
+    assert f"done: {expected} new images" in err
