@@ -88,9 +88,8 @@ def resolve_dtype(requested: str, plan: ActorPlan) -> str:
 
 @dataclass
 class RunResult:
-    """What the actors did: done markers, where they ran, and seconds since the first was ready."""
+    """Where the actors ran, and the seconds from the first one ready to the last commit."""
 
-    markers: list[dict[str, Any]]
     workers: list[dict[str, Any]]
     seconds: float
 
@@ -117,7 +116,7 @@ def run_units(
     pending = deque(units)
     running: dict[Any, tuple[Any, WorkUnit]] = {}
     idle: list[Any] = []
-    result = RunResult([], [], 0.0)
+    result = RunResult([], 0.0)
     bar = None
     try:
         while pending or running:
@@ -144,10 +143,8 @@ def run_units(
                     del running[ref]
                     idle.append(actor)
                     continue
-                if isinstance(item, int):
+                if isinstance(item, int):  # a batch; the last item is the committed marker
                     bar.update(item)
-                else:
-                    result.markers.append(item)
     finally:
         if bar is not None:
             result.seconds = bar.format_dict["elapsed"]

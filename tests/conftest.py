@@ -28,6 +28,14 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture
+def parti():
+    """The real PartiPrompts TSV from ../shared/data beside the checkout."""
+    if not PARTI.is_file():
+        pytest.skip(f"{PARTI} not found (the shared data folder sits beside the checkout)")
+    return PARTI
+
+
 @pytest.fixture(scope="session")
 def ray_address():
     """One real Ray instance for the whole session (2 CPUs, loopback); yields its address."""

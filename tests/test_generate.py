@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ from conftest import PROMPTS, REPO, job
 from PIL import Image
 
 from sdbatch.builtin import builtin_path
+from sdbatch.cli import main as cli_main
 from sdbatch.errors import InputError
 from sdbatch.generate import generate
 from sdbatch.spec import load_spec, parse_spec
@@ -94,7 +96,6 @@ def test_sweep_rows_are_complete_unique_and_self_consistent(reference):
 
 def test_output_reads_with_datasets_pandas_and_ray_data(reference, tmp_path):
     datasets = pytest.importorskip("datasets")
-    import pandas as pd
     import ray
 
     _, output = reference
@@ -312,3 +313,22 @@ def test_demo_command_runs_end_to_end(tmp_path):
     expected = 8 * 2 * 2 * 2 * spec.sweep.images_per_prompt
     assert len(read(tmp_path / "demo")) == expected
     assert f"done: {expected} new images" in err
+
+
+def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ray_address):
+    """Real prompts far beyond CLIP's 77 tokens, and non-ASCII ones, through generate."""
+    converted = tmp_path / "parti.parquet"
+    assert cli_main(["prompts", str(parti), "-o", str(converted)]) == 0
+    table = pq.read_table(converted).to_pandas()
+    longest = table.loc[table["prompt"].str.len().nlargest(4).index]
+    unicode = table[~table["prompt"].map(str.isascii)].head(2)
+    subset = pa.Table.from_pandas(pd.concat([longest, unicode]), preserve_index=False)
+    pq.write_table(subset, tmp_path / "subset.parquet")
+    data = job(tmp_path / "subset.parquet", prompts={"id_column": "id"})
+    data["sweep"] = {**data["sweep"], "scheduler": ["euler"], "guidance_scale": [7.5]}
+    summary = generate(parse_spec(data), str(tmp_path / "out"), ray_address)
+    assert summary.new_images == 6 * 2
+    rows = read(tmp_path / "out")
+    assert {r["prompt"] for r in rows} == set(subset.column("prompt").to_pylist())
+    assert max(len(r["prompt"]) for r in rows) > 300  # stored whole, not as the tokenizer cut it
+    assert {r["prompt_id"] for r in rows} == set(subset.column("id").to_pylist())

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import PARTI, PROMPTS, REPO, job
+from conftest import PROMPTS, REPO, job
 
 from sdbatch.cli import main
 from sdbatch.errors import InputError
@@ -113,15 +113,15 @@ def test_convert_txt_csv_jsonl_agree(tmp_path):
     assert tables["csv"]["style"].tolist() == ["x", "y", "z"]
 
 
-def test_convert_partiprompts_tsv_and_generate_reads_it(tmp_path):
+def test_convert_partiprompts_tsv_and_load_it(tmp_path, parti):
     """The real PartiPrompts file: quotes, unicode and long prompts, 1,632 rows."""
     out = tmp_path / "parti.parquet"
-    assert main(["prompts", str(PARTI), "-o", str(out)]) == 0
+    assert main(["prompts", str(parti), "-o", str(out)]) == 0
     table = pd.read_parquet(out)
     assert len(table) == 1632
     assert list(table.columns) == ["id", "prompt", "Category", "Challenge", "Note"]
     assert table["id"].is_unique
-    raw = PARTI.read_text(encoding="utf-8").splitlines()[1:]
+    raw = parti.read_text(encoding="utf-8").splitlines()[1:]
     assert table["prompt"].tolist() == [line.split("\t")[0].strip() for line in raw]
     prompts = load_prompts(PromptSource(str(out), id_column="id"))
     assert prompts["prompt_id"].tolist() == table["id"].tolist()

@@ -126,3 +126,19 @@ def test_a_unit_commits_its_file_then_its_marker(tmp_path):
     assert row["image"]["path"] == f"{unit.config.config_id}/p0-0.png"
     assert Image.open(io.BytesIO(row["image"]["bytes"])).format == "PNG"
     assert row["generation_seconds"] > 0 and row["batch_size"] == 4
+
+
+def test_commits_work_on_a_non_local_fsspec_filesystem():
+    """Nothing in the output layer assumes a local disk: the same unit on fsspec's memory://."""
+    unit = one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a", "b"))
+    _, marker = run(Worker(settings("memory://sdbatch-test/out")), unit)
+    output = Output("memory://sdbatch-test/out")
+    # workers rebuild the output from its location: it must name the same place
+    assert output.location.startswith("memory://")
+    assert Output(output.location).root == output.root
+    assert output.done_units() == [marker]
+    with output.fs.open(output.path(marker["file"]), "rb") as f:
+        assert pq.read_table(f).num_rows == 2
+    output.fs.pipe_file(output.path("images", "orphan.parquet"), b"never marked done")
+    assert output.remove_orphans(output.done_units()) == 1
+    assert output.fs.ls(output.path("images"), detail=False) == [output.path(marker["file"])]
