@@ -27,8 +27,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdbatch.errors import InputError
-
 IMAGES = "images"
 UNITS = "_units"
 TMP = "_tmp"
@@ -90,14 +88,6 @@ class Output:
         """The run record, or None for a location sdbatch has not written to."""
         path = self.path(RUN)
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
-
-    def check_writable(self) -> None:
-        """Refuse a location that holds something other than an sdbatch output."""
-        if self.read_run() is None and not self.is_empty():
-            raise InputError(
-                f"--out: {self.uri} is not empty and holds no sdbatch run.json; "
-                "choose an empty or new location"
-            )
 
     def write_run(self, run: dict[str, Any]) -> None:
         body = json.dumps(run, indent=2, sort_keys=True).encode()

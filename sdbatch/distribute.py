@@ -58,7 +58,8 @@ def plan_actors(runtime: Runtime) -> ActorPlan:
     """One actor per GPU when the cluster has GPUs; otherwise `runtime.actors` CPU actors."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     if gpus:
         count = gpus if runtime.actors == "auto" else runtime.actors
         if count > gpus:
@@ -67,7 +68,7 @@ def plan_actors(runtime: Runtime) -> ActorPlan:
             )
         return ActorPlan(count, gpus=1, cpus=1, threads=None)
     count = 1 if runtime.actors == "auto" else runtime.actors
-    cpus = ray.cluster_resources().get("CPU", 1)
+    cpus = resources.get("CPU", 1)
     largest_node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
     # Share the cores: more actors than cores is allowed (fractional reservations), never fewer
     # cores than one thread each.

@@ -76,7 +76,12 @@ def generate(
     out = Output(output or spec.output or f"out/{spec.name}")
     spec = dataclasses.replace(spec, output=out.location)
     record = _run_record(spec, prompts, configs, model)
-    out.check_writable()
+    previous = out.read_run()
+    if previous is None and not out.is_empty():
+        raise InputError(
+            f"--out: {out.uri} is not empty and holds no sdbatch run.json; "
+            "choose an empty or new location"
+        )
     total = len(prompts) * len(configs) * spec.sweep.images_per_prompt
     log.info(
         "job %s: %d prompts x %d configurations x %d images = %d images -> %s",
@@ -84,7 +89,7 @@ def generate(
     )  # fmt: skip
 
     # 2. reconcile with what the output already holds
-    previous = None if overwrite else out.read_run()
+    previous = None if overwrite else previous
     if previous is not None:
         _check_same_job(previous, record, out.read_prompts(), prompts, out.uri)
     if overwrite and not dry_run:
