@@ -150,12 +150,15 @@ class Output:
         return marker
 
     def _publish(self, write: Callable[[str], None], final: str) -> None:
-        """Write through a temporary name, then move it into place, so readers never see half."""
-        tmp = self.path(TMP, f"{uuid.uuid4().hex}-{_basename(final)}")
         self.fs.makedirs(self.path(TMP), exist_ok=True)
-        write(tmp)
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.mv(tmp, final)
+        publish(self.fs, write, final, self.path(TMP, f"{uuid.uuid4().hex}-{_basename(final)}"))
+
+
+def publish(fs: Any, write: Callable[[str], None], final: str, tmp: str) -> None:
+    """Write through the temporary name `tmp`, then move it to `final`: readers never see half."""
+    write(tmp)
+    fs.makedirs(final.rsplit("/", 1)[0] if "/" in final else ".", exist_ok=True)
+    fs.mv(tmp, final)
 
 
 def _basename(path: str) -> str:

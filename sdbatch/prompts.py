@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from sdbatch.dataset import publish
 from sdbatch.errors import InputError
 from sdbatch.spec import PromptSource
 
@@ -82,7 +83,8 @@ def load_prompts(source: PromptSource) -> pd.DataFrame:
         ids = [None if v is None else str(v) for v in table.column(source.id_column).to_pylist()]
         if None in ids:
             raise InputError(f"prompts.id_column: row {ids.index(None)} has a null id")
-    duplicated = pd.Series(ids)[pd.Series(ids).duplicated()]
+    series = pd.Series(ids)
+    duplicated = series[series.duplicated()]
     if len(duplicated):
         raise InputError(
             f"prompts.id_column: {len(duplicated)} duplicate prompt id(s), "
@@ -155,13 +157,9 @@ def convert_prompt_file(
     rest = [c for c in frame.columns if c not in ("id", "prompt")]
     table = pa.Table.from_pandas(frame[["id", "prompt", *rest]], preserve_index=False)
 
-    # Write beside the target and rename, so a failed conversion leaves no half file behind.
+    # Written beside the target first, so a failed conversion leaves no half file behind.
     fs, path = fsspec.core.url_to_fs(destination)
-    parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    fs.makedirs(parent, exist_ok=True)
-    partial = f"{path}.partial"
-    pq.write_table(table, partial, filesystem=fs)
-    fs.mv(partial, path)
+    publish(fs, lambda tmp: pq.write_table(table, tmp, filesystem=fs), path, f"{path}.partial")
     return table.num_rows
 
 
