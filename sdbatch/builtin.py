@@ -4,8 +4,12 @@
 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer) at toy size, with fixed random
 weights. Its images are noise; it exists so that everything else can run on a laptop and in CI.
 
+`builtin:tiny-clip` is a `CLIPModel` and `CLIPProcessor` at toy size (random weights, the same
+byte-level tokenizer): evaluation loads it exactly as it loads openai/clip-vit-large-patch14.
+
 Rebuild the shipped files (deterministic from the seed):
     python -m sdbatch.builtin tiny
+    python -m sdbatch.builtin tiny-clip
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ MODELS_DIR = Path(__file__).parent / "models"
 PREFIX = "builtin:"
 
 
-def builtin_path(name: str) -> Path:
-    """The folder of builtin model `name`.
+def builtin_path(name: str, field: str = "model") -> Path:
+    """The folder of builtin model `name` (`field` names the spec field in errors).
 
     Raises:
         InputError: no such builtin model.
     """
     if name not in BUILDERS:
-        raise InputError(f"model: unknown builtin model {name!r}; known: {', '.join(BUILDERS)}")
+        raise InputError(f"{field}: unknown builtin model {name!r}; known: {', '.join(BUILDERS)}")
     return MODELS_DIR / name
 
 
@@ -119,7 +123,51 @@ def build_tiny(destination: Path, seed: int = 0) -> None:
     pipe.save_pretrained(destination, safe_serialization=True)
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny}
+def build_tiny_clip(destination: Path, seed: int = 2) -> None:
+    """Build `builtin:tiny-clip` (CLIPModel + CLIPProcessor) into `destination` as safetensors.
+
+    Seed 2 is the first whose random weights give positive, varied image-text cosines: with
+    most seeds every CLIP score is clipped to 0, which would hide a broken scorer.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = make_byte_tokenizer()
+    torch.manual_seed(seed)
+    model = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "max_position_embeddings": 77,
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            projection_dim=16,
+        )
+    )
+    # CLIP's own preprocessing (bicubic resize of the short side, center crop, CLIP's mean/std),
+    # at the toy model's 32 px input.
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    if destination.exists():
+        shutil.rmtree(destination)
+    model.save_pretrained(destination, safe_serialization=True)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(destination)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "tiny-clip": build_tiny_clip}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,9 +40,44 @@ examples:
   sdbatch prompts PartiPrompts.tsv -o parti.parquet --column Prompt
 """
 
+EVAL_HELP = """\
+Compute an evaluation suite's metrics (CLIP score, FID, KID) for every sweep
+configuration of a generated output, into OUT/metrics/: configs.parquet and
+configs.csv (one row per configuration, with bootstrap intervals),
+images.parquet (per-image CLIP scores) and metrics.json (provenance).
+
+Features are extracted on Ray actors and kept per work unit, so a rerun (after
+a crash, or after generate added images) extracts only what is missing.
+Reference statistics are computed once and cached (see `sdbatch reference`).
+
+examples:
+  sdbatch eval out/demo --suite eval/demo.yaml
+  sdbatch eval s3://bucket/run1 --suite eval/coco.yaml --address auto
+"""
+
+REFERENCE_HELP = """\
+Compute a suite's reference statistics (mu, sigma and features of the real
+images, for its feature extractor) and cache them, so that every later eval
+reuses them. Prints the .npz path (pytorch-fid / clean-fid format). The name
+encodes the extractor, its weights hash, resize mode, resolution and the
+dataset's hash; statistics are never reused when any of them changed.
+
+example:
+  sdbatch reference eval/coco.yaml
+"""
+
+RUN_HELP = """\
+Generate a job spec's images, then evaluate them with the suite the spec names
+(`suite:`, or --suite). Resumable like generate and eval.
+
+example:
+  sdbatch run jobs/demo.yaml
+"""
+
 DEMO_HELP = """\
-Run jobs/demo.yaml end to end on the embedded model (builtin:tiny) with a local
-Ray instance, and print where the dataset is.
+Run jobs/demo.yaml end to end on the embedded models (builtin:tiny to generate,
+builtin:tiny-clip to evaluate) with a local Ray instance: generate, then
+eval/demo.yaml. Prints where the metrics are.
 
 example:
   sdbatch demo --out /tmp/sdbatch-demo
@@ -105,19 +140,51 @@ def _parser() -> argparse.ArgumentParser:
     prompts.add_argument("--id-column", help="keep this column's values as ids instead of deriving")
     prompts.set_defaults(handler=_prompts)
 
+    evaluate = commands.add_parser(
+        "eval", help="compute metrics per configuration", description=EVAL_HELP, formatter_class=raw
+    )
+    evaluate.add_argument("output", metavar="OUT", help="a generated output folder or URI")
+    evaluate.add_argument(
+        "--suite", help="evaluation suite YAML (default: the suite the job spec named)"
+    )
+    _add_address(evaluate)
+    evaluate.set_defaults(handler=_eval)
+
+    reference = commands.add_parser(
+        "reference",
+        help="compute and cache a suite's reference statistics",
+        description=REFERENCE_HELP,
+        formatter_class=raw,
+    )
+    reference.add_argument("suite", help="evaluation suite YAML, e.g. eval/coco.yaml")
+    _add_address(reference)
+    reference.set_defaults(handler=_reference)
+
+    run = commands.add_parser(
+        "run", help="generate, then evaluate", description=RUN_HELP, formatter_class=raw
+    )
+    run.add_argument("spec", help="job spec YAML, e.g. jobs/demo.yaml")
+    run.add_argument("--suite", help="evaluation suite YAML (default: the spec's `suite`)")
+    _add_run_options(run)
+    run.set_defaults(handler=_run)
+
     demo = commands.add_parser(
         "demo", help="run jobs/demo.yaml end to end", description=DEMO_HELP, formatter_class=raw
     )
     _add_run_options(demo)
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_run, spec=None, suite=None)
     return parser
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", help="Ray cluster to join, e.g. auto (default: $RAY_ADDRESS, else a local one)"
+    )
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder or URI (default: the spec's `output`)")
-    parser.add_argument(
-        "--address", help="Ray cluster to join, e.g. auto (default: $RAY_ADDRESS, else a local one)"
-    )
+    _add_address(parser)
     parser.add_argument(
         "--overwrite", action="store_true", help="delete what sdbatch wrote at the output first"
     )
@@ -141,12 +208,45 @@ def _prompts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from sdbatch.generate import generate
-    from sdbatch.spec import load_spec
+def _eval(args: argparse.Namespace) -> int:
+    from sdbatch.dataset import Output
+    from sdbatch.eval import evaluate
+    from sdbatch.spec import load_suite
 
-    summary = generate(load_spec(demo_spec()), args.out, args.address, args.overwrite)
-    print(summary.output)
+    suite_path = args.suite
+    if suite_path is None:
+        run = Output(args.output).read_run() or {}
+        suite_path = run.get("spec", {}).get("suite")
+        if suite_path is None:
+            raise InputError("--suite: required; the job spec of this output names no suite")
+    summary = evaluate(args.output, load_suite(suite_path), args.address)
+    print(summary.metrics)
+    return EXIT_OK
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from sdbatch.eval import compute_reference
+    from sdbatch.spec import load_suite
+
+    print(compute_reference(load_suite(args.suite), args.address))
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sdbatch.eval import evaluate, resolve_suite
+    from sdbatch.generate import generate
+    from sdbatch.spec import load_spec, load_suite
+
+    spec = load_spec(args.spec or demo_spec())
+    suite_path = args.suite or spec.suite
+    if suite_path is None:
+        raise InputError("suite: the job spec names no evaluation suite; add `suite:` or --suite")
+    # The suite, its models and its reference are checked before generation starts: a typo in
+    # the suite costs no GPU time.
+    suite = load_suite(suite_path)
+    inputs = resolve_suite(suite)
+    summary = generate(spec, args.out, args.address, args.overwrite)
+    print(evaluate(summary.output, suite, args.address, inputs).metrics)
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ Layout of an output location (a local folder or any fsspec URI such as s3://buck
     prompts.parquet       the prompt set the run used
     _units/UNIT.json      done markers: a unit is done only once its marker exists
     _tmp/                 files being written; readers never look here
+    metrics/              the evaluation stage's tables (see sdbatch.eval)
 
 A unit commits in three steps: write under _tmp/, move into images/, then write its marker. A crash
 at any point leaves either nothing visible or a complete file; files without a marker are removed
@@ -32,7 +33,8 @@ UNITS = "_units"
 TMP = "_tmp"
 RUN = "run.json"
 PROMPTS = "prompts.parquet"
-OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS)
+METRICS = "metrics"
+OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS, METRICS)
 ROWS_PER_ROW_GROUP = 64  # ~25 MB of 512x512 PNGs: small enough for readers to stream
 
 # `datasets` reads this schema metadata and decodes the struct column to PIL images.
@@ -148,6 +150,10 @@ class Output:
         body = json.dumps(marker).encode()
         self._publish(lambda tmp: self.fs.pipe_file(tmp, body), self.path(UNITS, f"{unit_id}.json"))
         return marker
+
+    def put(self, relative: str, write: Callable[[str], None]) -> None:
+        """Publish the file at `relative` (e.g. metrics/configs.csv) that `write(path)` writes."""
+        self._publish(write, self.path(relative))
 
     def _publish(self, write: Callable[[str], None], final: str) -> None:
         self.fs.makedirs(self.path(TMP), exist_ok=True)

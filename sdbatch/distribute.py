@@ -1,8 +1,9 @@
 """Ray: join or start a cluster, place one worker actor per GPU (or N CPU actors), and hand out
 work units one at a time, so fast actors take more of them.
 
-Each actor is `Worker` itself made remote; its `run` streams one count per finished batch, which
-drives a single progress bar over all actors, and ends with the unit's done marker.
+Each actor is a plain worker class made remote (`worker.Worker` generates, `features.FeatureWorker`
+extracts features). Its `run(unit)` streams one count per finished batch, which drives a single
+progress bar over all actors, and ends with the unit's result (a done marker, shard statistics).
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sdbatch.errors import InputError, JobFailed
-from sdbatch.spec import Runtime
-from sdbatch.sweep import WorkUnit
-from sdbatch.worker import Worker, WorkerSettings
+from sdbatch.spec import EvalRuntime, Runtime
 
 log = logging.getLogger("sdbatch")
 # transformers warns at import about optional vision backends; workers only need errors.
@@ -54,7 +53,7 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def plan_actors(runtime: Runtime) -> ActorPlan:
+def plan_actors(runtime: Runtime | EvalRuntime) -> ActorPlan:
     """One actor per GPU when the cluster has GPUs; otherwise `runtime.actors` CPU actors."""
     import ray
 
@@ -89,23 +88,34 @@ def resolve_dtype(requested: str, plan: ActorPlan) -> str:
 
 @dataclass
 class RunResult:
-    """Where the actors ran, and the seconds from the first one ready to the last commit."""
+    """Where the actors ran, the seconds from the first one ready to the last unit's end, and
+    each unit's result (the last item its `run` yielded) by unit id."""
 
     workers: list[dict[str, Any]]
     seconds: float
+    results: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def run_units(
-    units: list[WorkUnit], settings: WorkerSettings, plan: ActorPlan, total: int, done: int
+    worker: type,
+    settings: Any,
+    units: list[Any],
+    plan: ActorPlan,
+    progress: tuple[int, int, str],
 ) -> RunResult:
-    """Run every unit on `plan.count` actors, handing each idle actor the next unit.
+    """Run every unit on `plan.count` actors of class `worker`, giving each idle one the next unit.
+
+    Args:
+        worker: a class with `describe()` and a generator `run(unit)`, built from `settings`
+            (a dataclass with a `threads` field).
+        progress: (total images, images already done, what the bar says it is doing).
 
     Raises:
-        JobFailed: an actor failed to load the model or a unit raised; units already committed stay.
+        JobFailed: an actor failed to load its models or a unit raised; finished units stay.
     """
     import ray
 
-    remote = ray.remote(Worker).options(
+    remote = ray.remote(worker).options(
         num_gpus=plan.gpus, num_cpus=plan.cpus, runtime_env={"env_vars": ACTOR_ENV}
     )
     actors = [
@@ -115,7 +125,7 @@ def run_units(
     log.info("starting %s (each loads the model once)", plan.describe())
     loading = {actor.describe.remote(): actor for actor in actors}
     pending = deque(units)
-    running: dict[Any, tuple[Any, WorkUnit]] = {}
+    running: dict[Any, tuple[Any, Any]] = {}
     idle: list[Any] = []
     result = RunResult([], 0.0)
     bar = None
@@ -135,7 +145,7 @@ def run_units(
                     idle.append(actor)
                     # Throughput is counted from the first loaded worker: model loading is not
                     # generation speed.
-                    bar = bar or _progress_bar(total, done)
+                    bar = bar or _progress_bar(*progress)
                     continue
                 actor, unit = running[ref]
                 try:
@@ -144,8 +154,10 @@ def run_units(
                     del running[ref]
                     idle.append(actor)
                     continue
-                if isinstance(item, int):  # a batch; the last item is the committed marker
+                if isinstance(item, int):  # a batch; the last item is the unit's result
                     bar.update(item)
+                else:
+                    result.results[unit.unit_id] = item
     finally:
         if bar is not None:
             result.seconds = bar.format_dict["elapsed"]
@@ -155,13 +167,13 @@ def run_units(
     return result
 
 
-def _progress_bar(total: int, done: int) -> tqdm:
+def _progress_bar(total: int, done: int, doing: str) -> tqdm:
     interactive = sys.stderr.isatty()
     return tqdm(
         total=total,
         initial=done,
         unit="img",
-        desc="generating",
+        desc=doing,
         dynamic_ncols=True,
         smoothing=0.1,
         # A log file gets a line every 30 s rather than a stream of carriage returns.

@@ -24,7 +24,7 @@ from sdbatch.pipeline import ModelSource, resolve_model
 from sdbatch.prompts import load_prompts, prompt_set_digest
 from sdbatch.spec import JobSpec
 from sdbatch.sweep import Config, configurations, plan_units
-from sdbatch.worker import WorkerSettings
+from sdbatch.worker import Worker, WorkerSettings
 
 log = logging.getLogger("sdbatch")
 # Fields of run.json that fix what every image looks like: a rerun must match them exactly.
@@ -140,7 +140,9 @@ def generate(
             batch_size=spec.runtime.batch_size,
             png_compress_level=spec.runtime.png_compress_level,
         )
-        result = distribute.run_units(units, settings, plan, total, total - left)
+        result = distribute.run_units(
+            Worker, settings, units, plan, (total, total - left, "generating")
+        )
     finally:
         if connected:
             import ray

@@ -33,47 +33,71 @@ class ModelSource:
     identity: str  # "sha256:..." of a local folder's files, or "hub:REPO@COMMIT"
 
 
-def resolve_model(ref: str, revision: str | None = None) -> ModelSource:
+@dataclass(frozen=True)
+class ModelKind:
+    """What a reference must point to: the spec field it comes from and the file that proves it."""
+
+    field: str
+    marker: str
+    description: str
+
+
+PIPELINE = ModelKind("model", "model_index.json", "a diffusers pipeline")
+CLIP = ModelKind("clip.model", "config.json", "a transformers CLIP model")
+
+
+def resolve_model(ref: str, revision: str | None = None, kind: ModelKind = PIPELINE) -> ModelSource:
     """Check a model reference and pin what it points to.
 
     Args:
-        ref: ``builtin:NAME``, a local diffusers folder, or a Hugging Face hub id.
+        ref: ``builtin:NAME``, a local folder, or a Hugging Face hub id.
         revision: a hub branch, tag or commit (hub ids only).
+        kind: a diffusers pipeline (the default) or a CLIP model.
 
     Raises:
-        InputError: no such builtin, folder or hub model, or a folder that is not a pipeline.
+        InputError: no such builtin, folder or hub model, or one of another kind.
     """
     if ref.startswith(PREFIX):
-        folder = builtin_path(ref.removeprefix(PREFIX))
+        folder = builtin_path(ref.removeprefix(PREFIX), kind.field)
         return ModelSource(ref, str(folder), None, weights_digest(folder))
     folder = Path(ref).expanduser()
     if folder.is_dir():
-        if not (folder / "model_index.json").is_file():
+        if not (folder / kind.marker).is_file():
             raise InputError(
-                f"model: {ref} is not a diffusers pipeline folder (no model_index.json)"
+                f"{kind.field}: {ref} is not {kind.description} folder (no {kind.marker})"
             )
         return ModelSource(ref, str(folder.resolve()), None, weights_digest(folder))
     if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
-        raise InputError(f"model: no folder {ref!r}, and it is not a hub id like org/name")
-    return _resolve_hub(ref, revision)
+        raise InputError(f"{kind.field}: no folder {ref!r}, and it is not a hub id like org/name")
+    return _resolve_hub(ref, revision, kind)
 
 
-def _resolve_hub(repo_id: str, revision: str | None) -> ModelSource:
+def model_file(source: ModelSource, name: str) -> Path:
+    """A small file of a resolved model (a config), from its folder or the hub cache."""
+    if source.revision is None:
+        return Path(source.location) / name
+    import huggingface_hub
+
+    return Path(huggingface_hub.hf_hub_download(source.location, name, revision=source.revision))
+
+
+def _resolve_hub(repo_id: str, revision: str | None, kind: ModelKind) -> ModelSource:
     import huggingface_hub
 
     try:
-        # Fetches (or, with HF_HUB_OFFLINE=1, finds in the cache) just model_index.json: enough
-        # to pin the commit and to know the repo is a diffusers pipeline.
+        # Fetches (or, with HF_HUB_OFFLINE=1, finds in the cache) just the marker file: enough
+        # to pin the commit and to know what kind of model the repo holds.
         snapshot = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=["model_index.json"]
+            repo_id, revision=revision, allow_patterns=[kind.marker]
         )
     except Exception as e:  # the hub client raises many types; all mean "cannot resolve"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
-            f"model: cannot find {repo_id!r} on the Hugging Face hub or in its cache ({reason})"
+            f"{kind.field}: cannot find {repo_id!r} on the Hugging Face hub or in its cache "
+            f"({reason})"
         ) from None
-    if not (Path(snapshot) / "model_index.json").is_file():
-        raise InputError(f"model: hub repo {repo_id!r} is not a diffusers pipeline")
+    if not (Path(snapshot) / kind.marker).is_file():
+        raise InputError(f"{kind.field}: hub repo {repo_id!r} is not {kind.description}")
     commit = Path(snapshot).name
     return ModelSource(repo_id, repo_id, commit, f"hub:{repo_id}@{commit}")
 

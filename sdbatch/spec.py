@@ -1,4 +1,4 @@
-"""Job specs: the YAML a user writes, parsed once into typed, validated values.
+"""Job specs and evaluation suites: the YAML a user writes, parsed once into typed values.
 
 Every check here runs before Ray or a model starts. A bad field raises `InputError` with one line
 that names the field (``sweep.num_inference_steps[1]``) and what is allowed.
@@ -77,9 +77,95 @@ class JobSpec:
     output: str | None = None
     model_revision: str | None = None
     runtime: Runtime = Runtime()
+    # The evaluation suite `sdbatch run` applies after generating (relative to the spec file).
+    suite: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+METRICS = ("clip_score", "fid", "kid")
+FEATURES = ("inception", "clip")  # or "module:PACKAGE.MODULE:NAME", any nn.Module factory
+DEFAULT_CACHE = "~/.cache/sdbatch/reference"
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """The CLIP model behind CLIP score and the `clip` feature extractor."""
+
+    model: str = "openai/clip-vit-large-patch14"
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class FidSettings:
+    """The feature extractor behind FID and KID, and how images are resized for it."""
+
+    features: str = "inception"
+    # inception: a local copy of torch-fidelity's weights file (else torch's hub cache is used).
+    weights: str | None = None
+    # inception: False resizes to 299 px exactly like the original TensorFlow FID (and
+    # torch-fidelity); True uses antialiased bilinear resizing. Changes the number: it is recorded.
+    antialias: bool = False
+
+
+@dataclass(frozen=True)
+class KidSettings:
+    """KID's subset sampling (torchmetrics' KernelInceptionDistance)."""
+
+    subsets: int = 100
+    subset_size: int = 1000
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    """The real images FID compares against: images, or precomputed (mu, sigma) statistics."""
+
+    images: str | None = None  # a Parquet file/folder with an `image` column, or an image folder
+    stats: str | None = None  # a .npz with mu and sigma (pytorch-fid / clean-fid format)
+    # Reference images are resized (short side, bicubic) and center-cropped to this many pixels
+    # before feature extraction; null keeps them as stored.
+    resolution: int | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Bootstrap confidence intervals over images."""
+
+    samples: int = 200
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalRuntime:
+    """How feature extraction runs; never changes a number."""
+
+    actors: int | Literal["auto"] = "auto"
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Suite:
+    """An evaluation suite: which metrics, computed with which models, against which reference."""
+
+    name: str
+    metrics: tuple[str, ...] = METRICS
+    clip: ClipSettings = ClipSettings()
+    fid: FidSettings = FidSettings()
+    kid: KidSettings = KidSettings()
+    reference: ReferenceSource | None = None
+    bootstrap: Bootstrap = Bootstrap()
+    cache: str = DEFAULT_CACHE  # where computed reference statistics are kept
+    runtime: EvalRuntime = EvalRuntime()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def needs_features(self) -> bool:
+        return "fid" in self.metrics or "kid" in self.metrics
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -92,26 +178,59 @@ def load_spec(path: str | Path) -> JobSpec:
         InputError: the file is missing, is not YAML, or a field is wrong.
     """
     path = Path(path)
+    data = _read_yaml(path, "spec", "jobs/demo.yaml")
+    prompts = data.get("prompts")
+    if isinstance(prompts, dict) and isinstance(prompts.get("path"), str):
+        prompts["path"] = _relative_to(prompts["path"], path.parent)
+    if isinstance(data.get("suite"), str):
+        data["suite"] = _relative_to(data["suite"], path.parent)
+    return parse_spec(data)
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate an evaluation suite; its file paths are relative to the suite file.
+
+    Raises:
+        InputError: the file is missing, is not YAML, or a field is wrong.
+    """
+    path = Path(path)
+    data = _read_yaml(path, "suite", "eval/demo.yaml")
+    reference = data.get("reference")
+    if isinstance(reference, dict):
+        for key in ("images", "stats"):
+            if isinstance(reference.get(key), str):
+                reference[key] = _relative_to(reference[key], path.parent)
+    fid = data.get("fid")
+    if isinstance(fid, dict) and isinstance(fid.get("weights"), str):
+        fid["weights"] = _relative_to(fid["weights"], path.parent)
+    return parse_suite(data)
+
+
+def parse_suite(data: dict[str, Any]) -> Suite:
+    """Build a `Suite` from plain data (parsed YAML) and check every field."""
+    suite = _build(Suite, data, "")
+    _check_suite(suite)
+    return suite
+
+
+def _read_yaml(path: Path, what: str, example: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(f"spec: {path} does not exist") from None
+        raise InputError(f"{what}: {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"spec: cannot read {path}: {e}") from None
+        raise InputError(f"{what}: cannot read {path}: {e}") from None
     try:
         # safe_load builds plain values only: nothing in a spec is ever evaluated as code.
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" (line {where.line + 1})" if where else ""
-        raise InputError(f"spec: {path} is not valid YAML{line}") from None
+        raise InputError(f"{what}: {path} is not valid YAML{line}") from None
     if not isinstance(data, dict):
-        raise InputError(f"spec: {path} must be a mapping of fields, like jobs/demo.yaml")
+        raise InputError(f"{what}: {path} must be a mapping of fields, like {example}")
     data.setdefault("name", path.stem)
-    prompts = data.get("prompts")
-    if isinstance(prompts, dict) and isinstance(prompts.get("path"), str):
-        prompts["path"] = _relative_to(prompts["path"], path.parent)
-    return parse_spec(data)
+    return data
 
 
 def parse_spec(data: dict[str, Any]) -> JobSpec:
@@ -173,6 +292,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(items))
     # bool is an int in Python; a YAML `yes` must not pass as a step count.
     ok = {
+        bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, int | float) and not isinstance(value, bool),
         str: isinstance(value, str),
@@ -188,7 +308,13 @@ def _describe(hint: Any) -> str:
         return " or ".join(repr(a) for a in typing.get_args(hint))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(hint))
-    return {int: "an integer", float: "a number", str: "a string", type(None): "null"}[hint]
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        type(None): "null",
+    }[hint]
 
 
 def _check(spec: JobSpec) -> None:
@@ -237,6 +363,63 @@ def _check(spec: JobSpec) -> None:
     _require(
         0 <= r.png_compress_level <= 9, "runtime.png_compress_level", "must be between 0 and 9"
     )
+
+
+def _check_suite(suite: Suite) -> None:
+    _require(suite.name.strip() != "", "name", "must not be empty")
+    _unique(suite.metrics, "metrics")
+    for i, metric in enumerate(suite.metrics):
+        _require(
+            metric in METRICS,
+            f"metrics[{i}]",
+            f"unknown metric {metric!r}; known: {', '.join(METRICS)}",
+        )
+    _require(suite.clip.model.strip() != "", "clip.model", "must name a hub id or a local folder")
+    features = suite.fid.features
+    _require(
+        features in FEATURES or _is_module_path(features),
+        "fid.features",
+        f"must be {' or '.join(FEATURES)} or module:PACKAGE.MODULE:NAME, got {features!r}",
+    )
+    if suite.fid.weights is not None:
+        _require(
+            Path(suite.fid.weights).expanduser().is_file(),
+            "fid.weights",
+            f"no weights file at {suite.fid.weights}",
+        )
+    _require(suite.kid.subsets >= 1, "kid.subsets", "must be >= 1")
+    _require(suite.kid.subset_size >= 2, "kid.subset_size", "must be >= 2")
+    ref = suite.reference
+    if suite.needs_features:
+        needs = next(m for m in suite.metrics if m in ("fid", "kid"))
+        _require(ref is not None, "reference", f"required by metric {needs}: images or stats")
+    if ref is not None:
+        _require(
+            (ref.images is None) != (ref.stats is None),
+            "reference",
+            "give exactly one of images (real images) or stats (a .npz with mu and sigma)",
+        )
+        _require(
+            ref.resolution is None or ref.resolution >= 8, "reference.resolution", "must be >= 8"
+        )
+        _require(ref.limit is None or ref.limit >= 2, "reference.limit", "must be >= 2 or null")
+        if ref.stats is not None:
+            _require(
+                "://" in ref.stats or Path(ref.stats).is_file(),
+                "reference.stats",
+                f"no file at {ref.stats}",
+            )
+    b = suite.bootstrap
+    _require(b.samples >= 0, "bootstrap.samples", "must be >= 0 (0 turns intervals off)")
+    _require(0 < b.confidence < 1, "bootstrap.confidence", "must be between 0 and 1, e.g. 0.95")
+    r = suite.runtime
+    _require(r.actors == "auto" or r.actors >= 1, "runtime.actors", "must be 'auto' or >= 1")
+    _require(r.batch_size >= 1, "runtime.batch_size", "must be >= 1")
+
+
+def _is_module_path(features: str) -> bool:
+    target = features.removeprefix("module:")
+    return features.startswith("module:") and target.count(":") == 1 and all(target.split(":"))
 
 
 def _require(condition: bool, where: str, message: str) -> None:

@@ -1,0 +1,188 @@
+"""Metric math on feature arrays: pure functions, no models and no I/O.
+
+Feature sets are summarised by `FeatureStats` (count, sum, sum of outer products, in float64),
+which add up across shards and workers: FID from merged statistics equals FID from one pass.
+
+References:
+    FID: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local
+    Nash Equilibrium". KID: Binkowski et al. 2018, "Demystifying MMD GANs". CLIP score: Hessel et
+    al. 2021, "CLIPScore", with torchmetrics' weight w = 100.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+
+@dataclass
+class FeatureStats:
+    """Sufficient statistics of a set of feature vectors; `a + b` is the statistics of both sets."""
+
+    count: int
+    total: np.ndarray  # (d,) float64: the sum of the vectors
+    outer: np.ndarray  # (d, d) float64: the sum of their outer products
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> FeatureStats:
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"features must be (n, d), got shape {x.shape}")
+        return cls(len(x), x.sum(axis=0), x.T @ x)
+
+    @classmethod
+    def empty(cls, dim: int) -> FeatureStats:
+        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        return FeatureStats(
+            self.count + other.count, self.total + other.total, self.outer + other.outer
+        )
+
+    @property
+    def dim(self) -> int:
+        return len(self.total)
+
+    def mean(self) -> np.ndarray:
+        return self.total / self.count
+
+    def covariance(self) -> np.ndarray:
+        """The unbiased sample covariance (divides by n - 1, like numpy.cov and torchmetrics)."""
+        if self.count < 2:
+            raise ValueError("a covariance needs at least 2 feature vectors")
+        mu = self.mean()
+        return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+
+class FrechetReference:
+    """A Gaussian (mu, sigma) to measure Fréchet distances to, with sigma's square root cached.
+
+    d^2 = |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr sqrt(S_1 S_2). The last trace is the sum of
+    the square roots of the eigenvalues of sqrt(S_2) S_1 sqrt(S_2), a symmetric positive
+    semi-definite matrix with the same eigenvalues as S_1 S_2: one symmetric eigensolve per
+    distance, stable when S_1 is singular (fewer images than dimensions).
+    """
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray):
+        self.mu = np.asarray(mu, dtype=np.float64)
+        self.sigma = np.asarray(sigma, dtype=np.float64)
+        values, vectors = np.linalg.eigh(self.sigma)
+        self._sqrt = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+        self._trace = float(np.trace(self.sigma))
+
+    @property
+    def dim(self) -> int:
+        return len(self.mu)
+
+    def distance(self, mu: np.ndarray, sigma: np.ndarray) -> float:
+        product = self._sqrt @ sigma @ self._sqrt
+        # Symmetrise: rounding makes the product very slightly asymmetric.
+        eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
+        tr_sqrt = np.sqrt(eigenvalues.clip(min=0)).sum()
+        diff = mu - self.mu
+        return float(diff @ diff + np.trace(sigma) + self._trace - 2 * tr_sqrt)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
+    """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): FID on Inception features."""
+    return FrechetReference(mu2, sigma2).distance(mu1, sigma1)
+
+
+def merge_stats(stats: list[FeatureStats]) -> FeatureStats:
+    """The statistics of the union of the sets (in the given order)."""
+    return sum(stats[1:], stats[0])
+
+
+def fid(stats: FeatureStats, reference: FrechetReference) -> float:
+    """FID of a generated feature set (given by its statistics) against a reference."""
+    return reference.distance(stats.mean(), stats.covariance())
+
+
+def clip_scores(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+    """Per-pair CLIP score, 100 * max(cos(image, text), 0), row by row."""
+    image = np.asarray(image_embeddings, dtype=np.float64)
+    text = np.asarray(text_embeddings, dtype=np.float64)
+    image = image / np.linalg.norm(image, axis=1, keepdims=True)
+    text = text / np.linalg.norm(text, axis=1, keepdims=True)
+    return 100 * np.maximum((image * text).sum(axis=1), 0)
+
+
+def bootstrap_samples(n: int, samples: int, seed: int) -> np.ndarray:
+    """`samples` rows of n indices drawn with replacement (the same draws for the same seed)."""
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def mean_interval(
+    values: np.ndarray, samples: int, confidence: float, seed: int
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    if samples == 0 or len(values) < 2:
+        return (float("nan"), float("nan"))
+    means = values[bootstrap_samples(len(values), samples, seed)].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def fid_interval(
+    features: np.ndarray,
+    reference: FrechetReference,
+    samples: int,
+    confidence: float,
+    seed: int,
+) -> tuple[float, float]:
+    """Bootstrap interval of FID over the generated images (the reference is held fixed).
+
+    Resampling with replacement repeats images, which shrinks the covariance and biases every
+    replicate's FID upwards, so the percentiles would not even bracket the estimate. The interval
+    is therefore the estimate +- z * SE, with SE the replicates' standard deviation.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    if samples < 2 or len(features) < 2:
+        return (float("nan"), float("nan"))
+    estimate = fid(FeatureStats.of(features), reference)
+    replicates = [
+        fid(FeatureStats.of(features[rows]), reference)
+        for rows in bootstrap_samples(len(features), samples, seed)
+    ]
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * float(np.std(replicates, ddof=1))
+    return estimate - half, estimate + half
+
+
+def kid(
+    features: np.ndarray,
+    reference_features: np.ndarray,
+    subsets: int,
+    subset_size: int,
+    seed: int,
+) -> tuple[float, float, int]:
+    """KID mean and std over random subsets, through torchmetrics' KernelInceptionDistance.
+
+    `subset_size` is lowered to the smaller set's size when needed (KID is unbiased at any size);
+    the size used is returned with the two numbers.
+    """
+    import torch
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(subset_size, len(features), len(reference_features))
+    if size < 2:
+        return (float("nan"), float("nan"), size)
+    with warnings.catch_warnings():
+        # It warns that it keeps every feature in memory: here they are in memory already.
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(
+            feature=torch.nn.Identity(), subsets=subsets, subset_size=size
+        )
+    metric.update(torch.as_tensor(reference_features, dtype=torch.float64), real=True)
+    metric.update(torch.as_tensor(features, dtype=torch.float64), real=False)
+    # torchmetrics draws the subsets from torch's global generator: seed it, and leave it as found.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std), size
