@@ -38,6 +38,9 @@ class FeatureStats:
         return cls(0, np.zeros(dim), np.zeros((dim, dim)))
 
     def __add__(self, other: FeatureStats) -> FeatureStats:
+        if self.dim != other.dim:
+            # numpy would broadcast a 1-d set into a wrong sum instead of failing.
+            raise ValueError(f"cannot merge {self.dim}-d and {other.dim}-d feature statistics")
         return FeatureStats(
             self.count + other.count, self.total + other.total, self.outer + other.outer
         )

@@ -307,14 +307,19 @@ def test_hub_id_loads_from_the_offline_cache(tmp_path, prompt_file, spec_file):
 
 def test_demo_command_runs_end_to_end(tmp_path):
     """The README's first command, with its own local Ray instance."""
-    proc = sdbatch("demo", "--out", str(tmp_path / "demo"), env={"RAY_ADDRESS": ""}, cwd=REPO)
+    # HOME holds the reference statistics cache (~/.cache/sdbatch): keep it in the test's folder.
+    env = {"RAY_ADDRESS": "", "HOME": str(tmp_path)}
+    proc = sdbatch("demo", "--out", str(tmp_path / "demo"), env=env, cwd=REPO)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert out.strip() == str(tmp_path / "demo")
+    assert out.strip() == str(tmp_path / "demo" / "metrics")
     spec = load_spec(REPO / "jobs" / "demo.yaml")
     expected = 8 * 2 * 2 * 2 * spec.sweep.images_per_prompt
     assert len(read(tmp_path / "demo")) == expected
     assert f"done: {expected} new images" in err
+    configs = pd.read_csv(tmp_path / "demo" / "metrics" / "configs.csv")
+    assert len(configs) == 8 and configs["n_images"].sum() == expected
+    assert configs[["clip_score", "fid", "kid_mean"]].notna().all().all()
 
 
 def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ray_address):

@@ -1,0 +1,360 @@
+"""The evaluation stage end to end on a real Ray: tables, agreement with torchmetrics and with an
+independent FID, resume, reference caching, and bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import scipy.linalg
+import torch
+from conftest import PROMPTS, job
+from PIL import Image
+
+from sdbatch.builtin import builtin_path
+from sdbatch.cli import main as cli_main
+from sdbatch.errors import InputError, JobFailed
+from sdbatch.eval import evaluate
+from sdbatch.features import (
+    ClipEncoder,
+    FeatureSettings,
+    FeatureUnit,
+    FeatureWorker,
+    describe_extractor,
+    read_shard,
+)
+from sdbatch.generate import generate
+from sdbatch.metrics import FeatureStats, FrechetReference, fid
+from sdbatch.pipeline import CLIP, resolve_model
+from sdbatch.reference import ReferenceStats, load_stats, plan_reference, save_stats
+from sdbatch.spec import FidSettings, ReferenceSource, parse_spec, parse_suite
+from sdbatch.world import write_reference
+
+LONG_PROMPT = "a very detailed painting of " + "a tall tree, " * 10  # > 77 byte tokens
+
+
+def suite_data(images: Path, cache: Path, **overrides) -> dict:
+    data = {
+        "name": "test",
+        "clip": {"model": "builtin:tiny-clip"},
+        "fid": {"features": "clip"},
+        "kid": {"subsets": 5, "subset_size": 10},
+        "reference": {"images": str(images)},
+        "bootstrap": {"samples": 20},
+        "cache": str(cache),
+        "runtime": {"actors": 2, "batch_size": 8},
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_address):
+    """A generated output (4 configurations, one prompt over CLIP's context), a reference set
+    of rendered shapes, and the output evaluated once."""
+    root = tmp_path_factory.mktemp("eval")
+    prompts = root / "prompts.parquet"
+    pq.write_table(pd.DataFrame({"prompt": [*PROMPTS, LONG_PROMPT]}).pipe(_arrow), prompts)
+    out = root / "out"
+    generate(parse_spec(job(prompts)), str(out), ray_address)
+    reference = root / "reference.parquet"
+    write_reference(str(reference), count=40, size=32)
+    suite = parse_suite(suite_data(reference, root / "cache"))
+    summary = evaluate(str(out), suite, ray_address)
+    return {"root": root, "out": out, "reference": reference, "suite": suite, "summary": summary}
+
+
+def _arrow(frame: pd.DataFrame):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def dataset(out: Path) -> pd.DataFrame:
+    return pq.read_table(out / "images").to_pandas()
+
+
+def decode(blob: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+
+
+def test_tables_cover_every_image_and_join_back(world):
+    out = world["out"]
+    images = dataset(out)
+    per_image = pd.read_parquet(out / "metrics" / "images.parquet")
+    keys = ["prompt_id", "sample_index", "config_id"]
+    joined = images.merge(per_image, on=keys, how="outer", validate="one_to_one", indicator=True)
+    assert (joined["_merge"] == "both").all() and len(joined) == len(images) == 7 * 4 * 2
+
+    configs = pd.read_csv(out / "metrics" / "configs.csv")
+    assert sorted(configs["config_id"]) == sorted(images["config_id"].unique())
+    assert (configs["n_images"] == 14).all()
+    expected = per_image.groupby("config_id")["clip_score"].mean()
+    assert np.allclose(configs.set_index("config_id")["clip_score"], expected[configs["config_id"]])
+    assert (configs["clip_score_low"] <= configs["clip_score"]).all()
+    assert (configs["clip_score"] <= configs["clip_score_high"]).all()
+    assert (configs["fid_low"] < configs["fid"]).all() and (
+        configs["fid"] < configs["fid_high"]
+    ).all()
+    assert (configs["kid_subset_size"] == 10).all() and configs["kid_mean"].notna().all()
+    assert configs["fid_ill_conditioned"].all()  # 14 images < 16 feature dimensions
+    seconds = images.groupby("config_id")["generation_seconds"].mean()
+    assert np.allclose(
+        configs.set_index("config_id")["seconds_per_image"], seconds[configs["config_id"]]
+    )
+    parquet = pd.read_parquet(out / "metrics" / "configs.parquet")
+    assert list(parquet.columns) == list(configs.columns) and len(parquet) == len(configs)
+
+    record = json.loads((out / "metrics" / "metrics.json").read_text())
+    assert record["truncated_prompts"] == 1
+    assert per_image.loc[per_image["clip_truncated"], "prompt_id"].nunique() == 1
+    assert record["extractor"]["name"] == "clip" and record["extractor"]["dim"] == 16
+    assert record["extractor"]["resize"] == "clip-processor-pil"
+    assert record["clip"]["identity"].startswith("sha256:")
+    assert record["reference"]["sha256"] == load_stats(record["reference"]["cache"]).digest
+    assert {"torchmetrics", "transformers", "torch"} <= set(record["versions"])
+
+
+class _TensorOutputs(torch.nn.Module):
+    """torchmetrics 1.9 expects tensors from get_*_features; transformers 5 returns ModelOutputs
+    (Lightning-AI/torchmetrics#3407). This adapter is the callable form's model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs):
+        return self.model.get_image_features(*args, **kwargs).pooler_output
+
+    def get_text_features(self, *args, **kwargs):
+        return self.model.get_text_features(*args, **kwargs).pooler_output
+
+
+def test_clip_score_equals_torchmetrics(world):
+    from torchmetrics.functional.multimodal import clip_score
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
+
+    folder = builtin_path("tiny-clip")
+    model = _TensorOutputs(CLIPModel.from_pretrained(folder))
+    processor = CLIPProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(folder, backend="pil"),
+        tokenizer=AutoTokenizer.from_pretrained(folder),
+    )
+    images = dataset(world["out"]).merge(
+        pd.read_parquet(world["out"] / "metrics" / "images.parquet"),
+        on=["prompt_id", "sample_index", "config_id"],
+    )
+    # torchmetrics slices long prompts' token ids (dropping end-of-text); compare the others.
+    images = images[~images["clip_truncated"]]
+    for _, rows in images.groupby("config_id"):
+        pixels = [torch.from_numpy(decode(b["bytes"])).permute(2, 0, 1) for b in rows["image"]]
+        metric = CLIPScore(model_name_or_path=lambda: (model, processor))
+        metric.update(pixels, list(rows["prompt"]))
+        assert float(metric.compute()) == pytest.approx(rows["clip_score"].mean(), rel=1e-4)
+        first = float(clip_score(pixels[0], rows["prompt"].iloc[0], lambda: (model, processor)))
+        assert first == pytest.approx(rows["clip_score"].iloc[0], rel=1e-4)
+
+
+def _independent_clip_features(images: list[np.ndarray]) -> np.ndarray:
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    folder = builtin_path("tiny-clip")
+    model = CLIPModel.from_pretrained(folder).eval()
+    pixels = CLIPImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = model.vision_model(pixel_values=pixels["pixel_values"]).pooler_output
+        return model.visual_projection(out).double().numpy()
+
+
+def _scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    return float(
+        (mu1 - mu2) @ (mu1 - mu2)
+        + np.trace(s1 + s2)
+        - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    )
+
+
+def test_fid_equals_an_independent_computation_on_the_same_images(world):
+    """All the way from pixels: sharded extraction on actors, merged statistics, vs one pass."""
+    images = dataset(world["out"])
+    reference = [decode(b["bytes"]) for b in pq.read_table(world["reference"])["image"].to_pylist()]
+    ref_features = _independent_clip_features(reference)
+    configs = pd.read_csv(world["out"] / "metrics" / "configs.csv").set_index("config_id")
+    for config_id, rows in images.groupby("config_id"):
+        features = _independent_clip_features([decode(b["bytes"]) for b in rows["image"]])
+        assert configs.loc[config_id, "fid"] == pytest.approx(
+            _scipy_fid(features, ref_features), rel=1e-4
+        )
+
+
+def test_rerun_extracts_only_missing_shards_and_reuses_the_reference(world, tmp_path, ray_address):
+    out = tmp_path / "out"
+    shutil.copytree(world["out"], out)
+    shards = sorted((out / "metrics" / "_shards").rglob("*.npz"))
+    mtimes = {p: p.stat().st_mtime_ns for p in shards}
+    cache = sorted((world["root"] / "cache").glob("*.npz"))
+    assert len(cache) == 1
+    cache_mtime = cache[0].stat().st_mtime_ns
+    shards[0].unlink()
+
+    summary = evaluate(str(out), world["suite"], ray_address)
+
+    assert shards[0].exists()
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in shards[1:])
+    assert cache[0].stat().st_mtime_ns == cache_mtime
+    before = world["summary"].configs.set_index("config_id").sort_index()
+    after = summary.configs.set_index("config_id").sort_index()
+    pd.testing.assert_frame_equal(
+        before.drop(columns="seconds_per_image"), after.drop(columns="seconds_per_image"), rtol=1e-6
+    )
+
+
+def test_reference_cache_name_changes_with_everything_it_depends_on(world, tmp_path):
+    clip = resolve_model("builtin:tiny-clip", None, CLIP)
+    extractor = describe_extractor(FidSettings(features="clip"), clip)
+    source = ReferenceSource(images=str(world["reference"]))
+    cache = str(tmp_path)
+
+    def name(source=source, extractor=extractor):
+        return plan_reference(source, extractor, cache).cache
+
+    base = name()
+    assert name() == base
+    assert name(ReferenceSource(images=str(world["reference"]), resolution=64)) != base
+    assert name(ReferenceSource(images=str(world["reference"]), limit=20)) != base
+    other = describe_extractor(FidSettings(features="module:tiny_features:TinyFeatures"), None)
+    assert name(extractor=other) != base
+    copy = tmp_path / "reference.parquet"
+    write_reference(str(copy), count=41, size=32)
+    assert name(ReferenceSource(images=str(copy))) != base
+    plan = plan_reference(ReferenceSource(images=str(copy), limit=20), extractor, cache)
+    assert sum(u.num_images for u in plan.units) == 20
+
+
+def test_reference_npz_round_trips_and_reads_pytorch_fid_files(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(50, 6)).astype(np.float32)
+    stats = FeatureStats.of(features)
+    mine = ReferenceStats(stats.mean(), stats.covariance(), 50, features, {"extractor": "x"})
+    save_stats(str(tmp_path / "ref.npz"), mine)
+    back = load_stats(str(tmp_path / "ref.npz"))
+    assert np.array_equal(back.mu, mine.mu) and np.array_equal(back.sigma, mine.sigma)
+    assert np.array_equal(back.features, features) and back.meta == {"extractor": "x"}
+    assert back.digest == mine.digest
+    assert fid(stats, FrechetReference(back.mu, back.sigma)) == pytest.approx(0, abs=1e-9)
+    # pytorch-fid and clean-fid read exactly these two arrays
+    with np.load(tmp_path / "ref.npz") as plain:
+        assert np.array_equal(plain["mu"], mine.mu)
+    np.savez(tmp_path / "pytorch_fid.npz", mu=mine.mu, sigma=mine.sigma)
+    theirs = load_stats(str(tmp_path / "pytorch_fid.npz"))
+    assert theirs.features is None and theirs.dim == 6
+
+
+def test_a_user_module_extractor_runs_in_a_plain_worker(world, tmp_path):
+    from tiny_features import TinyFeatures
+
+    extractor = describe_extractor(FidSettings(features="module:tiny_features:TinyFeatures"), None)
+    assert extractor.dim == 12 and extractor.resize == "none"
+    marker = json.loads(next((world["out"] / "_units").glob("*.json")).read_text())
+    unit = FeatureUnit(
+        unit_id=marker["unit_id"],
+        files=(str(world["out"] / marker["file"]),),
+        destination=str(tmp_path / "shard.npz"),
+        num_images=marker["images"],
+    )
+    worker = FeatureWorker(FeatureSettings(clip=None, extractor=extractor, batch_size=3))
+    *counts, result = worker.run(unit)
+    assert sum(counts) == marker["images"]
+    shard = read_shard(unit.destination)
+    rows = pq.read_table(world["out"] / marker["file"]).to_pandas()
+    pixels = torch.from_numpy(np.stack([decode(b["bytes"]) for b in rows["image"]]))
+    expected = TinyFeatures()(pixels.permute(0, 3, 1, 2)).numpy()
+    assert np.allclose(shard["features"], expected, rtol=1e-5, atol=1e-6)
+    (stats,) = result["stats"].values()
+    assert stats.count == marker["images"] and np.allclose(stats.total, expected.sum(0), rtol=1e-5)
+
+    unstable = describe_extractor(FidSettings(features="module:tiny_features:RandomFeatures"), None)
+    with pytest.raises(JobFailed, match="different weights"):
+        FeatureWorker(FeatureSettings(clip=None, extractor=unstable))
+
+
+def test_long_prompts_are_truncated_keeping_end_of_text():
+    encoder = ClipEncoder(resolve_model("builtin:tiny-clip", None, CLIP), "cpu")
+    embedded, truncated = encoder.embed_texts([LONG_PROMPT, "a red circle"])
+    assert truncated.tolist() == [True, False]
+    tokens = encoder.tokenizer(LONG_PROMPT, truncation=True, max_length=77, return_tensors="pt")
+    assert tokens["input_ids"].shape[1] == 77
+    assert tokens["input_ids"][0, -1] == encoder.tokenizer.eos_token_id
+    with torch.no_grad():
+        kept = encoder.model.get_text_features(**tokens).pooler_output[0].numpy()
+        sliced = encoder.tokenizer(LONG_PROMPT, return_tensors="pt")["input_ids"][:, :77]
+        dropped = encoder.model.get_text_features(input_ids=sliced).pooler_output[0].numpy()
+    assert np.allclose(embedded[0], kept, atol=1e-5)
+    assert not np.allclose(embedded[0], dropped, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"metrics": ["clip_score", "fidd"]}, "metrics[1]: unknown metric 'fidd'"),
+        ({"fid": {"features": "clip", "weights": "/nonexistent.pth"}}, "fid.weights: no weights"),
+        ({"fid": {"features": "resnet"}}, "fid.features: must be inception or clip"),
+        ({"reference": None}, "reference: required by metric fid"),
+        ({"bootstrap": {"confidence": 95}}, "bootstrap.confidence: must be between 0 and 1"),
+    ],
+)
+def test_bad_suites_are_one_line_errors(world, change, message):
+    with pytest.raises(InputError) as error:
+        parse_suite(suite_data(world["reference"], world["root"] / "cache", **change))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bad_inputs_fail_before_any_work(world, tmp_path, ray_address):
+    suite = world["suite"]
+    with pytest.raises(InputError, match="holds no sdbatch run"):
+        evaluate(str(tmp_path / "nothing"), suite, ray_address)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(world["out"] / "run.json", empty / "run.json")
+    with pytest.raises(InputError, match="has no generated images yet"):
+        evaluate(str(empty), suite, ray_address)
+
+    eight = tmp_path / "eight.npz"
+    np.savez(eight, mu=np.zeros(8), sigma=np.eye(8))
+    data = suite_data(world["reference"], tmp_path / "cache", reference={"stats": str(eight)})
+    with pytest.raises(InputError, match="holds 8-d statistics but the extractor clip gives 16-d"):
+        evaluate(str(world["out"]), parse_suite(data), ray_address)
+
+    (tmp_path / "no-images").mkdir()
+    data = suite_data(tmp_path / "no-images", tmp_path / "cache")
+    with pytest.raises(InputError, match="holds no Parquet files and no images"):
+        evaluate(str(world["out"]), parse_suite(data), ray_address)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_inception_without_torch_fidelity_says_what_to_install(world):
+    if find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed here")
+    data = suite_data(world["reference"], world["root"] / "cache", fid={"features": "inception"})
+    with pytest.raises(InputError, match=r"pip install 'sdbatch\[inception\]'"):
+        evaluate(str(world["out"]), parse_suite(data))
+
+
+def test_reference_and_eval_commands(world, tmp_path, spec_file, ray_address):
+    suite = spec_file(suite_data(world["reference"], tmp_path / "cache"), "suite.yaml")
+    assert cli_main(["reference", str(suite)]) == 0
+    (cached,) = (tmp_path / "cache").glob("*.npz")
+    assert load_stats(str(cached)).count == 40
+    # the output's job spec names no suite, and none is given
+    assert cli_main(["eval", str(world["out"])]) == 2
