@@ -343,3 +343,8 @@ def test_kid_is_deterministic_per_seed_and_leaves_torch_rng_alone():
 def test_kid_needs_two_vectors():
     mean, std, size = kid(features(1, seed=32), features(10, seed=33), 2, 10, seed=0)
     assert size == 1 and math.isnan(mean) and math.isnan(std)
+
+
+def test_statistics_of_different_dimensions_do_not_merge():
+    with pytest.raises(ValueError, match="cannot merge 1-d and 4-d"):
+        FeatureStats.of(np.ones((3, 1))) + FeatureStats.of(np.ones((2, 4)))
