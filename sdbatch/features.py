@@ -35,7 +35,7 @@ from PIL import Image
 from sdbatch.dataset import publish
 from sdbatch.errors import InputError, JobFailed
 from sdbatch.metrics import FeatureStats, clip_scores
-from sdbatch.pipeline import ModelSource, model_file
+from sdbatch.pipeline import ModelSource, file_digest, model_file
 from sdbatch.spec import FidSettings
 
 INCEPTION_DIM = 2048
@@ -70,7 +70,7 @@ def describe_extractor(fid: FidSettings, clip: ModelSource | None) -> ExtractorI
         path = _inception_weights(fid.weights)
         resize = "bilinear-antialias-299" if fid.antialias else "bilinear-tf1-299"
         return ExtractorInfo(
-            "inception", INCEPTION_DIM, _file_digest(path), resize, str(path), fid.antialias
+            "inception", INCEPTION_DIM, file_digest(path), resize, str(path), fid.antialias
         )
     module = _import_module_extractor(fid.features)
     return ExtractorInfo(fid.features, _module_dim(module), _module_digest(module), "none")
@@ -362,14 +362,6 @@ def _module_digest(module: Any) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode() + b"\x00" + tensor.detach().cpu().contiguous().numpy().tobytes())
-    return f"sha256:{h.hexdigest()}"
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
     return f"sha256:{h.hexdigest()}"
 
 

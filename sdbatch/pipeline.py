@@ -108,10 +108,20 @@ def weights_digest(folder: Path) -> str:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in IDENTITY_SUFFIXES)
     for path in files:
         h.update(path.relative_to(folder).as_posix().encode() + b"\x00")
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        _hash_file(h, path)
     return f"sha256:{h.hexdigest()}"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of one file's bytes (a weights file)."""
+    return f"sha256:{_hash_file(hashlib.sha256(), path).hexdigest()}"
+
+
+def _hash_file(h: Any, path: Path) -> Any:
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h
 
 
 def load_pipeline(source: ModelSource, dtype: str, device: str) -> Any:

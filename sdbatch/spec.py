@@ -15,6 +15,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -330,13 +331,7 @@ def _check(spec: JobSpec) -> None:
     _require(p.limit is None or p.limit >= 1, "prompts.limit", "must be >= 1 or null")
 
     s = spec.sweep
-    _unique(s.scheduler, "sweep.scheduler")
-    for i, name in enumerate(s.scheduler):
-        _require(
-            name in SCHEDULERS,
-            f"sweep.scheduler[{i}]",
-            f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}",
-        )
+    _known(s.scheduler, SCHEDULERS, "sweep.scheduler", "scheduler")
     _unique(s.num_inference_steps, "sweep.num_inference_steps")
     for i, steps in enumerate(s.num_inference_steps):
         _require(steps >= 1, f"sweep.num_inference_steps[{i}]", f"must be >= 1, got {steps}")
@@ -367,13 +362,7 @@ def _check(spec: JobSpec) -> None:
 
 def _check_suite(suite: Suite) -> None:
     _require(suite.name.strip() != "", "name", "must not be empty")
-    _unique(suite.metrics, "metrics")
-    for i, metric in enumerate(suite.metrics):
-        _require(
-            metric in METRICS,
-            f"metrics[{i}]",
-            f"unknown metric {metric!r}; known: {', '.join(METRICS)}",
-        )
+    _known(suite.metrics, METRICS, "metrics", "metric")
     _require(suite.clip.model.strip() != "", "clip.model", "must name a hub id or a local folder")
     features = suite.fid.features
     _require(
@@ -425,6 +414,17 @@ def _is_module_path(features: str) -> bool:
 def _require(condition: bool, where: str, message: str) -> None:
     if not condition:
         raise InputError(f"{where}: {message}")
+
+
+def _known(values: tuple[str, ...], known: Iterable[str], where: str, what: str) -> None:
+    """Each value listed once and one of `known`."""
+    _unique(values, where)
+    for i, value in enumerate(values):
+        _require(
+            value in known,
+            f"{where}[{i}]",
+            f"unknown {what} {value!r}; known: {', '.join(known)}",
+        )
 
 
 def _unique(values: tuple, where: str) -> None:
