@@ -358,3 +358,17 @@ def test_reference_and_eval_commands(world, tmp_path, spec_file, ray_address):
     assert load_stats(str(cached)).count == 40
     # the output's job spec names no suite, and none is given
     assert cli_main(["eval", str(world["out"])]) == 2
+
+
+def test_a_clip_score_only_suite_needs_no_reference(world, tmp_path, ray_address):
+    out = tmp_path / "out"
+    shutil.copytree(world["out"], out, ignore=shutil.ignore_patterns("metrics"))
+    data = suite_data(world["reference"], tmp_path / "cache", metrics=["clip_score"])
+    del data["reference"]
+    summary = evaluate(str(out), parse_suite(data), ray_address)
+    assert "fid" not in summary.configs and "kid_mean" not in summary.configs
+    before = world["summary"].configs.set_index("config_id")["clip_score"]
+    after = summary.configs.set_index("config_id")["clip_score"]
+    pd.testing.assert_series_equal(before.sort_index(), after.sort_index(), rtol=1e-6)
+    assert not (tmp_path / "cache").exists()
+    assert json.loads((out / "metrics" / "metrics.json").read_text())["reference"] is None
