@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--scheduler", default="euler")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--actors", default="auto")
+    parser.add_argument("--actors", default="auto", type=lambda v: v if v == "auto" else int(v))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.per_prompt = 2

@@ -69,7 +69,8 @@ class EvalSummary:
 
     metrics: str  # the metrics folder
     configs: pd.DataFrame  # the per-configuration table
-    seconds: float
+    seconds: float  # the whole call
+    extraction_seconds: float = 0.0  # from the first loaded actor to the last shard written
 
 
 @dataclass(frozen=True)
@@ -157,11 +158,12 @@ def evaluate(
     # 3. extract features on Ray actors: reference shards first, then generated ones
     results: dict[str, Any] = {}
     workers: list[dict[str, Any]] = []
+    extraction = 0.0
     if todo:
         done = total - sum(u.num_images for u in todo)
         progress = (total, done, "evaluating")
         result = _extract(_settings(inputs, suite), todo, suite, address, progress)
-        results, workers = result.results, result.workers
+        results, workers, extraction = result.results, result.workers, result.seconds
     reference = None
     if inputs.reference is not None:
         reference = inputs.reference.stats or finish_reference(inputs.reference)
@@ -176,7 +178,8 @@ def evaluate(
     body = json.dumps(record, indent=2, sort_keys=True, default=_json_default).encode()
     out.put(f"{METRICS}/metrics.json", lambda tmp: out.fs.pipe_file(tmp, body))
     log.info("metrics of %d configurations in %s/%s", len(table), out.location, METRICS)
-    return EvalSummary(f"{out.location}/{METRICS}", table, time.perf_counter() - began)
+    seconds = time.perf_counter() - began
+    return EvalSummary(f"{out.location}/{METRICS}", table, seconds, extraction)
 
 
 def _settings(inputs: EvalInputs, suite: Suite) -> FeatureSettings:

@@ -343,6 +343,34 @@ def test_bad_inputs_fail_before_any_work(world, tmp_path, ray_address):
     assert not (tmp_path / "cache").exists()
 
 
+def test_inception_features_equal_torchmetrics_fid(world, tmp_path, ray_address):
+    """Where torch-fidelity and the Inception weights are present (GPU machines), FID with the
+    standard extractor equals torchmetrics' FrechetInceptionDistance on the same images."""
+    if find_spec("torch_fidelity") is None:
+        pytest.skip("torch-fidelity is not installed (pip install 'sdbatch[inception]')")
+    weights = Path(torch.hub.get_dir(), "checkpoints", "weights-inception-2015-12-05-6726825d.pth")
+    if not weights.is_file():
+        pytest.skip(f"no Inception weights at {weights}")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    data = suite_data(world["reference"], tmp_path / "cache", metrics=["fid"])
+    data["fid"] = {"features": "inception", "weights": str(weights)}
+    out = tmp_path / "out"
+    shutil.copytree(world["out"], out, ignore=shutil.ignore_patterns("metrics"))
+    configs = evaluate(str(out), parse_suite(data), ray_address).configs.set_index("config_id")
+    reference = pq.read_table(world["reference"])["image"].to_pylist()
+    for config_id, rows in dataset(world["out"]).groupby("config_id"):
+        # sdbatch's default resize is the TF1-compatible one: torchmetrics' antialias=False
+        metric = FrechetInceptionDistance(
+            feature=2048, feature_extractor_weights_path=str(weights), antialias=False
+        )
+        metric.set_dtype(torch.float64)
+        for blobs, real in ((reference, True), (list(rows["image"]), False)):
+            pixels = np.stack([decode(b["bytes"]) for b in blobs])
+            metric.update(torch.from_numpy(pixels).permute(0, 3, 1, 2), real=real)
+        assert configs.loc[config_id, "fid"] == pytest.approx(float(metric.compute()), rel=1e-4)
+
+
 def test_inception_without_torch_fidelity_says_what_to_install(world):
     if find_spec("torch_fidelity") is not None:
         pytest.skip("torch-fidelity is installed here")
@@ -351,11 +379,19 @@ def test_inception_without_torch_fidelity_says_what_to_install(world):
         evaluate(str(world["out"]), parse_suite(data))
 
 
-def test_reference_and_eval_commands(world, tmp_path, spec_file, ray_address):
-    suite = spec_file(suite_data(world["reference"], tmp_path / "cache"), "suite.yaml")
+def test_reference_command_on_a_folder_of_image_files(world, tmp_path, spec_file, ray_address):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, cell in enumerate(pq.read_table(world["reference"])["image"].to_pylist()):
+        (folder / f"{i:03d}.png").write_bytes(cell["bytes"])
+    suite = spec_file(suite_data(folder, tmp_path / "cache"), "suite.yaml")
     assert cli_main(["reference", str(suite)]) == 0
     (cached,) = (tmp_path / "cache").glob("*.npz")
-    assert load_stats(str(cached)).count == 40
+    from_files = load_stats(str(cached))
+    (from_parquet,) = (world["root"] / "cache").glob("*.npz")
+    # the same 40 images as the Parquet reference, so the same statistics
+    assert from_files.count == 40
+    assert np.allclose(from_files.mu, load_stats(str(from_parquet)).mu, rtol=1e-6)
     # the output's job spec names no suite, and none is given
     assert cli_main(["eval", str(world["out"])]) == 2
 
