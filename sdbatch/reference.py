@@ -24,6 +24,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from sdbatch.dataset import publish
 from sdbatch.errors import InputError
 from sdbatch.features import ExtractorInfo, FeatureUnit, read_shard, shard_stats
 from sdbatch.metrics import merge_stats
@@ -64,11 +65,8 @@ def save_stats(location: str, stats: ReferenceStats) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     fs, path = fsspec.core.url_to_fs(location)
-    folder = path.rsplit("/", 1)[0]
-    fs.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    fs.pipe_file(tmp, buffer.getvalue())
-    fs.mv(tmp, path)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    publish(fs, lambda tmp: fs.pipe_file(tmp, buffer.getvalue()), path, f"{path}.tmp")
 
 
 def load_stats(location: str, field_name: str = "reference.stats") -> ReferenceStats:
