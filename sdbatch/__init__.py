@@ -11,10 +11,11 @@ Architecture (who calls whom; one module per stage):
          │            ├─ dataset     output layout: run.json, atomic unit commits, done markers
          │            └─ distribute  Ray actors (one per GPU) pulling units, progress bar
          │                 └─ worker   plain class: loaded pipeline -> PNG rows -> dataset commit
-         └─ eval ─────┬─ reference   real images or .npz -> cached reference statistics
+         ├─ eval ─────┬─ reference   real images or .npz -> cached reference statistics
                       ├─ distribute  the same actors and bar, running features.FeatureWorker
                       │    └─ features  plain class: images -> CLIP scores, features, shard stats
                       └─ metrics     pure math: merged statistics -> FID, KID, CLIP score, intervals
+         └─ report ───── metrics + images -> one self-contained HTML page and Markdown
     world: rendered shapes, the demo suite's reference images
 """
 

@@ -66,9 +66,25 @@ example:
   sdbatch reference eval/coco.yaml
 """
 
+REPORT_HELP = """\
+Write OUT/report/index.html (one self-contained file: open it from disk) and
+OUT/report/report.md (the same tables and plots, for a PR or a wiki): the best
+configurations by FID, by CLIP score and on the FID-CLIP trade-off, with their
+confidence intervals and cost; plots against guidance and steps; image grids
+with the same seed across configurations; every configuration; provenance.
+Given two outputs (two models, or two checkpoints), it compares them, per
+configuration, saying whether the intervals overlap; the report goes into the
+first output.
+
+examples:
+  sdbatch report out/demo
+  sdbatch report out/sd15 out/sd15-finetuned
+"""
+
 RUN_HELP = """\
-Generate a job spec's images, then evaluate them with the suite the spec names
-(`suite:`, or --suite). Resumable like generate and eval.
+Generate a job spec's images, evaluate them with the suite the spec names
+(`suite:`, or --suite), and write the report. Resumable like generate and eval.
+Prints the report's path.
 
 example:
   sdbatch run jobs/demo.yaml
@@ -76,8 +92,8 @@ example:
 
 DEMO_HELP = """\
 Run jobs/demo.yaml end to end on the embedded models (builtin:tiny to generate,
-builtin:tiny-clip to evaluate) with a local Ray instance: generate, then
-eval/demo.yaml. Prints where the metrics are.
+builtin:tiny-clip to evaluate) with a local Ray instance: generate, evaluate
+with eval/demo.yaml, write the report. Prints the report's path.
 
 example:
   sdbatch demo --out /tmp/sdbatch-demo
@@ -160,8 +176,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_address(reference)
     reference.set_defaults(handler=_reference)
 
+    report = commands.add_parser(
+        "report",
+        help="write the HTML/Markdown report",
+        description=REPORT_HELP,
+        formatter_class=raw,
+    )
+    report.add_argument("outputs", metavar="OUT", nargs="+", help="one output, or two to compare")
+    report.set_defaults(handler=_report)
+
     run = commands.add_parser(
-        "run", help="generate, then evaluate", description=RUN_HELP, formatter_class=raw
+        "run", help="generate, evaluate, report", description=RUN_HELP, formatter_class=raw
     )
     run.add_argument("spec", help="job spec YAML, e.g. jobs/demo.yaml")
     run.add_argument("--suite", help="evaluation suite YAML (default: the spec's `suite`)")
@@ -235,6 +260,7 @@ def _reference(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from sdbatch.eval import evaluate, resolve_suite
     from sdbatch.generate import generate
+    from sdbatch.report import write_report
     from sdbatch.spec import load_spec, load_suite
 
     spec = load_spec(args.spec or demo_spec())
@@ -246,7 +272,15 @@ def _run(args: argparse.Namespace) -> int:
     suite = load_suite(suite_path)
     inputs = resolve_suite(suite)
     summary = generate(spec, args.out, args.address, args.overwrite)
-    print(evaluate(summary.output, suite, args.address, inputs).metrics)
+    evaluate(summary.output, suite, args.address, inputs)
+    print(write_report([summary.output]))
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sdbatch.report import write_report
+
+    print(write_report(args.outputs))
     return EXIT_OK
 
 

@@ -93,3 +93,43 @@ def spec_file(tmp_path):
         return path
 
     return write
+
+
+LONG_PROMPT = "a very detailed painting of " + "a tall tree, " * 10  # > 77 byte tokens
+
+
+def suite_data(images: Path, cache: Path, **overrides) -> dict:
+    """A small evaluation suite as plain data, on the builtin CLIP, against `images`."""
+    data = {
+        "name": "test",
+        "clip": {"model": "builtin:tiny-clip"},
+        "fid": {"features": "clip"},
+        "kid": {"subsets": 5, "subset_size": 10},
+        "reference": {"images": str(images)},
+        "bootstrap": {"samples": 20},
+        "cache": str(cache),
+        "runtime": {"actors": 2, "batch_size": 8},
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, ray_address):
+    """A generated output (4 configurations, one prompt over CLIP's context), a reference set
+    of rendered shapes, and the output evaluated once. Tests that change it work on a copy."""
+    from sdbatch.eval import evaluate
+    from sdbatch.generate import generate
+    from sdbatch.spec import parse_spec, parse_suite
+    from sdbatch.world import write_reference
+
+    root = tmp_path_factory.mktemp("world")
+    prompts = root / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": [*PROMPTS, LONG_PROMPT]}), prompts)
+    out = root / "out"
+    generate(parse_spec(job(prompts)), str(out), ray_address)
+    reference = root / "reference.parquet"
+    write_reference(str(reference), count=40, size=32)
+    suite = parse_suite(suite_data(reference, root / "cache"))
+    summary = evaluate(str(out), suite, ray_address)
+    return {"root": root, "out": out, "reference": reference, "suite": suite, "summary": summary}

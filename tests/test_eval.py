@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
 import torch
-from conftest import PROMPTS, job
+from conftest import LONG_PROMPT, suite_data
 from PIL import Image
 
 from sdbatch.builtin import builtin_path
@@ -30,51 +30,11 @@ from sdbatch.features import (
     describe_extractor,
     read_shard,
 )
-from sdbatch.generate import generate
 from sdbatch.metrics import FeatureStats, FrechetReference, fid
 from sdbatch.pipeline import CLIP, resolve_model
 from sdbatch.reference import ReferenceStats, load_stats, plan_reference, save_stats
-from sdbatch.spec import FidSettings, ReferenceSource, parse_spec, parse_suite
+from sdbatch.spec import FidSettings, ReferenceSource, parse_suite
 from sdbatch.world import write_reference
-
-LONG_PROMPT = "a very detailed painting of " + "a tall tree, " * 10  # > 77 byte tokens
-
-
-def suite_data(images: Path, cache: Path, **overrides) -> dict:
-    data = {
-        "name": "test",
-        "clip": {"model": "builtin:tiny-clip"},
-        "fid": {"features": "clip"},
-        "kid": {"subsets": 5, "subset_size": 10},
-        "reference": {"images": str(images)},
-        "bootstrap": {"samples": 20},
-        "cache": str(cache),
-        "runtime": {"actors": 2, "batch_size": 8},
-    }
-    data.update(overrides)
-    return data
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_address):
-    """A generated output (4 configurations, one prompt over CLIP's context), a reference set
-    of rendered shapes, and the output evaluated once."""
-    root = tmp_path_factory.mktemp("eval")
-    prompts = root / "prompts.parquet"
-    pq.write_table(pd.DataFrame({"prompt": [*PROMPTS, LONG_PROMPT]}).pipe(_arrow), prompts)
-    out = root / "out"
-    generate(parse_spec(job(prompts)), str(out), ray_address)
-    reference = root / "reference.parquet"
-    write_reference(str(reference), count=40, size=32)
-    suite = parse_suite(suite_data(reference, root / "cache"))
-    summary = evaluate(str(out), suite, ray_address)
-    return {"root": root, "out": out, "reference": reference, "suite": suite, "summary": summary}
-
-
-def _arrow(frame: pd.DataFrame):
-    import pyarrow as pa
-
-    return pa.Table.from_pandas(frame, preserve_index=False)
 
 
 def dataset(out: Path) -> pd.DataFrame:

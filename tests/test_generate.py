@@ -312,7 +312,7 @@ def test_demo_command_runs_end_to_end(tmp_path):
     proc = sdbatch("demo", "--out", str(tmp_path / "demo"), env=env, cwd=REPO)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert out.strip() == str(tmp_path / "demo" / "metrics")
+    assert out.strip() == str(tmp_path / "demo" / "report" / "index.html")
     spec = load_spec(REPO / "jobs" / "demo.yaml")
     expected = 8 * 2 * 2 * 2 * spec.sweep.images_per_prompt
     assert len(read(tmp_path / "demo")) == expected
