@@ -7,9 +7,14 @@ weights. Its images are noise; it exists so that everything else can run on a la
 `builtin:tiny-clip` is a `CLIPModel` and `CLIPProcessor` at toy size (random weights, the same
 byte-level tokenizer): evaluation loads it exactly as it loads openai/clip-vit-large-patch14.
 
-Rebuild the shipped files (deterministic from the seed):
+`builtin:toy` and `builtin:toy-clip` are trained by `sdbatch.train` on the shapes world
+(`sdbatch.world`): a Stable Diffusion pipeline that draws what it is asked for, and its CLIP.
+
+Rebuild the shipped files (from a fixed seed; the toy models train for minutes):
     python -m sdbatch.builtin tiny
     python -m sdbatch.builtin tiny-clip
+    python -m sdbatch.builtin toy-clip      # the same as python -m sdbatch.train toy-clip
+    python -m sdbatch.builtin toy
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sdbatch.errors import InputError
 
@@ -51,12 +57,32 @@ def make_byte_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+def sd_scheduler() -> Any:
+    """Stable Diffusion 1.x's scheduler, with its config as v1-5 ships it.
+
+    `clip_sample: false` is not a PNDM parameter, but the other schedulers built `from_config`
+    read it: without it DDIM and DDPM clip predicted latents to [-1, 1] and ruin every image.
+    """
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
+
+
 def build_tiny(destination: Path, seed: int = 0) -> None:
     """Build `builtin:tiny` and save it with `save_pretrained` (safetensors) into `destination`."""
     import torch
     from diffusers import (
         AutoencoderKL,
-        PNDMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -98,22 +124,12 @@ def build_tiny(destination: Path, seed: int = 0) -> None:
         norm_num_groups=4,
         sample_size=64,
     )
-    # Stable Diffusion 1.x's own scheduler config.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -167,7 +183,26 @@ def build_tiny_clip(destination: Path, seed: int = 2) -> None:
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(destination)
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "tiny-clip": build_tiny_clip}
+def train_toy_clip(destination: Path) -> None:
+    """`builtin:toy-clip`: trained on the shapes world by sdbatch.train (minutes on a CPU)."""
+    from sdbatch import train
+
+    train.train_toy_clip(destination)
+
+
+def train_toy(destination: Path) -> None:
+    """`builtin:toy`: trained on the shapes world by sdbatch.train, on toy-clip's text encoder."""
+    from sdbatch import train
+
+    train.train_toy(destination)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "tiny": build_tiny,
+    "tiny-clip": build_tiny_clip,
+    "toy-clip": train_toy_clip,
+    "toy": train_toy,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,7 @@ from sdbatch import distribute
 from sdbatch.dataset import METRICS, Output, versions
 from sdbatch.errors import InputError
 from sdbatch.features import (
+    ATTRIBUTES,
     ExtractorInfo,
     FeatureSettings,
     FeatureUnit,
@@ -134,7 +135,7 @@ def evaluate(
     inputs = inputs or resolve_suite(suite)
 
     # 2. plan: the reference (unless cached) and every generated unit without a shard file
-    shard_dir = f"{METRICS}/{SHARDS}/{_shard_key(inputs)}"
+    shard_dir = f"{METRICS}/{SHARDS}/{_shard_key(inputs, suite)}"
     existing = _existing_shards(out, shard_dir)
     units = [
         FeatureUnit(
@@ -183,7 +184,8 @@ def evaluate(
 
 
 def _settings(inputs: EvalInputs, suite: Suite) -> FeatureSettings:
-    return FeatureSettings(inputs.clip, inputs.extractor, suite.runtime.batch_size)
+    attributes = "attribute_accuracy" in suite.metrics
+    return FeatureSettings(inputs.clip, inputs.extractor, suite.runtime.batch_size, attributes)
 
 
 def _clip_for_features(inputs: EvalInputs) -> ModelSource | None:
@@ -209,11 +211,12 @@ def _extract(
             ray.shutdown()
 
 
-def _shard_key(inputs: EvalInputs) -> str:
+def _shard_key(inputs: EvalInputs, suite: Suite) -> str:
     import hashlib
 
     parts = [inputs.clip.identity if inputs.clip else "-"]
     parts.append(inputs.extractor.key if inputs.extractor else "-")
+    parts.append("attributes" if "attribute_accuracy" in suite.metrics else "-")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
@@ -242,7 +245,7 @@ def _collect(
         frame = pd.DataFrame(
             {k: shard[k] for k in ("prompt_id", "sample_index", "config_id")}
         ).astype({"prompt_id": str, "config_id": str, "sample_index": "int32"})
-        for name in ("clip_score", "clip_truncated"):
+        for name in ("clip_score", "clip_truncated", *(f"{a}_correct" for a in ATTRIBUTES)):
             if name in shard:
                 frame[name] = shard[name]
         if "features" in shard:
@@ -287,6 +290,14 @@ def _config_table(
             row["clip_score_low"], row["clip_score_high"] = mean_interval(
                 scores, b.samples, b.confidence, b.seed
             )
+        if "attribute_accuracy" in suite.metrics:
+            for attribute in ATTRIBUTES:
+                judged = mine[f"{attribute}_correct"].dropna().to_numpy()
+                name = f"{attribute}_accuracy"
+                row[name] = float(judged.mean()) if len(judged) else float("nan")
+                row[f"{name}_low"], row[f"{name}_high"] = mean_interval(
+                    judged, b.samples, b.confidence, b.seed
+                )
         feats = _features_of(features, mine) if gauss is not None else None
         if "fid" in suite.metrics:
             n, dim = len(mine), inputs.extractor.dim

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from sdbatch import world
 from sdbatch.dataset import publish
 from sdbatch.errors import InputError, JobFailed
 from sdbatch.metrics import FeatureStats, clip_scores
@@ -40,7 +41,13 @@ from sdbatch.spec import FidSettings
 
 INCEPTION_DIM = 2048
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-CLIP_RESIZE = "clip-processor-pil"  # CLIP's bicubic short-side resize and center crop, in PIL
+CLIP_RESIZE = "clip-processor-pil"
+ATTRIBUTES = (
+    "color",
+    "shape",
+    "size",
+    "position",
+)  # CLIP's bicubic short-side resize and center crop, in PIL
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class FeatureSettings:
     clip: ModelSource | None  # None when no metric needs CLIP
     extractor: ExtractorInfo | None  # None when no metric needs features
     batch_size: int = 32
+    attributes: bool = False  # judge shapes-world prompts' attributes from the pixels
     threads: int | None = None
 
 
@@ -150,8 +158,21 @@ class FeatureWorker:
         if unit.generated:
             for name in ("prompt_id", "sample_index", "config_id"):
                 shard[name] = np.asarray(keys[name])
+            if self.settings.attributes:
+                shard.update(judge_attributes(images, keys["prompt"]))
         write_shard(unit.destination, shard)
         yield {"unit_id": unit.unit_id, "stats": shard_stats(shard)}
+
+
+def judge_attributes(images: list[np.ndarray], prompts: list[str]) -> dict[str, np.ndarray]:
+    """Per image, 1.0 or 0.0 per attribute the pixels show as asked; NaN for other prompts."""
+    columns = {f"{a}_correct": [] for a in ATTRIBUTES}
+    for image, prompt in zip(images, prompts, strict=True):
+        scene = world.Scene.parse(prompt)
+        verdict = world.judge(image, scene) if scene else None
+        for a in ATTRIBUTES:
+            columns[f"{a}_correct"].append(float(getattr(verdict, a)) if verdict else np.nan)
+    return {name: np.asarray(values) for name, values in columns.items()}
 
 
 def shard_stats(shard: dict[str, np.ndarray]) -> dict[str, FeatureStats]:

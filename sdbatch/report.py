@@ -192,6 +192,12 @@ def _config_table(run: Run) -> pd.DataFrame:
         ]
     if run.has("fid"):
         table["FID [CI]"] = [_with_interval(r, "fid") for _, r in run.configs.iterrows()]
+    for attribute in ("color", "shape", "size", "position"):
+        column = f"{attribute}_accuracy"
+        if run.has(column):
+            table[f"{attribute} correct [CI]"] = [
+                _with_interval(r, column) for _, r in run.configs.iterrows()
+            ]
     if run.has("kid_mean"):
         table["KID"] = [
             f"{r['kid_mean']:.4f} ± {r['kid_std']:.4f}" for _, r in run.configs.iterrows()

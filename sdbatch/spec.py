@@ -85,7 +85,9 @@ class JobSpec:
         return dataclasses.asdict(self)
 
 
-METRICS = ("clip_score", "fid", "kid")
+# attribute_accuracy: for prompts of the shapes world (sdbatch.world), whether each image shows
+# the asked-for color, shape, size and position, judged from its pixels.
+METRICS = ("clip_score", "fid", "kid", "attribute_accuracy")
 FEATURES = ("inception", "clip")  # or "module:PACKAGE.MODULE:NAME", any nn.Module factory
 DEFAULT_CACHE = "~/.cache/sdbatch/reference"
 

@@ -310,16 +310,20 @@ def test_demo_command_runs_end_to_end(tmp_path):
     # HOME holds the reference statistics cache (~/.cache/sdbatch): keep it in the test's folder.
     env = {"RAY_ADDRESS": "", "HOME": str(tmp_path)}
     proc = sdbatch("demo", "--out", str(tmp_path / "demo"), env=env, cwd=REPO)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert out.strip() == str(tmp_path / "demo" / "report" / "index.html")
     spec = load_spec(REPO / "jobs" / "demo.yaml")
-    expected = 8 * 2 * 2 * 2 * spec.sweep.images_per_prompt
+    sweep = spec.sweep
+    configs = len(sweep.scheduler) * len(sweep.num_inference_steps) * len(sweep.guidance_scale)
+    prompts = len(pd.read_parquet(spec.prompts.path))
+    expected = prompts * configs * sweep.images_per_prompt
     assert len(read(tmp_path / "demo")) == expected
     assert f"done: {expected} new images" in err
-    configs = pd.read_csv(tmp_path / "demo" / "metrics" / "configs.csv")
-    assert len(configs) == 8 and configs["n_images"].sum() == expected
-    assert configs[["clip_score", "fid", "kid_mean"]].notna().all().all()
+    table = pd.read_csv(tmp_path / "demo" / "metrics" / "configs.csv")
+    assert len(table) == configs and table["n_images"].sum() == expected
+    metrics = ["clip_score", "fid", "kid_mean", "color_accuracy", "shape_accuracy"]
+    assert table[metrics].notna().all().all()
 
 
 def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ray_address):

@@ -106,7 +106,7 @@ def test_page_renders_in_headless_chromium_without_console_errors(reported, tmp_
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     # plots: matplotlib's first line color is on the page
     blue = (np.abs(pixels - MATPLOTLIB_BLUE).sum(axis=2) < 10).sum()
-    assert blue > 500
+    assert blue > 200  # a line across each plot; none at all if a plot did not render
     # grids: 4 prompts x 128 px rows that are mostly colored pixels (the generated images);
     # plots, text and tables have no such rows
     colorful = pixels.std(axis=2) > 20

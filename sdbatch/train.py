@@ -1,0 +1,305 @@
+"""Train the shapes-world models that ship as `builtin:toy-clip` and `builtin:toy`.
+
+Both use the real classes and are saved with `save_pretrained` (safetensors), so they load through
+the same `from_pretrained` path as real checkpoints:
+
+- toy-clip: a `CLIPModel` (text and vision towers, the project's byte-level tokenizer), trained
+  contrastively on (image, caption) pairs of `sdbatch.world` (CLIP's symmetric InfoNCE loss).
+- toy: a Stable Diffusion pipeline: an `AutoencoderKL` trained to reconstruct world images, then a
+  `UNet2DConditionModel` trained with the usual noise-prediction loss on its latents, conditioned
+  through cross-attention on toy-clip's frozen text encoder, with 10% of captions dropped (empty)
+  so that classifier-free guidance works; the scheduler is Stable Diffusion 1.x's.
+
+Reproduce the shipped weights (from a fixed seed; about 21 minutes on
+2 CPU cores, see the README):
+    python -m sdbatch.train toy-clip
+    python -m sdbatch.train toy
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from sdbatch import world
+from sdbatch.builtin import MODELS_DIR, make_byte_tokenizer, sd_scheduler
+
+log = logging.getLogger("sdbatch")
+CAPTION_DROPOUT = 0.1
+
+
+def _images(count: int, seed: int):
+    """`count` world pairs as a float tensor in [-1, 1] (N x 3 x H x W) and their captions."""
+    import torch
+
+    pairs = world.samples(count, seed)
+    pixels = np.stack([np.asarray(image) for image, _ in pairs])
+    tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return tensor, [caption for _, caption in pairs]
+
+
+def _required(text: str, codes: dict[str, dict[str, int]]) -> list[int]:
+    """The attribute codes a caption names, -1 for the ones it leaves out."""
+    words = text.split()
+    return [next((i for value, i in codes[a].items() if value in words), -1) for a in codes]
+
+
+def train_toy_clip(
+    destination: Path, steps: int = 3000, seed: int = 0, batch: int = 128, samples: int = 20_000
+) -> None:
+    """Train and save `builtin:toy-clip` (CLIPModel + CLIPProcessor) into `destination`."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = make_byte_tokenizer()
+    model = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "max_position_embeddings": 77,
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            vision_config={
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "image_size": world.SIZE,
+                "patch_size": 4,
+            },
+            projection_dim=64,
+        )
+    )
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": world.SIZE},
+            crop_size={"height": world.SIZE, "width": world.SIZE},
+        ),
+        tokenizer=tokenizer,
+    )
+    images, captions = _images(samples, seed)
+    # CLIP's normalisation, applied once to the whole set (the processor does the same at use).
+    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    pixels = ((images + 1) / 2 - mean) / std
+    scenes = [world.Scene.parse(c) for c in captions]
+    # Captions name all four attributes or leave size and/or position out, so that short prompts
+    # ("a red circle") are as familiar as full ones. Each text is a set of required attributes.
+    forms = [(True, True), (False, True), (True, False), (False, False)]
+    texts = sorted({s.describe(*form) for s in world.SCENES for form in forms})
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    codes = {a: {v: i for i, v in enumerate(vs)} for a, vs in world.ATTRIBUTES_OF.items()}
+    image_attrs = torch.tensor([[codes[a][getattr(s, a)] for a in codes] for s in scenes])
+    text_attrs = torch.tensor([_required(t, codes) for t in texts])
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(steps), desc="toy-clip", unit="step"):
+        rows = torch.randint(0, len(pixels), (batch,), generator=generator)
+        form = torch.randint(0, len(forms), (batch,), generator=generator)
+        ids = torch.tensor(
+            [
+                texts.index(scenes[r].describe(*forms[f]))
+                for r, f in zip(rows.tolist(), form.tolist(), strict=True)
+            ]
+        )
+        image = model.get_image_features(pixel_values=pixels[rows]).pooler_output
+        text = model.get_text_features(
+            input_ids=tokens["input_ids"][ids], attention_mask=tokens["attention_mask"][ids]
+        ).pooler_output
+        image = torch.nn.functional.normalize(image, dim=-1)
+        text = torch.nn.functional.normalize(text, dim=-1)
+        logits = image @ text.T * model.logit_scale.exp()
+        # A pair is positive when the text's named attributes all hold in the image (-1: unnamed).
+        required = text_attrs[ids]
+        holds = (required[None, :, :] == image_attrs[rows][:, None, :]) | (required[None] < 0)
+        targets = holds.all(dim=2).float()
+        loss = (
+            torch.nn.functional.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
+            + torch.nn.functional.cross_entropy(logits.T, (targets / targets.sum(0)).T)
+        ) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    destination.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(destination, safe_serialization=True)
+    processor.save_pretrained(destination)
+
+
+def train_toy(
+    destination: Path,
+    clip: Path | None = None,
+    vae_steps: int = 800,
+    unet_steps: int = 4000,
+    seed: int = 0,
+    batch: int = 64,
+    samples: int = 20_000,
+) -> None:
+    """Train and save `builtin:toy`, a Stable Diffusion pipeline, into `destination`."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    clip = clip or MODELS_DIR / "toy-clip"
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images, captions = _images(samples, seed + 1)
+
+    # 1. the autoencoder: 32 px images <-> 4 x 8 x 8 latents (a 4x downsampling keeps the UNet
+    #    cheap enough to train on 2 CPU cores)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=world.SIZE,
+    )
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    vae.train()
+    for _ in tqdm(range(vae_steps), desc="toy vae", unit="step"):
+        x = images[torch.randint(0, len(images), (batch // 2,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=None)
+        reconstruction = vae.decode(z).sample
+        # A light KL term keeps the latents close to a unit Gaussian, as diffusion expects.
+        loss = torch.nn.functional.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, len(images), 500)]
+        )
+    # Stable Diffusion's convention: scale latents to unit variance (0.18215 for SD 1.x).
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    latents = latents * vae.config.scaling_factor
+
+    # 2. the text conditioning: toy-clip's frozen text encoder, once per distinct caption
+    tokenizer = AutoTokenizer.from_pretrained(clip)
+    text_encoder = CLIPTextModel.from_pretrained(clip, use_safetensors=True).eval()
+    texts = ["", *sorted(set(captions))]
+    with torch.no_grad():
+        tokens = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")
+        states = text_encoder(tokens["input_ids"]).last_hidden_state
+    index = torch.tensor([texts.index(c) for c in captions])
+
+    # 3. the denoiser: noise prediction on the latents, captions dropped 10% of the time
+    unet = UNet2DConditionModel(
+        sample_size=world.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_encoder.config.hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    noise_scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=unet_steps)
+    unet.train()
+    for _ in tqdm(range(unet_steps), desc="toy unet", unit="step"):
+        rows = torch.randint(0, len(latents), (batch,), generator=generator)
+        ids = index[rows]
+        dropped = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
+        ids = torch.where(dropped, torch.zeros_like(ids), ids)
+        noise = torch.randn(latents[rows].shape, generator=generator)
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents[rows], noise, t)
+        prediction = unet(noisy, t, encoder_hidden_states=states[ids]).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    unet.eval()
+
+    # 4. save as a Stable Diffusion pipeline with SD 1.x's scheduler config
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(destination, safe_serialization=True)
+
+
+def zero_shot_accuracy(folder: Path, count: int = 1000, seed: int = 99) -> dict[str, float]:
+    """Toy CLIP, zero-shot: the share of rendered images whose best-matching caption among
+    "a {color} {shape}" names their color, and their shape."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(folder, use_safetensors=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pairs = world.samples(count, seed)
+    labels = [(c, s) for c in world.COLORS for s in world.SHAPES]
+    with torch.no_grad():
+        pixels = processor(images=[np.asarray(i) for i, _ in pairs], return_tensors="pt")
+        image = model.get_image_features(**pixels).pooler_output
+        tokens = tokenizer([f"a {c} {s}" for c, s in labels], padding=True, return_tensors="pt")
+        text = model.get_text_features(**tokens).pooler_output
+    image = torch.nn.functional.normalize(image, dim=-1)
+    text = torch.nn.functional.normalize(text, dim=-1)
+    best = [labels[i] for i in (image @ text.T).argmax(dim=1).tolist()]
+    truth = [world.Scene.parse(caption) for _, caption in pairs]
+    return {
+        "color": float(np.mean([b[0] == t.color for b, t in zip(best, truth, strict=True)])),
+        "shape": float(np.mean([b[1] == t.shape for b, t in zip(best, truth, strict=True)])),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train a shapes-world model (see module docs).")
+    parser.add_argument("name", choices=["toy-clip", "toy"])
+    parser.add_argument("--dest", type=Path, help="folder to write (default: the package's own)")
+    parser.add_argument("--steps", type=int, help="training steps (toy: of the UNet)")
+    parser.add_argument("--vae-steps", type=int, default=800, help="toy: autoencoder steps")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    random.seed(args.seed)
+    destination = args.dest or MODELS_DIR / args.name
+    began = time.perf_counter()
+    if args.name == "toy-clip":
+        train_toy_clip(destination, args.steps or 3000, args.seed)
+    else:
+        train_toy(destination, None, args.vae_steps, args.steps or 4000, args.seed)
+    print(f"{destination} ({time.perf_counter() - began:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The shipped toy text-to-image model, judged by sdbatch's own generate + eval on a small sweep.
+
+The properties tie each image's recorded configuration to what it shows: were the scheduler,
+steps or guidance recorded for an image not the ones used, the orderings below would not hold.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from conftest import REPO
+
+from sdbatch.eval import evaluate
+from sdbatch.generate import generate
+from sdbatch.spec import parse_spec, parse_suite
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, ray_address):
+    """The demo's 24 prompts (2 per color x shape) x 8 images, at few and many steps, without
+    guidance and with a moderate one."""
+    root = tmp_path_factory.mktemp("toy")
+    spec = parse_spec(
+        {
+            "name": "toy",
+            "model": "builtin:toy",
+            "prompts": {"path": str(REPO / "jobs" / "demo-prompts.parquet"), "id_column": "id"},
+            "sweep": {
+                "scheduler": ["euler"],
+                "num_inference_steps": [3, 20],
+                "guidance_scale": [1.0, 4.0],
+                "images_per_prompt": 8,
+                "height": 32,
+                "width": 32,
+            },
+            "runtime": {"batch_size": 16},
+        }
+    )
+    out = root / "out"
+    generate(spec, str(out), ray_address)
+    suite = parse_suite(
+        {
+            "name": "toy",
+            "metrics": ["clip_score", "fid", "attribute_accuracy"],
+            "clip": {"model": "builtin:toy-clip"},
+            "fid": {"features": "clip"},
+            "reference": {"images": str(REPO / "eval" / "demo-reference.parquet")},
+            "bootstrap": {"samples": 200},
+            "cache": str(root / "cache"),
+            "runtime": {"actors": 2},
+        }
+    )
+    configs = evaluate(str(out), suite, ray_address).configs
+    return configs.set_index(["num_inference_steps", "guidance_scale"])
+
+
+def test_images_show_the_asked_for_color_and_shape(toy):
+    good = toy.loc[(20, 4.0)]
+    assert good["color_accuracy"] >= 0.8, good
+    assert good["shape_accuracy"] >= 0.7, good
+
+
+def test_guidance_raises_clip_score_beyond_the_intervals(toy):
+    low, high = toy.loc[(20, 1.0)], toy.loc[(20, 4.0)]
+    assert high["clip_score_low"] > low["clip_score_high"], pd.DataFrame([low, high])
+
+
+def test_more_steps_lower_fid(toy):
+    few, many = toy.loc[(3, 4.0)], toy.loc[(20, 4.0)]
+    assert many["fid"] < few["fid"], pd.DataFrame([few, many])
