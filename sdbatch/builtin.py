@@ -83,7 +83,6 @@ def build_tiny(destination: Path, seed: int = 0) -> None:
     import torch
     from diffusers import (
         AutoencoderKL,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -124,6 +123,16 @@ def build_tiny(destination: Path, seed: int = 0) -> None:
         norm_num_groups=4,
         sample_size=64,
     )
+    save_sd_pipeline(destination, vae, text_encoder, tokenizer, unet)
+
+
+def save_sd_pipeline(
+    destination: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any
+) -> None:
+    """Assemble a Stable Diffusion 1.x pipeline (its scheduler, no safety checker) and save it
+    into `destination`, replacing what was there, as safetensors."""
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

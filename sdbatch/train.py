@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sdbatch import world
-from sdbatch.builtin import MODELS_DIR, make_byte_tokenizer, sd_scheduler
+from sdbatch.builtin import MODELS_DIR, make_byte_tokenizer, save_sd_pipeline
 
 log = logging.getLogger("sdbatch")
 CAPTION_DROPOUT = 0.1
@@ -157,7 +157,6 @@ def train_toy(
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import AutoTokenizer, CLIPTextModel
@@ -244,17 +243,7 @@ def train_toy(
     unet.eval()
 
     # 4. save as a Stable Diffusion pipeline with SD 1.x's scheduler config
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(destination, safe_serialization=True)
+    save_sd_pipeline(destination, vae, text_encoder, tokenizer, unet)
 
 
 def zero_shot_accuracy(folder: Path, count: int = 1000, seed: int = 99) -> dict[str, float]:
