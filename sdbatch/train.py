@@ -19,8 +19,6 @@ Reproduce the shipped weights (from a fixed seed; about 21 minutes on
 from __future__ import annotations
 
 import argparse
-import logging
-import random
 import time
 from pathlib import Path
 
@@ -30,7 +28,6 @@ from tqdm import tqdm
 from sdbatch import world
 from sdbatch.builtin import MODELS_DIR, make_byte_tokenizer, save_sd_pipeline
 
-log = logging.getLogger("sdbatch")
 CAPTION_DROPOUT = 0.1
 
 
@@ -280,7 +277,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=800, help="toy: autoencoder steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    random.seed(args.seed)
     destination = args.dest or MODELS_DIR / args.name
     began = time.perf_counter()
     if args.name == "toy-clip":
