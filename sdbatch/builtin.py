@@ -155,41 +155,46 @@ def build_tiny_clip(destination: Path, seed: int = 2) -> None:
     most seeds every CLIP score is clipped to 0, which would hide a broken scorer.
     """
     import torch
+
+    torch.manual_seed(seed)
+    model, processor = make_clip(width=32, layers=2, image_size=32, patch_size=8, projection=16)
+    if destination.exists():
+        shutil.rmtree(destination)
+    model.save_pretrained(destination, safe_serialization=True)
+    processor.save_pretrained(destination)
+
+
+def make_clip(width: int, layers: int, image_size: int, patch_size: int, projection: int) -> Any:
+    """A freshly initialised `CLIPModel` and its `CLIPProcessor` (the byte tokenizer, and CLIP's
+    own image preprocessing at `image_size`), both towers `width` wide and `layers` deep."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = make_byte_tokenizer()
-    torch.manual_seed(seed)
+    tower = {
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+    }
     model = CLIPModel(
         CLIPConfig(
             text_config={
+                **tower,
                 "vocab_size": len(tokenizer),
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
                 "max_position_embeddings": 77,
                 "bos_token_id": tokenizer.bos_token_id,
                 "eos_token_id": tokenizer.eos_token_id,
                 "pad_token_id": tokenizer.pad_token_id,
             },
-            vision_config={
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "image_size": 32,
-                "patch_size": 8,
-            },
-            projection_dim=16,
+            vision_config={**tower, "image_size": image_size, "patch_size": patch_size},
+            projection_dim=projection,
         )
     )
-    # CLIP's own preprocessing (bicubic resize of the short side, center crop, CLIP's mean/std),
-    # at the toy model's 32 px input.
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    if destination.exists():
-        shutil.rmtree(destination)
-    model.save_pretrained(destination, safe_serialization=True)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(destination)
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return model, CLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
 
 def train_toy_clip(destination: Path) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sdbatch import world
-from sdbatch.builtin import MODELS_DIR, make_byte_tokenizer, save_sd_pipeline
+from sdbatch.builtin import MODELS_DIR, make_clip, save_sd_pipeline
 
 CAPTION_DROPOUT = 0.1
 
@@ -52,41 +52,12 @@ def train_toy_clip(
 ) -> None:
     """Train and save `builtin:toy-clip` (CLIPModel + CLIPProcessor) into `destination`."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(seed)
-    tokenizer = make_byte_tokenizer()
-    model = CLIPModel(
-        CLIPConfig(
-            text_config={
-                "vocab_size": len(tokenizer),
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 3,
-                "num_attention_heads": 4,
-                "max_position_embeddings": 77,
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id,
-            },
-            vision_config={
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 3,
-                "num_attention_heads": 4,
-                "image_size": world.SIZE,
-                "patch_size": 4,
-            },
-            projection_dim=64,
-        )
+    model, processor = make_clip(
+        width=64, layers=3, image_size=world.SIZE, patch_size=4, projection=64
     )
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": world.SIZE},
-            crop_size={"height": world.SIZE, "width": world.SIZE},
-        ),
-        tokenizer=tokenizer,
-    )
+    tokenizer = processor.tokenizer
     images, captions = _images(samples, seed)
     # CLIP's normalisation, applied once to the whole set (the processor does the same at use).
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)

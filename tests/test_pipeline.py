@@ -8,14 +8,15 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from sdbatch.builtin import build_tiny, builtin_path
+from sdbatch.builtin import build_tiny, build_tiny_clip, builtin_path
 from sdbatch.errors import InputError
 from sdbatch.pipeline import load_pipeline, resolve_model, weights_digest
 
 
-def test_shipped_tiny_model_is_what_its_builder_makes(tmp_path):
-    build_tiny(tmp_path / "tiny")
-    assert weights_digest(tmp_path / "tiny") == weights_digest(builtin_path("tiny"))
+@pytest.mark.parametrize(("name", "build"), [("tiny", build_tiny), ("tiny-clip", build_tiny_clip)])
+def test_shipped_tiny_models_are_what_their_builders_make(tmp_path, name, build):
+    build(tmp_path / name)
+    assert weights_digest(tmp_path / name) == weights_digest(builtin_path(name))
 
 
 def test_builtin_loads_through_from_pretrained_with_its_own_tokenizer():
