@@ -43,7 +43,7 @@ from sdbatch.features import (
     FeatureUnit,
     FeatureWorker,
     describe_extractor,
-    read_shard,
+    read_npz,
     shard_stats,
 )
 from sdbatch.metrics import (
@@ -238,7 +238,7 @@ def _collect(
     """
     frames, per_config, features = [], {}, {}
     for marker in markers:
-        shard = read_shard(f"{out.location}/{shard_dir}/{marker['unit_id']}.npz")
+        shard = read_npz(f"{out.location}/{shard_dir}/{marker['unit_id']}.npz")
         unit_stats = (results.get(marker["unit_id"]) or {}).get("stats") or shard_stats(shard)
         for config_id, s in unit_stats.items():
             per_config.setdefault(config_id, []).append(s)

@@ -160,7 +160,7 @@ class FeatureWorker:
                 shard[name] = np.asarray(keys[name])
             if self.settings.attributes:
                 shard.update(judge_attributes(images, keys["prompt"]))
-        write_shard(unit.destination, shard)
+        write_npz(unit.destination, shard)
         yield {"unit_id": unit.unit_id, "stats": shard_stats(shard)}
 
 
@@ -186,19 +186,21 @@ def shard_stats(shard: dict[str, np.ndarray]) -> dict[str, FeatureStats]:
     return {str(c): FeatureStats.of(features[configs == c]) for c in np.unique(configs)}
 
 
-def write_shard(destination: str, shard: dict[str, np.ndarray]) -> None:
+def write_npz(destination: str, arrays: dict[str, Any]) -> None:
+    """Publish `arrays` as an .npz at any fsspec location: written under a temporary name first."""
     fs, path = fsspec.core.url_to_fs(destination)
 
     def write(tmp: str) -> None:
         with fs.open(tmp, "wb") as f:
-            np.savez(f, **shard)
+            np.savez(f, **arrays)
 
     folder, name = path.rsplit("/", 1)
     fs.makedirs(folder, exist_ok=True)
     publish(fs, write, path, f"{folder}/.{name}.{os.getpid()}.tmp")
 
 
-def read_shard(location: str) -> dict[str, np.ndarray]:
+def read_npz(location: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz (no pickles) at any fsspec location."""
     with fsspec.open(location, "rb") as f:
         return dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
 

@@ -14,7 +14,6 @@ clean-fid) plus `count`, `features` (float32, for KID) and `meta` (JSON provenan
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,9 +23,8 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from sdbatch.dataset import publish
 from sdbatch.errors import InputError
-from sdbatch.features import ExtractorInfo, FeatureUnit, read_shard, shard_stats
+from sdbatch.features import ExtractorInfo, FeatureUnit, read_npz, shard_stats, write_npz
 from sdbatch.metrics import merge_stats
 from sdbatch.spec import ReferenceSource
 
@@ -62,19 +60,13 @@ def save_stats(location: str, stats: ReferenceStats) -> None:
     if stats.features is not None:
         arrays["features"] = stats.features.astype(np.float32)
     arrays["meta"] = np.array(json.dumps(stats.meta, sort_keys=True))
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    fs, path = fsspec.core.url_to_fs(location)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    publish(fs, lambda tmp: fs.pipe_file(tmp, buffer.getvalue()), path, f"{path}.tmp")
+    write_npz(location, arrays)
 
 
 def load_stats(location: str, field_name: str = "reference.stats") -> ReferenceStats:
     """Read a .npz with `mu` and `sigma` (sdbatch's, pytorch-fid's or clean-fid's)."""
     try:
-        with fsspec.open(location, "rb") as f:
-            data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-            arrays = {k: data[k] for k in data.files}
+        arrays = read_npz(location)
     except (OSError, ValueError) as e:
         raise InputError(f"{field_name}: cannot read {location} as .npz ({e})") from None
     if "mu" not in arrays or "sigma" not in arrays:
@@ -160,7 +152,7 @@ def plan_reference(source: ReferenceSource, extractor: ExtractorInfo, cache: str
 
 def finish_reference(plan: ReferencePlan) -> ReferenceStats:
     """Merge the extracted shards into statistics, cache them, and drop the shards."""
-    shards = [read_shard(u.destination) for u in plan.units]
+    shards = [read_npz(u.destination) for u in plan.units]
     stats = merge_stats([shard_stats(s)[""] for s in shards])
     features = np.concatenate([s["features"] for s in shards])
     reference = ReferenceStats(

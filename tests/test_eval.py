@@ -28,7 +28,7 @@ from sdbatch.features import (
     FeatureUnit,
     FeatureWorker,
     describe_extractor,
-    read_shard,
+    read_npz,
 )
 from sdbatch.metrics import FeatureStats, FrechetReference, fid
 from sdbatch.pipeline import CLIP, resolve_model
@@ -235,7 +235,7 @@ def test_a_user_module_extractor_runs_in_a_plain_worker(world, tmp_path):
     worker = FeatureWorker(FeatureSettings(clip=None, extractor=extractor, batch_size=3))
     *counts, result = worker.run(unit)
     assert sum(counts) == marker["images"]
-    shard = read_shard(unit.destination)
+    shard = read_npz(unit.destination)
     rows = pq.read_table(world["out"] / marker["file"]).to_pandas()
     pixels = torch.from_numpy(np.stack([decode(b["bytes"]) for b in rows["image"]]))
     expected = TinyFeatures()(pixels.permute(0, 3, 1, 2)).numpy()
