@@ -1,4 +1,5 @@
-"""The `sdbatch` command. Exit codes: 0 done, 1 failed while running, 2 bad input."""
+"""The `sdbatch` command. Exit codes: 0 done, 1 failed while running, 2 bad input, 3 finished
+but some work units failed every retry (a rerun retries just those)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import logging
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdbatch.errors import InputError, JobFailed
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+if TYPE_CHECKING:
+    from sdbatch.generate import GenerateSummary
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 log = logging.getLogger("sdbatch")
 
 GENERATE_HELP = """\
@@ -220,8 +225,20 @@ def _generate(args: argparse.Namespace) -> int:
     from sdbatch.spec import load_spec
 
     spec = load_spec(args.spec)
-    generate(spec, args.out, args.address, args.overwrite, args.dry_run)
-    return EXIT_OK
+    summary = generate(spec, args.out, args.address, args.overwrite, args.dry_run)
+    return _incomplete(summary) if summary.failed else EXIT_OK
+
+
+def _incomplete(summary: GenerateSummary) -> int:
+    first = summary.failed[0]
+    print(
+        f"sdbatch: incomplete: {len(summary.failed)} work unit(s), {summary.failed_images} "
+        f"images, failed after {first['attempts']} attempts (first {first['unit_id']}: "
+        f"{first['error']}); they are listed in {summary.output}/run.json; everything else is "
+        "done; rerun the same command to retry only them",
+        file=sys.stderr,
+    )
+    return EXIT_INCOMPLETE
 
 
 def _prompts(args: argparse.Namespace) -> int:
@@ -272,6 +289,9 @@ def _run(args: argparse.Namespace) -> int:
     suite = load_suite(suite_path)
     inputs = resolve_suite(suite)
     summary = generate(spec, args.out, args.address, args.overwrite)
+    if summary.failed:
+        # Metrics of configurations with missing images would be silently biased.
+        return _incomplete(summary)
     evaluate(summary.output, suite, args.address, inputs)
     print(write_report([summary.output]))
     return EXIT_OK

@@ -4,6 +4,7 @@ work units one at a time, so fast actors take more of them.
 Each actor is a plain worker class made remote (`worker.Worker` generates, `features.FeatureWorker`
 extracts features). Its `run(unit)` streams one count per finished batch, which drives a single
 progress bar over all actors, and ends with the unit's result (a done marker, shard statistics).
+Units are retried when they raise or their actor dies; dead actors are replaced.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,14 +87,24 @@ def resolve_dtype(requested: str, plan: ActorPlan) -> str:
     return requested
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A unit given up on: how many times it was tried and the last error (one line)."""
+
+    attempts: int
+    error: str
+
+
 @dataclass
 class RunResult:
-    """Where the actors ran, the seconds from the first one ready to the last unit's end, and
-    each unit's result (the last item its `run` yielded) by unit id."""
+    """Where the actors ran, the seconds from the first one ready to the last unit's end, each
+    unit's result (the last item its `run` yielded) by unit id, and the units that failed every
+    attempt, with their last error."""
 
     workers: list[dict[str, Any]]
     seconds: float
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
+    failed: dict[str, Failure] = dataclasses.field(default_factory=dict)
 
 
 def run_units(
@@ -102,8 +113,14 @@ def run_units(
     units: list[Any],
     plan: ActorPlan,
     progress: tuple[int, int, str],
+    retries: int,
 ) -> RunResult:
     """Run every unit on `plan.count` actors of class `worker`, giving each idle one the next unit.
+
+    A unit that raises is put back in the queue, so another actor may take it; one whose actor
+    process dies (killed, out of host memory, node lost) likewise, and the actor is replaced.
+    After `retries` retries a unit is given up on and listed in `RunResult.failed`; the others
+    go on.
 
     Args:
         worker: a class with `describe()` and a generator `run(unit)`, built from `settings`
@@ -111,24 +128,51 @@ def run_units(
         progress: (total images, images already done, what the bar says it is doing).
 
     Raises:
-        JobFailed: an actor failed to load its models or a unit raised; finished units stay.
+        JobFailed: a worker could not load its models, or actors kept dying before taking any
+            work; finished units stay.
     """
     import ray
 
     remote = ray.remote(worker).options(
         num_gpus=plan.gpus, num_cpus=plan.cpus, runtime_env={"env_vars": ACTOR_ENV}
     )
-    actors = [
-        remote.remote(dataclasses.replace(settings, threads=plan.threads))
-        for _ in range(plan.count)
-    ]
+    worker_settings = dataclasses.replace(settings, threads=plan.threads)
+    actors: list[Any] = []
+    loading: dict[Any, Any] = {}
+
+    def start_actor() -> None:
+        actor = remote.remote(worker_settings)
+        actors.append(actor)
+        loading[actor.describe.remote()] = actor
+
     log.info("starting %s (each loads the model once)", plan.describe())
-    loading = {actor.describe.remote(): actor for actor in actors}
+    for _ in range(plan.count):
+        start_actor()
+    # A node lost while its actor loads is not the model's fault: replace it, a few times.
+    load_deaths_allowed = plan.count * (retries + 1)
     pending = deque(units)
     running: dict[Any, tuple[Any, Any]] = {}
+    attempts: Counter[str] = Counter()
+    counted: Counter[str] = Counter()  # images the bar counted for a unit's current attempt
     idle: list[Any] = []
     result = RunResult([], 0.0)
     bar = None
+
+    def give_back(unit: Any, error: str) -> None:
+        attempts[unit.unit_id] += 1
+        if bar is not None:
+            bar.update(-counted.pop(unit.unit_id, 0))
+        tries = attempts[unit.unit_id]
+        if tries > retries:
+            log.error("unit %s failed %d times, giving up: %s", unit.unit_id, tries, error)
+            result.failed[unit.unit_id] = Failure(tries, error)
+        else:
+            log.warning(
+                "unit %s failed (attempt %d of %d), will retry: %s",
+                unit.unit_id, tries, retries + 1, error,
+            )  # fmt: skip
+            pending.append(unit)
+
     try:
         while pending or running:
             while idle and pending:
@@ -141,7 +185,17 @@ def run_units(
             for ref in ready:
                 if ref in loading:
                     actor = loading.pop(ref)
-                    result.workers.append(_get(ref, "a worker failed to load the model"))
+                    try:
+                        result.workers.append(ray.get(ref))
+                    except ray.exceptions.RayActorError as e:
+                        if e.actor_init_failed or load_deaths_allowed == 0:
+                            raise JobFailed(f"a worker failed to load: {_reason(e)}") from e
+                        load_deaths_allowed -= 1
+                        log.warning("a worker died while loading; starting another")
+                        _replace(actor, actors, start_actor)
+                        continue
+                    except ray.exceptions.RayError as e:
+                        raise JobFailed(f"a worker failed to load: {_reason(e)}") from e
                     idle.append(actor)
                     # Throughput is counted from the first loaded worker: model loading is not
                     # generation speed.
@@ -149,15 +203,28 @@ def run_units(
                     continue
                 actor, unit = running[ref]
                 try:
-                    item = _get(next(ref), f"unit {unit.unit_id} failed")
+                    item = ray.get(next(ref))
                 except StopIteration:
                     del running[ref]
                     idle.append(actor)
                     continue
+                except ray.exceptions.RayActorError as e:
+                    del running[ref]
+                    log.warning("a worker died during unit %s; starting another", unit.unit_id)
+                    _replace(actor, actors, start_actor)
+                    give_back(unit, f"worker died: {_reason(e)}")
+                    continue
+                except ray.exceptions.RayError as e:
+                    del running[ref]
+                    idle.append(actor)
+                    give_back(unit, _reason(e))
+                    continue
                 if isinstance(item, int):  # a batch; the last item is the unit's result
                     bar.update(item)
+                    counted[unit.unit_id] += item
                 else:
                     result.results[unit.unit_id] = item
+                    counted.pop(unit.unit_id, None)
     finally:
         if bar is not None:
             result.seconds = bar.format_dict["elapsed"]
@@ -165,6 +232,28 @@ def run_units(
         for actor in actors:
             ray.kill(actor)
     return result
+
+
+def _replace(actor: Any, actors: list[Any], start_actor: Any) -> None:
+    import ray
+
+    actors.remove(actor)
+    ray.kill(actor)  # a half-dead actor (node unreachable) must not come back and take work
+    start_actor()
+
+
+def _reason(error: Exception) -> str:
+    """One line: the exception a unit raised inside its actor, or why Ray lost the actor."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+    text = str(error).strip()
+    if isinstance(error, ray.exceptions.RayActorError):
+        # Ray's text is a paragraph; its first line says what happened.
+        return text.splitlines()[0] if text else type(error).__name__
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _progress_bar(total: int, done: int, doing: str) -> tqdm:
@@ -179,12 +268,3 @@ def _progress_bar(total: int, done: int, doing: str) -> tqdm:
         # A log file gets a line every 30 s rather than a stream of carriage returns.
         mininterval=0.5 if interactive else 30,
     )
-
-
-def _get(ref: Any, what: str) -> Any:
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as e:
-        raise JobFailed(f"{what}: {e}") from e

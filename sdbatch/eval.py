@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from sdbatch import distribute
 from sdbatch.dataset import METRICS, Output, versions
-from sdbatch.errors import InputError
+from sdbatch.errors import InputError, JobFailed
 from sdbatch.features import (
     ATTRIBUTES,
     ExtractorInfo,
@@ -203,12 +203,22 @@ def _extract(
     connected = distribute.connect(address)
     try:
         plan = distribute.plan_actors(suite.runtime)
-        return distribute.run_units(FeatureWorker, settings, units, plan, progress)
+        result = distribute.run_units(
+            FeatureWorker, settings, units, plan, progress, suite.runtime.retries
+        )
     finally:
         if connected:
             import ray
 
             ray.shutdown()
+    if result.failed:
+        # Metrics over a configuration with missing shards would be silently biased.
+        unit_id, failure = next(iter(result.failed.items()))
+        raise JobFailed(
+            f"{len(result.failed)} unit(s) could not be extracted after "
+            f"{failure.attempts} attempts, first {unit_id}: {failure.error}"
+        )
+    return result
 
 
 def _shard_key(inputs: EvalInputs, suite: Suite) -> str:

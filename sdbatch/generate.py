@@ -47,6 +47,13 @@ class GenerateSummary:
     new_images: int
     seconds: float  # the whole call, Ray start and model loading included
     generation_seconds: float = 0.0  # from the first loaded worker to the last commit
+    # Units that failed every attempt (unit_id, config_id, prompt_ids, images, attempts, error);
+    # a rerun retries exactly these.
+    failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def failed_images(self) -> int:
+        return sum(f["images"] for f in self.failed)
 
 
 def generate(
@@ -141,7 +148,7 @@ def generate(
             png_compress_level=spec.runtime.png_compress_level,
         )
         result = distribute.run_units(
-            Worker, settings, units, plan, (total, total - left, "generating")
+            Worker, settings, units, plan, (total, total - left, "generating"), spec.runtime.retries
         )
     finally:
         if connected:
@@ -149,20 +156,37 @@ def generate(
 
             ray.shutdown()
 
+    # 6. record what this call did, failures included: the run's stats live in run.json
+    failed = [
+        {
+            "unit_id": u.unit_id,
+            "config_id": u.config.config_id,
+            "prompt_ids": list(u.prompt_ids),
+            "images": u.num_images,
+            "attempts": result.failed[u.unit_id].attempts,
+            "error": result.failed[u.unit_id].error,
+        }
+        for u in units
+        if u.unit_id in result.failed
+    ]
+    new = left - sum(f["images"] for f in failed)
     record["history"].append(
         {
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "new_images": left,
+            "new_images": new,
             "seconds": round(result.seconds, 3),
             "workers": result.workers,
+            "failed_units": failed,
         }
     )
     out.write_run(record)
     log.info(
-        "done: %d new images in %.1f s (%.2f images/s); %d images in %s/images",
-        left, result.seconds, left / result.seconds, total, out.location,
+        "done: %d new images in %.1f s (%.2f images/s); %d of %d images in %s/images",
+        new, result.seconds, new / max(result.seconds, 1e-9), total - left + new, total,
+        out.location,
     )  # fmt: skip
-    return GenerateSummary(out.location, total, left, time.perf_counter() - began, result.seconds)
+    seconds = time.perf_counter() - began
+    return GenerateSummary(out.location, total, new, seconds, result.seconds, failed)
 
 
 def _run_record(

@@ -64,6 +64,9 @@ class Runtime:
     shard_size: int = 16
     # zlib level of the lossless PNGs: 1 is several times faster than 6-9 for a few % more bytes.
     png_compress_level: int = 1
+    # Times a unit is retried (on any actor) after it raised or its actor died, before it is
+    # recorded as failed and the job goes on without it.
+    retries: int = 2
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class EvalRuntime:
 
     actors: int | Literal["auto"] = "auto"
     batch_size: int = 32
+    retries: int = 2  # as in a job spec's runtime
 
 
 @dataclass(frozen=True)
@@ -360,6 +364,7 @@ def _check(spec: JobSpec) -> None:
     _require(
         0 <= r.png_compress_level <= 9, "runtime.png_compress_level", "must be between 0 and 9"
     )
+    _require(r.retries >= 0, "runtime.retries", "must be >= 0")
 
 
 def _check_suite(suite: Suite) -> None:
@@ -406,6 +411,7 @@ def _check_suite(suite: Suite) -> None:
     r = suite.runtime
     _require(r.actors == "auto" or r.actors >= 1, "runtime.actors", "must be 'auto' or >= 1")
     _require(r.batch_size >= 1, "runtime.batch_size", "must be >= 1")
+    _require(r.retries >= 0, "runtime.retries", "must be >= 0")
 
 
 def _is_module_path(features: str) -> bool:

@@ -6,6 +6,7 @@ A plain class, so tests run it in-process; distribute.py wraps it, unchanged, in
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 import time
@@ -22,6 +23,8 @@ from sdbatch.dataset import IMAGE_SCHEMA, Output, versions
 from sdbatch.pipeline import ModelSource, load_pipeline
 from sdbatch.schedulers import make_scheduler
 from sdbatch.sweep import WorkUnit, image_seed
+
+log = logging.getLogger("sdbatch")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class Worker:
         self._scheduler_config = self.pipe.scheduler.config
         self._schedulers: dict[str, Any] = {}
         self._output = Output(settings.output)
+        # Lowered, for the rest of this worker's life, when a batch runs out of memory.
+        self.batch_size = settings.batch_size
         # zlib releases the GIL, so PNG encoding of one batch overlaps the next batch's denoising.
         self._encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
 
@@ -87,12 +92,19 @@ class Worker:
         ]
         rows: list[dict[str, Any]] = []
         pngs = []
-        size = self.settings.batch_size
-        for start in range(0, len(images), size):
-            batch = images[start : start + size]
+        start = 0
+        while start < len(images):
+            batch = images[start : start + self.batch_size]
             seeds = [image_seed(unit.seed, unit.prompt_ids[p], s) for p, s in batch]
             began = time.perf_counter()
-            pixels = self._generate(unit, [p for p, _ in batch], seeds)
+            try:
+                pixels = self._generate(unit, [p for p, _ in batch], seeds)
+            except Exception as e:
+                if len(batch) == 1 or not _out_of_memory(e):
+                    raise
+                self._shrink_batch(len(batch), e)
+                continue
+            start += len(batch)
             seconds = (time.perf_counter() - began) / len(batch)
             level = self.settings.png_compress_level
             pngs += [self._encoder.submit(encode_png, px, level) for px in pixels]
@@ -114,6 +126,19 @@ class Worker:
             "generation_seconds": sum(r["generation_seconds"] for r in rows),
         }
         yield self._output.commit_unit(unit.unit_id, table, marker)
+
+    def _shrink_batch(self, size: int, error: Exception) -> None:
+        """Halve the batch after running out of memory; this worker keeps the smaller size."""
+        import torch
+
+        self.batch_size = (size + 1) // 2
+        log.warning(
+            "out of memory with a batch of %d (%s); retrying with %d",
+            size, str(error).splitlines()[0] if str(error) else type(error).__name__,
+            self.batch_size,
+        )  # fmt: skip
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def _generate(self, unit: WorkUnit, prompts: list[int], seeds: list[int]) -> np.ndarray:
         import torch
@@ -157,3 +182,12 @@ class Worker:
             "batch_size": batch,
             "generation_seconds": seconds,
         }
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """CUDA's OutOfMemoryError, or the RuntimeError other accelerators (MPS, XPU) raise."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()

@@ -142,3 +142,67 @@ def test_commits_work_on_a_non_local_fsspec_filesystem():
     output.fs.pipe_file(output.path("images", "orphan.parquet"), b"never marked done")
     assert output.remove_orphans(output.done_units()) == 1
     assert output.fs.ls(output.path("images"), detail=False) == [output.path(marker["file"])]
+
+
+class OutOfMemoryAbove:
+    """Wraps a pipeline: a call with more than `limit` prompts raises CUDA's out-of-memory error,
+    as a GPU would for a batch too large; the others run for real."""
+
+    def __init__(self, pipe, limit: int, error=torch.OutOfMemoryError):
+        self.pipe, self.limit, self.error, self.sizes = pipe, limit, error, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __setattr__(self, name, value):
+        if name == "scheduler":
+            self.pipe.scheduler = value
+        else:
+            super().__setattr__(name, value)
+
+    def __call__(self, **kwargs):
+        self.sizes.append(len(kwargs["prompt"]))
+        if len(kwargs["prompt"]) > self.limit:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.pipe(**kwargs)
+
+
+def test_out_of_memory_halves_the_batch_and_the_images_stay_the_same(tmp_path):
+    unit = one_unit(
+        Config("ddim", 2, 7.5, 32, 32, ""), texts=("a cat", "a dog", "a cow"), images_per_prompt=2
+    )
+    whole = Worker(settings(tmp_path / "whole", batch_size=6))
+    _, marker = run(whole, unit)
+    expected = pq.read_table(tmp_path / "whole" / marker["file"]).to_pylist()
+
+    worker = Worker(settings(tmp_path / "split", batch_size=6))
+    worker.pipe = OutOfMemoryAbove(worker.pipe, limit=2)
+    progress, marker = run(worker, unit)
+    assert worker.pipe.sizes == [6, 3, 2, 2, 2]  # 6 and 3 fail; the worker then keeps 2
+    assert progress == [2, 2, 2] and worker.batch_size == 2
+    rows = pq.read_table(tmp_path / "split" / marker["file"]).to_pylist()
+    assert [r["batch_size"] for r in rows] == [2] * 6
+    assert [(r["prompt_id"], r["sample_index"], r["seed"]) for r in rows] == [
+        (r["prompt_id"], r["sample_index"], r["seed"]) for r in expected
+    ]
+    for got, want in zip(rows, expected, strict=True):
+        assert np.abs(pixels(got["image"]["bytes"]) - pixels(want["image"]["bytes"])).max() <= 2
+
+    # the next unit starts at the lowered size, without failing first
+    worker.pipe.sizes.clear()
+    run(worker, one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a hen", "a pig")))
+    assert worker.pipe.sizes == [2]
+
+
+def test_out_of_memory_at_batch_one_and_other_errors_are_not_split(tmp_path):
+    unit = one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a cat", "a dog"))
+    worker = Worker(settings(tmp_path, batch_size=2))
+    worker.pipe = OutOfMemoryAbove(worker.pipe, limit=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(worker, unit)
+    assert worker.pipe.sizes == [2, 1]
+    worker.pipe = OutOfMemoryAbove(worker.pipe.pipe, limit=0, error=ValueError)
+    with pytest.raises(ValueError):
+        run(worker, unit)
+    assert worker.pipe.sizes == [1]  # a ValueError is not memory: no smaller retry
+    assert not (tmp_path / "_units").exists()  # nothing committed
