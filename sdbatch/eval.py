@@ -105,8 +105,11 @@ def compute_reference(suite: Suite, address: str | None = None) -> str:
     plan = inputs.reference
     if plan.stats is None:
         total = sum(u.num_images for u in plan.units)
+        todo = plan.missing_units()
+        done = total - sum(u.num_images for u in todo)
         settings = dataclasses.replace(_settings(inputs, suite), clip=_clip_for_features(inputs))
-        _extract(settings, plan.units, suite, address, (total, 0, "reference"))
+        if todo:
+            _extract(settings, todo, suite, address, (total, done, "reference"))
         finish_reference(plan)
     return plan.cache or plan.label
 
@@ -147,8 +150,9 @@ def evaluate(
         for m in markers
         if f"{m['unit_id']}.npz" not in existing
     ]
-    reference_units = inputs.reference.units if inputs.reference else []
-    total = sum(m["images"] for m in markers) + sum(u.num_images for u in reference_units)
+    reference_units = inputs.reference.missing_units() if inputs.reference else []
+    reference_images = sum(u.num_images for u in inputs.reference.units) if inputs.reference else 0
+    total = sum(m["images"] for m in markers) + reference_images
     todo = reference_units + units
     log.info(
         "evaluating %s: %d images in %d configurations (%s); %d units to extract",

@@ -92,6 +92,15 @@ class ReferencePlan:
     cache: str | None  # where statistics computed from the units are kept
     meta: dict[str, Any]
 
+    def missing_units(self) -> list[FeatureUnit]:
+        """The units whose shard file is not written yet: a crashed extraction resumes."""
+        # A few hundred images per unit: one existence check each is cheap.
+        return [
+            u
+            for u in self.units
+            if not fsspec.core.url_to_fs(u.destination)[0].exists(u.destination)
+        ]
+
 
 def plan_reference(source: ReferenceSource, extractor: ExtractorInfo, cache: str) -> ReferencePlan:
     """Find or plan the reference statistics for `extractor`; InputError for a bad reference."""

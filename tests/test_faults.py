@@ -5,22 +5,30 @@ to its actor processes by value (they are defined inside a function)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import PROMPTS, job
+from conftest import PROMPTS, job, suite_data
 
 from sdbatch.cli import EXIT_INCOMPLETE, EXIT_OK
 from sdbatch.cli import main as cli_main
+from sdbatch.eval import evaluate
 from sdbatch.generate import generate
-from sdbatch.spec import parse_spec
+from sdbatch.spec import parse_spec, parse_suite
 from sdbatch.worker import Worker
+from sdbatch.world import write_reference
 
 KEY = ["prompt_id", "sample_index", "config_id"]
 # One configuration, 6 prompts x 2 images; units of 2 prompts in batches of 2 images, so a unit
@@ -136,3 +144,70 @@ def test_a_unit_that_keeps_failing_is_recorded_and_only_it_is_rerun(
         assert (out / "images" / name).stat().st_mtime_ns == mtime
     got = rows(out)
     assert [r["image"]["bytes"] for r in got] == [r["image"]["bytes"] for r in expected]
+
+
+# The eval command, run as its own driver process, with each unit slowed down so that a SIGKILL
+# can land between shards; the kill itself is real.
+SLOW_EVAL = """
+import sys, time
+import sdbatch.eval
+from sdbatch.cli import main
+
+class Slow(sdbatch.eval.FeatureWorker):
+    def run(self, unit):
+        time.sleep(0.3)
+        yield from super().run(unit)
+
+sdbatch.eval.FeatureWorker = Slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_eval_killed_mid_way_resumes_without_redoing_finished_shards(
+    world, tmp_path, ray_address, caplog
+):
+    # 1. a copy of the generated output, never evaluated, and a reference of three files
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for seed in range(3):
+        write_reference(str(reference / f"part{seed}.parquet"), count=30, size=32, seed=seed)
+    data = suite_data(reference, tmp_path / "cache", runtime={"actors": 1, "batch_size": 8})
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(data))
+    outputs = {}
+    for name in ("killed", "whole"):
+        outputs[name] = tmp_path / name
+        shutil.copytree(world["out"], outputs[name], ignore=shutil.ignore_patterns("metrics"))
+
+    # 2. kill the driver once some reference shards are written
+    args = ["eval", str(outputs["killed"]), "--suite", str(suite), "--address", ray_address]
+    driver = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EVAL, *args], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while len(list((tmp_path / "cache").rglob("*.npz"))) < 2:
+        assert driver.poll() is None, driver.communicate()
+        assert time.time() < deadline, "no shard was written in time"
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(3)  # the dead driver's actor may finish the unit it holds
+    shards = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.npz")}
+    assert not (outputs["killed"] / "metrics" / "metrics.json").exists()
+    assert not list((tmp_path / "cache").glob("*.npz")), "the reference should be unfinished"
+
+    # 3. the rerun extracts only what is missing and agrees with an uninterrupted evaluation
+    caplog.set_level(logging.INFO, logger="sdbatch")
+    resumed = evaluate(str(outputs["killed"]), parse_suite(data), ray_address)
+    units = 3 + len(list((outputs["killed"] / "_units").glob("*.json")))
+    assert f"; {units - len(shards)} units to extract" in caplog.text
+    for path, mtime in shards.items():
+        if path.exists():  # reference shards are dropped once the statistics are cached
+            assert path.stat().st_mtime_ns == mtime, f"{path.name} was extracted again"
+    whole = evaluate(str(outputs["whole"]), parse_suite(data), ray_address)
+    columns = [c for c in whole.configs.columns if c != "seconds_per_image"]
+    pd.testing.assert_frame_equal(
+        resumed.configs[columns].set_index("config_id").sort_index(),
+        whole.configs[columns].set_index("config_id").sort_index(),
+        rtol=1e-6,
+    )
