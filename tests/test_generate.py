@@ -20,7 +20,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import PROMPTS, REPO, job
+from conftest import PROMPTS, REPO, job, suite_data
 from PIL import Image
 
 from sdbatch.builtin import builtin_path
@@ -28,6 +28,7 @@ from sdbatch.cli import main as cli_main
 from sdbatch.errors import InputError
 from sdbatch.generate import generate
 from sdbatch.spec import load_spec, parse_spec
+from sdbatch.world import write_reference
 
 KEY = ["prompt_id", "sample_index", "config_id"]
 
@@ -408,3 +409,66 @@ def test_output_on_s3_generates_resumes_and_reads(s3_server, prompt_file, spec_f
     assert "runs/job/images/orphan.parquet" not in fs.ls("runs/job/images")
     rows = pads.dataset("runs/job/images", filesystem=fs).to_table(columns=KEY).to_pylist()
     assert len(rows) == 4 * 2 * 2 and len({tuple(r.values()) for r in rows}) == len(rows)
+
+
+def test_output_on_s3_survives_a_killed_driver_and_evaluates(
+    s3_server, tmp_path, spec_file, monkeypatch
+):
+    import fsspec
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    fs = fsspec.filesystem("s3", endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"])
+    fs.mkdir("runs")
+    pq.write_table(pa.table({"prompt": PROMPTS}), tmp_path / "prompts.parquet")
+    slow = job(
+        tmp_path / "prompts.parquet",
+        sweep={"scheduler": ["ddim"], "num_inference_steps": [25], "height": 64, "width": 64},
+        runtime={"batch_size": 1, "shard_size": 1},
+    )
+    spec = str(spec_file(slow))
+    env = {**s3_server, "RAY_ADDRESS": ""}
+    units = 6 * 2
+
+    # 1. SIGKILL the driver once a unit is committed
+    driver = sdbatch("generate", spec, "--out", "s3://runs/job", env=env)
+    deadline = time.time() + 240
+    while not (fs.exists("runs/job/_units") and fs.ls("runs/job/_units", refresh=True)):
+        assert driver.poll() is None, driver.communicate()
+        assert time.time() < deadline, "no unit finished in time"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(3)
+    fs.invalidate_cache()
+    committed = len(fs.ls("runs/job/_units"))
+    assert 1 <= committed < units, "the kill should land mid-job"
+    # what a reader of images/ sees is whole Parquet files only, never a partial object
+    for path in fs.ls("runs/job/images"):
+        with fs.open(path, "rb") as f:
+            assert pq.read_metadata(f).num_rows == 2
+
+    # 2. the same command resumes
+    rerun = sdbatch("generate", spec, "--out", "s3://runs/job", env=env)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert "resuming:" in err
+    fs.invalidate_cache()
+    rows = pads.dataset("runs/job/images", filesystem=fs).to_table(columns=KEY).to_pylist()
+    assert len(rows) == units * 2 and len({tuple(r.values()) for r in rows}) == len(rows)
+
+    # 3. and the evaluation reads and writes the bucket too
+    write_reference(str(tmp_path / "reference.parquet"), count=40, size=32)
+    suite = suite_data(tmp_path / "reference.parquet", tmp_path / "cache", runtime={"actors": 1})
+    suite_path = tmp_path / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump(suite))
+    evaluation = sdbatch("eval", "s3://runs/job", "--suite", str(suite_path), env=env)
+    _, err = evaluation.communicate(timeout=300)
+    assert evaluation.returncode == 0, err
+    fs.invalidate_cache()
+    with fs.open("runs/job/metrics/configs.parquet", "rb") as f:
+        configs = pq.read_table(f).to_pandas()
+    assert sorted(configs["n_images"]) == [12, 12]
+    assert configs["fid"].notna().all() and configs["clip_score"].notna().all()
+    assert json.loads(fs.cat("runs/job/metrics/metrics.json"))
+    assert not fs.exists("runs/job/_tmp") or not fs.ls("runs/job/_tmp", refresh=True)
