@@ -28,6 +28,10 @@ output with the new images. Any other change (model, seed, size, images per
 prompt, negative prompt, an edited or removed prompt or configuration) is
 refused: pass --overwrite to start over, or choose another --out.
 
+A unit whose worker dies or that raises is retried (runtime.retries times) on
+any worker; one that fails every time is listed in run.json, the rest
+completes and the exit status is 3: rerun to retry just those units.
+
 examples:
   sdbatch generate jobs/demo.yaml
   sdbatch generate jobs/my_sweep.yaml --out s3://bucket/run1 --address auto
