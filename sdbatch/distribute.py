@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -248,10 +249,18 @@ def _reason(error: Exception) -> str:
 
     if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
         error = error.cause
-    text = str(error).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # Ray colours its messages
     if isinstance(error, ray.exceptions.RayActorError):
-        # Ray's text is a paragraph; its first line says what happened.
-        return text.splitlines()[0] if text else type(error).__name__
+        # Ray's text is a header, tab-indented ids, then the cause: for a failed __init__ its
+        # traceback, whose last line is the exception; for a death, why the process died.
+        lines = [line.strip() for line in text.splitlines() if line.strip() and line[0] != "\t"]
+        if not lines:
+            return type(error).__name__
+        if error.actor_init_failed:
+            return lines[-1]
+        why = (lines[1:] or lines)[0]
+        # Ray goes on to list every possible cause; the first sentences are the facts.
+        return why if len(why) <= 160 else why[:160].rsplit(" ", 1)[0] + " ..."
     first = text.splitlines()[0] if text else ""
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 

@@ -24,6 +24,7 @@ from conftest import PROMPTS, job, suite_data
 
 from sdbatch.cli import EXIT_INCOMPLETE, EXIT_OK
 from sdbatch.cli import main as cli_main
+from sdbatch.errors import JobFailed
 from sdbatch.eval import evaluate
 from sdbatch.generate import generate
 from sdbatch.spec import parse_spec, parse_suite
@@ -102,6 +103,7 @@ def test_a_worker_killed_mid_unit_is_replaced_and_the_unit_redone(
 
     assert flag.exists(), "the fault was never injected"
     assert "a worker died during unit" in caplog.text
+    assert "worker died: " in caplog.text
     assert summary.new_images == 12 and not summary.failed
     got = rows(tmp_path / "out")
     assert [tuple(r[k] for k in KEY) for r in got] == [tuple(r[k] for k in KEY) for r in expected]
@@ -211,3 +213,38 @@ def test_eval_killed_mid_way_resumes_without_redoing_finished_shards(
         whole.configs[columns].set_index("config_id").sort_index(),
         rtol=1e-6,
     )
+
+
+def test_a_worker_killed_while_loading_is_replaced_but_a_broken_model_stops_the_job(
+    uninterrupted, tmp_path, ray_address, monkeypatch
+):
+    prompts, _ = uninterrupted
+    flag = tmp_path / "killed"
+
+    class KilledWhileLoading(Worker):
+        def __init__(self, settings):
+            try:
+                flag.touch(exist_ok=False)
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+            super().__init__(settings)
+
+    class CannotLoad(Worker):
+        def __init__(self, settings):
+            raise OSError("no file named diffusion_pytorch_model.safetensors")
+
+    spec = parse_spec(job(prompts, sweep=SMALL, runtime={**RUNTIME, "actors": 1}))
+    monkeypatch.setattr("sdbatch.generate.Worker", KilledWhileLoading)
+    summary = generate(spec, str(tmp_path / "out"), ray_address)
+    assert flag.exists() and summary.new_images == 12 and not summary.failed
+
+    monkeypatch.setattr("sdbatch.generate.Worker", CannotLoad)
+    began = time.perf_counter()
+    with pytest.raises(
+        JobFailed, match=r"a worker failed to load: OSError: no file named diffusion_pytorch_model"
+    ):
+        generate(spec, str(tmp_path / "broken"), ray_address)
+    assert time.perf_counter() - began < 60  # not retried over and over
+    assert not list((tmp_path / "broken" / "_units").glob("*.json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -206,3 +207,23 @@ def test_out_of_memory_at_batch_one_and_other_errors_are_not_split(tmp_path):
         run(worker, unit)
     assert worker.pipe.sizes == [1]  # a ValueError is not memory: no smaller retry
     assert not (tmp_path / "_units").exists()  # nothing committed
+
+
+def test_a_write_that_fails_half_way_leaves_nothing_a_reader_sees(tmp_path, monkeypatch):
+    unit = one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a", "b"))
+    worker = Worker(settings(tmp_path))
+
+    def dies_half_way(table, where, **kwargs):
+        with Path(where).open("wb") as f:
+            f.write(b"PAR1" + b"\0" * 100)  # a Parquet header and no footer
+        raise OSError("disk quota exceeded")
+
+    monkeypatch.setattr(pq, "write_table", dies_half_way)
+    with pytest.raises(OSError, match="quota"):
+        run(worker, unit)
+    monkeypatch.undo()
+    assert not (tmp_path / "images").exists() or not list((tmp_path / "images").iterdir())
+    assert Output(str(tmp_path)).done_units() == []
+    # and the next attempt commits normally, leaving _tmp/ clean for readers
+    _, marker = run(worker, unit)
+    assert pq.read_table(tmp_path / marker["file"]).num_rows == 2
