@@ -1,6 +1,6 @@
-"""Faults injected for real on a real Ray: a worker process killed mid-unit, a unit that keeps
-raising. The faulty workers are the real Worker with one method wrapped; Ray ships the classes
-to its actor processes by value (they are defined inside a function)."""
+"""Faults injected for real on a real Ray: worker processes killed mid-unit or while loading, a
+unit that keeps raising, a model that cannot load, an eval driver killed mid-way. The faulty
+workers are the real Worker with one method wrapped."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import PROMPTS, job, suite_data
+from ray import cloudpickle
 
 from sdbatch.cli import EXIT_INCOMPLETE, EXIT_OK
 from sdbatch.cli import main as cli_main
@@ -39,18 +40,26 @@ RUNTIME = {"batch_size": 2, "shard_size": 2, "actors": 2}
 TARGET = PROMPTS[1]  # the second prompt of the first unit
 
 
+# Ray's actor processes cannot import this test module: ship its functions and classes by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def die_the_first_time(flag: Path) -> None:
+    """SIGKILL this process unless `flag` exists, creating it (atomically: one process dies)."""
+    try:
+        flag.touch(exist_ok=False)
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def killed_once(flag: Path) -> type:
     """A worker whose process kills itself (SIGKILL) at TARGET's batch, the first time only."""
 
     class KilledOnce(Worker):
         def _generate(self, unit, prompts, seeds):
             if any(unit.prompts[p] == TARGET for p in prompts):
-                try:
-                    flag.touch(exist_ok=False)
-                except FileExistsError:
-                    pass
-                else:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                die_the_first_time(flag)
             return super()._generate(unit, prompts, seeds)
 
     return KilledOnce
@@ -223,12 +232,7 @@ def test_a_worker_killed_while_loading_is_replaced_but_a_broken_model_stops_the_
 
     class KilledWhileLoading(Worker):
         def __init__(self, settings):
-            try:
-                flag.touch(exist_ok=False)
-            except FileExistsError:
-                pass
-            else:
-                os.kill(os.getpid(), signal.SIGKILL)
+            die_the_first_time(flag)
             super().__init__(settings)
 
     class CannotLoad(Worker):

@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,6 +58,19 @@ def sdbatch(*args, env=None, **kwargs) -> subprocess.Popen:
         text=True,
         **kwargs,
     )
+
+
+def kill_once(driver: subprocess.Popen, ready: Callable[[], Any]) -> None:
+    """SIGKILL `driver` as soon as `ready()` holds (within 4 minutes), while it is still running."""
+    deadline = time.time() + 240
+    while not ready():
+        assert driver.poll() is None, driver.communicate()
+        assert time.time() < deadline, "no unit finished in time"
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    # Let the dead driver's actors be reaped before looking at what was committed.
+    time.sleep(3)
 
 
 @pytest.fixture(scope="module")
@@ -146,15 +161,7 @@ def test_resume_after_the_driver_is_killed(reference, tmp_path, spec_file, ray_a
     output = tmp_path / "killed"
     driver = sdbatch("generate", str(path), "--out", str(output), "--address", ray_address)
     markers = output / "_units"
-    deadline = time.time() + 240
-    while len(list(markers.glob("*.json")) if markers.exists() else []) < 2:
-        assert driver.poll() is None, driver.communicate()
-        assert time.time() < deadline, "no unit finished in time"
-        time.sleep(0.1)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    # Let the dead driver's actors be reaped before looking at what was committed.
-    time.sleep(3)
+    kill_once(driver, lambda: len(list(markers.glob("*.json")) if markers.exists() else []) >= 2)
     before = {p.name: p.stat().st_mtime_ns for p in markers.glob("*.json")}
     files = {p.name: p.stat().st_mtime_ns for p in (output / "images").glob("*.parquet")}
     units = 6 * 4
@@ -432,14 +439,9 @@ def test_output_on_s3_survives_a_killed_driver_and_evaluates(
 
     # 1. SIGKILL the driver once a unit is committed
     driver = sdbatch("generate", spec, "--out", "s3://runs/job", env=env)
-    deadline = time.time() + 240
-    while not (fs.exists("runs/job/_units") and fs.ls("runs/job/_units", refresh=True)):
-        assert driver.poll() is None, driver.communicate()
-        assert time.time() < deadline, "no unit finished in time"
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    time.sleep(3)
+    kill_once(
+        driver, lambda: fs.exists("runs/job/_units") and fs.ls("runs/job/_units", refresh=True)
+    )
     fs.invalidate_cache()
     committed = len(fs.ls("runs/job/_units"))
     assert 1 <= committed < units, "the kill should land mid-job"
