@@ -47,6 +47,7 @@ class GenerateSummary:
     new_images: int
     seconds: float  # the whole call, Ray start and model loading included
     generation_seconds: float = 0.0  # from the first loaded worker to the last commit
+    flagged: int = 0  # new images the model's safety checker flagged (black, as it made them)
 
 
 def generate(
@@ -149,10 +150,12 @@ def generate(
 
             ray.shutdown()
 
+    flagged = sum(marker["nsfw_flagged"] for marker in result.results.values())
     record["history"].append(
         {
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "new_images": left,
+            "nsfw_flagged": flagged,
             "seconds": round(result.seconds, 3),
             "workers": result.workers,
         }
@@ -162,7 +165,13 @@ def generate(
         "done: %d new images in %.1f s (%.2f images/s); %d images in %s/images",
         left, result.seconds, left / result.seconds, total, out.location,
     )  # fmt: skip
-    return GenerateSummary(out.location, total, left, time.perf_counter() - began, result.seconds)
+    if flagged:
+        log.warning(
+            "%d of the %d new images were flagged by the model's safety checker, which made them "
+            "black; column nsfw_flagged marks them", flagged, left,
+        )  # fmt: skip
+    seconds = time.perf_counter() - began
+    return GenerateSummary(out.location, total, left, seconds, result.seconds, flagged)
 
 
 def _run_record(
