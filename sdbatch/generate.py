@@ -168,7 +168,8 @@ def generate(
     if flagged:
         log.warning(
             "%d of the %d new images were flagged by the model's safety checker, which made them "
-            "black; column nsfw_flagged marks them", flagged, left,
+            "black; column nsfw_flagged marks them, and eval leaves them out unless the suite "
+            "says safety: include", flagged, left,
         )  # fmt: skip
     seconds = time.perf_counter() - began
     return GenerateSummary(out.location, total, left, seconds, result.seconds, flagged)

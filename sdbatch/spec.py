@@ -155,6 +155,9 @@ class Suite:
 
     name: str
     metrics: tuple[str, ...] = METRICS
+    # Images the model's safety checker flagged (and blacked out): left out of every metric of
+    # their configuration, or scored like the others.
+    safety: Literal["exclude", "include"] = "exclude"
     clip: ClipSettings = ClipSettings()
     fid: FidSettings = FidSettings()
     kid: KidSettings = KidSettings()

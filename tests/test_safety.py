@@ -1,5 +1,5 @@
-"""The safety checker on a real Ray: per-image flags in the dataset, and flagged images as the
-checker made them.
+"""The safety checker on a real Ray: per-image flags in the dataset, flagged images as the checker
+made them, what eval counts (suite `safety: exclude | include`).
 
 The model is builtin:tiny with a tiny real `StableDiffusionSafetyChecker` whose concept thresholds
 decide what it flags: all 17 concepts are one direction, so an image is flagged exactly when the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -18,12 +19,17 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PROMPTS, job
+from conftest import PROMPTS, job, suite_data
 from PIL import Image
 
 from sdbatch.builtin import builtin_path, save_sd_pipeline
+from sdbatch.eval import evaluate
+from sdbatch.features import read_npz
 from sdbatch.generate import generate
-from sdbatch.spec import parse_spec
+from sdbatch.metrics import FeatureStats, FrechetReference, fid
+from sdbatch.reference import load_stats
+from sdbatch.spec import parse_spec, parse_suite
+from sdbatch.world import write_reference
 
 KEY = ["prompt_id", "sample_index", "config_id"]
 NEVER = 2.0  # a cosine is at most 1
@@ -130,3 +136,76 @@ def test_flags_are_recorded_and_flagged_images_are_what_the_checker_made(flagged
     assert sum(m["nsfw_flagged"] for m in markers) == flags.sum() == flagged["summary"].flagged
     run = json.loads((flagged["out"] / "run.json").read_text())
     assert run["history"][-1]["nsfw_flagged"] == flags.sum()
+
+
+@pytest.fixture(scope="module")
+def evaluated(flagged, ray_address):
+    """The flagged output evaluated with `safety: include`, then with the default (exclude)."""
+    root = flagged["root"]
+    write_reference(str(root / "reference.parquet"), count=40, size=32)
+    data = suite_data(root / "reference.parquet", root / "cache")
+    include = evaluate(str(flagged["out"]), parse_suite({**data, "safety": "include"}), ray_address)
+    shards = {p: p.stat().st_mtime_ns for p in (flagged["out"] / "metrics").rglob("*.npz")}
+    exclude = evaluate(str(flagged["out"]), parse_suite(data), ray_address)
+    return {"include": include.configs, "exclude": exclude.configs, "shards": shards}
+
+
+def test_eval_excludes_flagged_images_by_default(flagged, evaluated):
+    out = flagged["out"]
+    # switching the policy extracted nothing again: flagged images are filtered at the merge
+    after = {p: p.stat().st_mtime_ns for p in (out / "metrics").rglob("*.npz")}
+    assert after == evaluated["shards"]
+
+    per_image = pd.read_parquet(out / "metrics" / "images.parquet")
+    dataset = pq.read_table(out / "images", columns=[*KEY, "nsfw_flagged"]).to_pandas()
+    joined = dataset.merge(per_image, on=KEY, suffixes=("", "_eval"), validate="one_to_one")
+    assert len(joined) == len(dataset)
+    assert (joined["nsfw_flagged"] == joined["nsfw_flagged_eval"]).all()
+    flags = joined.groupby("config_id")["nsfw_flagged"].sum()
+
+    exclude = evaluated["exclude"].set_index("config_id")
+    include = evaluated["include"].set_index("config_id")
+    assert (exclude["n_flagged"] == flags[exclude.index]).all()
+    assert (include["n_flagged"] == flags[include.index]).all()
+    assert (exclude["n_excluded"] == exclude["n_flagged"]).all()
+    assert (include["n_excluded"] == 0).all()
+    assert (exclude["n_images"] == include["n_images"]).all()
+
+    unflagged = joined[~joined["nsfw_flagged"]]
+    expected = unflagged.groupby("config_id")["clip_score"].mean()
+    assert np.allclose(exclude["clip_score"], expected[exclude.index])
+    everything = joined.groupby("config_id")["clip_score"].mean()
+    assert np.allclose(include["clip_score"], everything[include.index])
+    assert not np.allclose(exclude["clip_score"], include["clip_score"])
+
+    # FID from the merged statistics equals FID over the kept images' features, in one pass
+    record = json.loads((out / "metrics" / "metrics.json").read_text())
+    reference = load_stats(record["reference"]["cache"])
+    gauss = FrechetReference(reference.mu, reference.sigma)
+    shards = [read_npz(str(p)) for p in (out / "metrics" / "_shards").rglob("*.npz")]
+    features = np.concatenate([s["features"] for s in shards])
+    keys = pd.concat([pd.DataFrame({k: s[k] for k in KEY}) for s in shards], ignore_index=True)
+    keys = keys.merge(dataset, on=KEY, how="left")  # keeps the shards' order
+    for config_id in exclude.index:
+        kept = features[((keys["config_id"] == config_id) & ~keys["nsfw_flagged"]).to_numpy()]
+        assert len(kept) == exclude.loc[config_id, "n_images"] - flags[config_id]
+        assert exclude.loc[config_id, "fid"] == pytest.approx(
+            fid(FeatureStats.of(kept), gauss), rel=1e-6
+        )
+    assert not np.allclose(exclude["fid"], include["fid"])
+
+    assert record["suite"]["safety"] == "exclude"
+    assert record["flagged_images"] == record["excluded_images"] == flags.sum()
+
+
+def test_outputs_made_before_the_flag_evaluate_as_if_unchecked(flagged, evaluated, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(flagged["out"], out)
+    for path in (out / "images").glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns(["nsfw_flagged"]), path)
+    data = suite_data(flagged["root"] / "reference.parquet", flagged["root"] / "cache")
+    configs = evaluate(str(out), parse_suite(data)).configs.set_index("config_id")
+    assert configs["n_flagged"].isna().all() and (configs["n_excluded"] == 0).all()
+    include = evaluated["include"].set_index("config_id")
+    assert np.allclose(configs["clip_score"], include.loc[configs.index, "clip_score"])
+    assert np.allclose(configs["fid"], include.loc[configs.index, "fid"])
