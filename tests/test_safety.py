@@ -1,5 +1,5 @@
 """The safety checker on a real Ray: per-image flags in the dataset, flagged images as the checker
-made them, what eval counts (suite `safety: exclude | include`).
+made them, what eval counts (suite `safety: exclude | include`), and the report's counts.
 
 The model is builtin:tiny with a tiny real `StableDiffusionSafetyChecker` whose concept thresholds
 decide what it flags: all 17 concepts are one direction, so an image is flagged exactly when the
@@ -28,6 +28,7 @@ from sdbatch.features import read_npz
 from sdbatch.generate import generate
 from sdbatch.metrics import FeatureStats, FrechetReference, fid
 from sdbatch.reference import load_stats
+from sdbatch.report import write_report
 from sdbatch.spec import parse_spec, parse_suite
 from sdbatch.world import write_reference
 
@@ -209,3 +210,15 @@ def test_outputs_made_before_the_flag_evaluate_as_if_unchecked(flagged, evaluate
     include = evaluated["include"].set_index("config_id")
     assert np.allclose(configs["clip_score"], include.loc[configs.index, "clip_score"])
     assert np.allclose(configs["fid"], include.loc[configs.index, "fid"])
+
+
+def test_report_shows_flagged_counts_and_that_they_were_excluded(flagged, evaluated):
+    write_report([str(flagged["out"])])
+    markdown = (flagged["out"] / "report" / "report.md").read_text()
+    configs = evaluated["exclude"]
+    total = int(configs["n_flagged"].sum())
+    assert f"safety checker flagged {total} of {int(configs['n_images'].sum())} images" in markdown
+    assert "**excluded from** every metric (suite `safety: exclude`)" in markdown
+    assert "| images | flagged (excluded) |" in markdown
+    for _, row in configs.iterrows():
+        assert f"| {row['n_images']} | {row['n_flagged']} |" in markdown
