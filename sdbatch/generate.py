@@ -73,7 +73,7 @@ def generate(
     # 1. check every input before anything expensive starts
     prompts = load_prompts(spec.prompts)
     configs = configurations(spec.sweep)
-    model = resolve_model(spec.model, spec.model_revision)
+    model = resolve_model(spec.model, spec.model_revision, allow_pickle=spec.model_allow_pickle)
     out = Output(output or spec.output or f"out/{spec.name}")
     spec = dataclasses.replace(spec, output=out.location)
     record = _run_record(spec, prompts, configs, model)

@@ -58,6 +58,7 @@ BAD_FIELDS = [
     ({"prompts": {"limit": 0}}, "prompts.limit", ">= 1"),
     ({"prompts": "prompts.parquet"}, "prompts", "mapping"),
     ({"model": ""}, "model", "must name"),
+    ({"model_allow_pickle": "yes"}, "model_allow_pickle", "must be true or false"),
 ]
 
 
