@@ -127,10 +127,17 @@ def build_tiny(destination: Path, seed: int = 0) -> None:
 
 
 def save_sd_pipeline(
-    destination: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any
+    destination: Path,
+    vae: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    unet: Any,
+    safety_checker: Any = None,
+    feature_extractor: Any = None,
 ) -> None:
-    """Assemble a Stable Diffusion 1.x pipeline (its scheduler, no safety checker) and save it
-    into `destination`, replacing what was there, as safetensors."""
+    """Assemble a Stable Diffusion 1.x pipeline (its scheduler; a safety checker and its feature
+    extractor only when given) and save it into `destination`, replacing what was there, as
+    safetensors."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -139,9 +146,9 @@ def save_sd_pipeline(
         tokenizer=tokenizer,
         unet=unet,
         scheduler=sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=safety_checker is not None,
     )
     if destination.exists():
         shutil.rmtree(destination)

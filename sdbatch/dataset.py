@@ -57,6 +57,9 @@ IMAGE_SCHEMA = pa.schema(
         ("dtype", pa.string()),
         ("batch_size", pa.int32()),
         ("generation_seconds", pa.float64()),
+        # The model's safety checker flagged the image (diffusers blacks such images out);
+        # null where the model has no checker.
+        ("nsfw_flagged", pa.bool_()),
     ],
     metadata={"huggingface": json.dumps(HF_FEATURES)},
 )

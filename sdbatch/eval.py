@@ -1,10 +1,12 @@
 """`sdbatch eval`: CLIP score, FID and KID for every sweep configuration of a generated output.
 
 Writes OUT/metrics/:
-    configs.parquet, configs.csv   one row per configuration: its parameters, n_images, clip_score,
-                                   fid and their bootstrap intervals, kid, seconds per image
-    images.parquet                 one row per image: CLIP score, joinable to the images on
-                                   (prompt_id, sample_index, config_id)
+    configs.parquet, configs.csv   one row per configuration: its parameters, n_images, how many
+                                   the safety checker flagged and the suite's `safety` excluded,
+                                   clip_score, fid and their bootstrap intervals, kid, seconds per
+                                   image
+    images.parquet                 one row per image: its flag and CLIP score, joinable to the
+                                   images on (prompt_id, sample_index, config_id)
     metrics.json                   provenance: models and their hashes, resize mode, reference
                                    statistics hash, library versions, truncated prompts
     _shards/KEY/UNIT.npz           per-image features and scores of each generated unit; a rerun
@@ -174,7 +176,9 @@ def evaluate(
         reference = inputs.reference.stats or finish_reference(inputs.reference)
 
     # 4. merge every shard's statistics per configuration, and compute the metrics
-    images, stats, features = _collect(out, shard_dir, markers, results)
+    images, stats, features = _collect(out, shard_dir, markers, results, suite.safety)
+    if excluded := int(images["_excluded"].sum()):
+        log.info("%d images the safety checker flagged are left out of the metrics", excluded)
     table = _config_table(run, markers, images, stats, features, reference, suite, inputs)
 
     # 5. write the tables, then metrics.json last: it says the set is complete
@@ -242,23 +246,39 @@ def _existing_shards(out: Output, shard_dir: str) -> set[str]:
 
 
 def _collect(
-    out: Output, shard_dir: str, markers: list[dict[str, Any]], results: dict[str, Any]
+    out: Output,
+    shard_dir: str,
+    markers: list[dict[str, Any]],
+    results: dict[str, Any],
+    safety: str,
 ) -> tuple[pd.DataFrame, dict[str, FeatureStats], dict[str, np.ndarray]]:
     """Per-image rows from every shard file, per-config statistics merged over shards, and each
     unit's features (rows of the per-image table point into them through _unit and _row).
 
     Units extracted by this call bring their statistics from the actors; earlier ones are
-    recomputed from their shard's features, which is what the actor computed from them.
+    recomputed from their shard's features, which is what the actor computed from them. Under
+    `safety: exclude` the images the safety checker flagged are left out here, where statistics
+    merge: shards hold every image, so changing the policy extracts nothing again.
     """
     frames, per_config, features = [], {}, {}
     for marker in markers:
         shard = read_npz(f"{out.location}/{shard_dir}/{marker['unit_id']}.npz")
-        unit_stats = (results.get(marker["unit_id"]) or {}).get("stats") or shard_stats(shard)
+        flagged = _flags(out, marker)
+        if safety == "exclude":
+            excluded = flagged.fillna(False).to_numpy(bool)
+        else:
+            excluded = np.zeros(len(flagged), bool)
+        unit_stats = (results.get(marker["unit_id"]) or {}).get("stats")
+        if unit_stats is None or excluded.any():
+            unit_stats = shard_stats({k: v[~excluded] for k, v in shard.items()})
         for config_id, s in unit_stats.items():
             per_config.setdefault(config_id, []).append(s)
         frame = pd.DataFrame(
             {k: shard[k] for k in ("prompt_id", "sample_index", "config_id")}
         ).astype({"prompt_id": str, "config_id": str, "sample_index": "int32"})
+        # The shard lists the unit's images in the order of its Parquet file.
+        frame["nsfw_flagged"] = flagged
+        frame["_excluded"] = excluded
         for name in ("clip_score", "clip_truncated", *(f"{a}_correct" for a in ATTRIBUTES)):
             if name in shard:
                 frame[name] = shard[name]
@@ -269,6 +289,17 @@ def _collect(
         frames.append(frame)
     images = pd.concat(frames, ignore_index=True)
     return images, {c: merge_stats(s) for c, s in per_config.items()}, features
+
+
+def _flags(out: Output, marker: dict[str, Any]) -> pd.Series:
+    """A unit's nsfw_flagged column; all null for images generated before sdbatch recorded it
+    (their model is treated as having no safety checker)."""
+    with out.fs.open(out.path(marker["file"]), "rb") as f:
+        parquet = pq.ParquetFile(f)
+        if "nsfw_flagged" not in parquet.schema_arrow.names:
+            return pd.Series([None] * marker["images"], dtype="boolean")
+        column = parquet.read(columns=["nsfw_flagged"]).column(0)
+    return pd.Series(column.to_pylist(), dtype="boolean")
 
 
 def _config_table(
@@ -291,16 +322,21 @@ def _config_table(
     rows = []
     for config in run["configs"]:
         config_id = config["config_id"]
-        mine = images[images["config_id"] == config_id]
-        if mine.empty:
+        generated = images[images["config_id"] == config_id]
+        if generated.empty:
             continue  # configured but not generated yet
+        mine = generated[~generated["_excluded"]]  # the images the metrics are computed on
         row: dict[str, Any] = {c: config[c] for c in CONFIG_COLUMNS}
-        row["n_images"] = len(mine)
+        row["n_images"] = len(generated)
+        checked = generated["nsfw_flagged"].dropna()
+        # null where no image went through a safety checker, so "none flagged" means checked
+        row["n_flagged"] = int(checked.sum()) if len(checked) else None
+        row["n_excluded"] = len(generated) - len(mine)
         spent, count = seconds[config_id]
         row["seconds_per_image"] = spent / count
         if "clip_score" in suite.metrics:
             scores = mine["clip_score"].to_numpy()
-            row["clip_score"] = float(scores.mean())
+            row["clip_score"] = float(scores.mean()) if len(scores) else float("nan")
             row["clip_score_low"], row["clip_score_high"] = mean_interval(
                 scores, b.samples, b.confidence, b.seed
             )
@@ -312,7 +348,7 @@ def _config_table(
                 row[f"{name}_low"], row[f"{name}_high"] = mean_interval(
                     judged, b.samples, b.confidence, b.seed
                 )
-        feats = _features_of(features, mine) if gauss is not None else None
+        feats = _features_of(features, mine, gauss.dim) if gauss is not None else None
         if "fid" in suite.metrics:
             n, dim = len(mine), inputs.extractor.dim
             row["fid"] = fid(stats[config_id], gauss) if n >= 2 else float("nan")
@@ -334,16 +370,14 @@ def _config_table(
                     feats, reference.features, suite.kid.subsets, suite.kid.subset_size, b.seed
                 )
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"n_flagged": "Int64"})
 
 
-def _features_of(features: dict[str, np.ndarray], mine: pd.DataFrame) -> np.ndarray:
-    return np.concatenate(
-        [
-            features[unit][group["_row"].to_numpy()]
-            for unit, group in mine.groupby("_unit", sort=False)
-        ]
-    )
+def _features_of(features: dict[str, np.ndarray], mine: pd.DataFrame, dim: int) -> np.ndarray:
+    groups = mine.groupby("_unit", sort=False)
+    # (0, dim) when every image of the configuration was excluded
+    rows = [features[unit][group["_row"].to_numpy()] for unit, group in groups]
+    return np.concatenate(rows) if rows else np.empty((0, dim))
 
 
 def _write_tables(out: Output, table: pd.DataFrame, images: pd.DataFrame) -> None:
@@ -384,6 +418,9 @@ def _provenance(
             "meta": reference.meta,
         },
         "images": len(images),
+        # the suite's `safety` policy decides whether these count in the metrics
+        "flagged_images": int(images["nsfw_flagged"].sum()),
+        "excluded_images": int(images["_excluded"].sum()),
         "truncated_prompts": int(images.loc[truncated, "prompt_id"].nunique())
         if truncated is not None
         else 0,

@@ -47,6 +47,7 @@ class GenerateSummary:
     new_images: int
     seconds: float  # the whole call, Ray start and model loading included
     generation_seconds: float = 0.0  # from the first loaded worker to the last commit
+    flagged: int = 0  # new images the model's safety checker flagged (black, as it made them)
     # Units that failed every attempt (unit_id, config_id, prompt_ids, images, attempts, error);
     # a rerun retries exactly these.
     failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -79,7 +80,7 @@ def generate(
     # 1. check every input before anything expensive starts
     prompts = load_prompts(spec.prompts)
     configs = configurations(spec.sweep)
-    model = resolve_model(spec.model, spec.model_revision)
+    model = resolve_model(spec.model, spec.model_revision, allow_pickle=spec.model_allow_pickle)
     out = Output(output or spec.output or f"out/{spec.name}")
     spec = dataclasses.replace(spec, output=out.location)
     record = _run_record(spec, prompts, configs, model)
@@ -170,10 +171,12 @@ def generate(
         if u.unit_id in result.failed
     ]
     new = left - sum(f["images"] for f in failed)
+    flagged = sum(marker["nsfw_flagged"] for marker in result.results.values())
     record["history"].append(
         {
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "new_images": new,
+            "nsfw_flagged": flagged,
             "seconds": round(result.seconds, 3),
             "workers": result.workers,
             "failed_units": failed,
@@ -185,8 +188,14 @@ def generate(
         new, result.seconds, new / max(result.seconds, 1e-9), total - left + new, total,
         out.location,
     )  # fmt: skip
+    if flagged:
+        log.warning(
+            "%d of the %d new images were flagged by the model's safety checker, which made them "
+            "black; column nsfw_flagged marks them, and eval leaves them out unless the suite "
+            "says safety: include", flagged, new,
+        )  # fmt: skip
     seconds = time.perf_counter() - began
-    return GenerateSummary(out.location, total, new, seconds, result.seconds, failed)
+    return GenerateSummary(out.location, total, new, seconds, result.seconds, flagged, failed)
 
 
 def _run_record(

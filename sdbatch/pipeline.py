@@ -2,12 +2,16 @@
 
 `resolve_model` runs on the driver before any work starts: it checks the reference and records what
 exactly will be used (a hash of local weights, or the hub commit). `load_pipeline` runs in each
-worker, always through `from_pretrained`, safetensors only and never with remote code.
+worker, always through `from_pretrained`, never with remote code, and safetensors only unless the
+spec opts out (`model_allow_pickle`). A pipeline whose model_index.json asks for code of its own,
+or a local one with pickled weights, is refused by `resolve_model`, before Ray starts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,12 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # What makes up a pipeline: weights, configs and tokenizer files. Other files (READMEs, images,
 # duplicate .bin/.ckpt copies) do not change images and would only slow the hash down.
 IDENTITY_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+# Weights that torch.load unpickles: unlike safetensors, loading them can run code.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Libraries a model_index.json may load components from, besides diffusers' own pipeline packages
+# (a safety checker is ["stable_diffusion", "StableDiffusionSafetyChecker"]). Any other name asks
+# for code: a module in the model's folder, or whatever module of that name is already imported.
+LIBRARIES = ("diffusers", "transformers")
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,7 @@ class ModelSource:
     location: str  # a local folder, or a hub repo id
     revision: str | None  # the hub commit, pinned so every worker loads the same files
     identity: str  # "sha256:..." of a local folder's files, or "hub:REPO@COMMIT"
+    allow_pickle: bool = False  # load pickled weights where a component has no safetensors
 
 
 @dataclass(frozen=True)
@@ -46,16 +57,21 @@ PIPELINE = ModelKind("model", "model_index.json", "a diffusers pipeline")
 CLIP = ModelKind("clip.model", "config.json", "a transformers CLIP model")
 
 
-def resolve_model(ref: str, revision: str | None = None, kind: ModelKind = PIPELINE) -> ModelSource:
+def resolve_model(
+    ref: str, revision: str | None = None, kind: ModelKind = PIPELINE, allow_pickle: bool = False
+) -> ModelSource:
     """Check a model reference and pin what it points to.
 
     Args:
         ref: ``builtin:NAME``, a local folder, or a Hugging Face hub id.
         revision: a hub branch, tag or commit (hub ids only).
         kind: a diffusers pipeline (the default) or a CLIP model.
+        allow_pickle: a pipeline may have weights that are not safetensors (the spec's
+            `model_allow_pickle`).
 
     Raises:
-        InputError: no such builtin, folder or hub model, or one of another kind.
+        InputError: no such builtin, folder or hub model, or one of another kind; a pipeline
+            that asks for custom code; a local pipeline with pickled weights, unless allowed.
     """
     if ref.startswith(PREFIX):
         folder = builtin_path(ref.removeprefix(PREFIX), kind.field)
@@ -66,10 +82,78 @@ def resolve_model(ref: str, revision: str | None = None, kind: ModelKind = PIPEL
             raise InputError(
                 f"{kind.field}: {ref} is not {kind.description} folder (no {kind.marker})"
             )
-        return ModelSource(ref, str(folder.resolve()), None, weights_digest(folder))
+        suffixes = IDENTITY_SUFFIXES
+        if kind is PIPELINE:
+            components = _components(folder / kind.marker, ref)
+            if allow_pickle:
+                # Pickles may then be what loads, so they are part of what the model is.
+                suffixes += PICKLE_SUFFIXES
+            else:
+                _refuse_pickles(folder, components, ref)
+        identity = weights_digest(folder, suffixes)
+        return ModelSource(ref, str(folder.resolve()), None, identity, allow_pickle)
     if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
         raise InputError(f"{kind.field}: no folder {ref!r}, and it is not a hub id like org/name")
-    return _resolve_hub(ref, revision, kind)
+    return _resolve_hub(ref, revision, kind, allow_pickle)
+
+
+def _components(index: Path, ref: str) -> list[str]:
+    """The component folders model_index.json names; refuses one that asks for custom code.
+
+    A custom pipeline class, or a component library other than diffusers and transformers, is
+    code that comes with the model. sdbatch never passes trust_remote_code or custom_pipeline, so
+    such a model would fail in every worker, after Ray started; it is refused here instead.
+    """
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"model: cannot read {ref}'s model_index.json ({e})") from None
+    pipeline = entries.get("_class_name")
+    if not isinstance(pipeline, str):
+        raise InputError(
+            f"model: {ref} asks for a custom pipeline class {pipeline!r} in model_index.json; "
+            "sdbatch loads diffusers' own pipelines only and never runs code shipped with a model"
+        )
+    components = []
+    for name, entry in entries.items():
+        if name.startswith("_") or not isinstance(entry, list) or not entry or entry[0] is None:
+            continue  # a setting (requires_safety_checker) or an absent optional component
+        library = entry[0]
+        if library not in LIBRARIES and not _diffusers_pipeline_package(library):
+            raise InputError(
+                f"model: {ref} loads component {name!r} from {library!r} (model_index.json), "
+                "not diffusers or transformers; sdbatch never runs code shipped with a model"
+            )
+        components.append(name)
+    return components
+
+
+def _diffusers_pipeline_package(name: Any) -> bool:
+    """Whether `name` is a package of diffusers.pipelines, looked up on disk: importing
+    diffusers.pipelines would pull torch into the driver just to check a name."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return False
+    package = importlib.util.find_spec("diffusers")
+    return any(
+        (Path(root) / "pipelines" / name / "__init__.py").is_file()
+        for root in package.submodule_search_locations
+    )
+
+
+def _refuse_pickles(folder: Path, components: list[str], ref: str) -> None:
+    """Refuse a pipeline with a component whose weights are pickles only: from_pretrained with
+    use_safetensors=True would fail on it inside every worker, after Ray started."""
+    pickled = []
+    for name in components:
+        suffixes = {p.suffix for p in (folder / name).rglob("*") if p.is_file()}
+        if suffixes & set(PICKLE_SUFFIXES) and ".safetensors" not in suffixes:
+            pickled.append(name)
+    if pickled:
+        raise InputError(
+            f"model: {ref} has weights that are not safetensors ({', '.join(pickled)}), and "
+            "unpickling can run code; convert them (save_pretrained(safe_serialization=True)) "
+            "or set model_allow_pickle: true"
+        )
 
 
 def model_file(source: ModelSource, name: str) -> Path:
@@ -81,7 +165,9 @@ def model_file(source: ModelSource, name: str) -> Path:
     return Path(huggingface_hub.hf_hub_download(source.location, name, revision=source.revision))
 
 
-def _resolve_hub(repo_id: str, revision: str | None, kind: ModelKind) -> ModelSource:
+def _resolve_hub(
+    repo_id: str, revision: str | None, kind: ModelKind, allow_pickle: bool
+) -> ModelSource:
     import huggingface_hub
 
     try:
@@ -98,14 +184,16 @@ def _resolve_hub(repo_id: str, revision: str | None, kind: ModelKind) -> ModelSo
         ) from None
     if not (Path(snapshot) / kind.marker).is_file():
         raise InputError(f"{kind.field}: hub repo {repo_id!r} is not {kind.description}")
+    if kind is PIPELINE:
+        _components(Path(snapshot) / kind.marker, repo_id)
     commit = Path(snapshot).name
-    return ModelSource(repo_id, repo_id, commit, f"hub:{repo_id}@{commit}")
+    return ModelSource(repo_id, repo_id, commit, f"hub:{repo_id}@{commit}", allow_pickle)
 
 
-def weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path, suffixes: tuple[str, ...] = IDENTITY_SUFFIXES) -> str:
     """sha256 over a pipeline folder's weight, config and tokenizer files (names and bytes)."""
     h = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in IDENTITY_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
     for path in files:
         h.update(path.relative_to(folder).as_posix().encode() + b"\x00")
         _hash_file(h, path)
@@ -137,7 +225,9 @@ def load_pipeline(source: ModelSource, dtype: str, device: str) -> Any:
         source.location,
         revision=source.revision,
         dtype=getattr(torch, TORCH_DTYPES[dtype]),
-        use_safetensors=True,
+        # None: safetensors where a component has them, else its pickle, which diffusers reads
+        # with torch.load(weights_only=True) (tensors and plain containers, no code).
+        use_safetensors=None if source.allow_pickle else True,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -162,6 +162,14 @@ def _summary(run: Run) -> Section:
                     f"the intervals {verdict}."
                 )
         lines.append(line)
+    flagged = run.metrics.get("flagged_images", 0)  # absent from metrics made before it existed
+    if flagged:
+        policy = run.metrics["suite"]["safety"]
+        where = {"exclude": "excluded from", "include": "included in"}[policy]
+        lines.append(
+            f"The model's safety checker flagged {flagged} of {run.metrics['images']} images "
+            f"(it makes them black); they are **{where}** every metric (suite `safety: {policy}`)."
+        )
     if run.has("fid") and run.has("clip_score") and len(configs) > 1:
         front = configs[pareto_front(configs)].sort_values("fid")
         picks = "; ".join(
@@ -186,6 +194,10 @@ def _config_table(run: Run) -> pd.DataFrame:
             "s/image": run.configs["seconds_per_image"].map("{:.3f}".format),
         }
     )
+    if run.has("n_flagged"):  # the model has a safety checker
+        policy = run.metrics["suite"]["safety"]
+        counts = run.configs["n_flagged"].map(lambda n: "n/a" if pd.isna(n) else f"{n:.0f}")
+        table.insert(5, f"flagged ({policy}d)", counts)
     if run.has("clip_score"):
         table["CLIP score [CI]"] = [
             _with_interval(r, "clip_score") for _, r in run.configs.iterrows()

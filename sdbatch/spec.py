@@ -80,6 +80,9 @@ class JobSpec:
     seed: int = 0
     output: str | None = None
     model_revision: str | None = None
+    # Pickled weights (.bin, .ckpt) can run code when loaded; only safetensors load unless this
+    # is true, and then torch.load's weights_only=True unpickler reads them.
+    model_allow_pickle: bool = False
     runtime: Runtime = Runtime()
     # The evaluation suite `sdbatch run` applies after generating (relative to the spec file).
     suite: str | None = None
@@ -159,6 +162,9 @@ class Suite:
 
     name: str
     metrics: tuple[str, ...] = METRICS
+    # Images the model's safety checker flagged (and blacked out): left out of every metric of
+    # their configuration, or scored like the others.
+    safety: Literal["exclude", "include"] = "exclude"
     clip: ClipSettings = ClipSettings()
     fid: FidSettings = FidSettings()
     kid: KidSettings = KidSettings()

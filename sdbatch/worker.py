@@ -98,7 +98,7 @@ class Worker:
             seeds = [image_seed(unit.seed, unit.prompt_ids[p], s) for p, s in batch]
             began = time.perf_counter()
             try:
-                pixels = self._generate(unit, [p for p, _ in batch], seeds)
+                pixels, flags = self._generate(unit, [p for p, _ in batch], seeds)
             except Exception as e:
                 if len(batch) == 1 or not _out_of_memory(e):
                     raise
@@ -109,8 +109,8 @@ class Worker:
             level = self.settings.png_compress_level
             pngs += [self._encoder.submit(encode_png, px, level) for px in pixels]
             rows += [
-                self._row(unit, p, s, seed, len(batch), seconds)
-                for (p, s), seed in zip(batch, seeds, strict=True)
+                self._row(unit, p, s, seed, flag, len(batch), seconds)
+                for (p, s), seed, flag in zip(batch, seeds, flags, strict=True)
             ]
             yield len(batch)
 
@@ -124,6 +124,7 @@ class Worker:
             "prompt_ids": list(unit.prompt_ids),
             "images": len(rows),
             "generation_seconds": sum(r["generation_seconds"] for r in rows),
+            "nsfw_flagged": sum(bool(r["nsfw_flagged"]) for r in rows),
         }
         yield self._output.commit_unit(unit.unit_id, table, marker)
 
@@ -140,7 +141,15 @@ class Worker:
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
-    def _generate(self, unit: WorkUnit, prompts: list[int], seeds: list[int]) -> np.ndarray:
+    def _generate(
+        self, unit: WorkUnit, prompts: list[int], seeds: list[int]
+    ) -> tuple[np.ndarray, list[bool | None]]:
+        """The batch's pixels, and per image whether the model's safety checker flagged it.
+
+        The checker runs for every output type but latents. A flagged image is kept as the
+        model's checker made it (diffusers returns it black): sdbatch records the flag and
+        changes no pixel, so the dataset shows what the model, as shipped, gives its users.
+        """
         import torch
 
         config = unit.config
@@ -157,10 +166,20 @@ class Worker:
         )
         # diffusers' own rounding (numpy_to_pil), on the device: a quarter of the bytes to copy.
         pixels = (result.images * 255).round().clamp(0, 255).to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+        # None when the model has no checker; pipelines that never have one (SDXL) lack the field.
+        flags = getattr(result, "nsfw_content_detected", None)
+        flags = [None] * len(seeds) if flags is None else [bool(f) for f in flags]
+        return pixels.permute(0, 2, 3, 1).cpu().numpy(), flags
 
     def _row(
-        self, unit: WorkUnit, p: int, sample: int, seed: int, batch: int, seconds: float
+        self,
+        unit: WorkUnit,
+        p: int,
+        sample: int,
+        seed: int,
+        flagged: bool | None,
+        batch: int,
+        seconds: float,
     ) -> dict[str, Any]:
         config = unit.config
         prompt_id = unit.prompt_ids[p]
@@ -181,6 +200,7 @@ class Worker:
             "dtype": self.settings.dtype,
             "batch_size": batch,
             "generation_seconds": seconds,
+            "nsfw_flagged": flagged,
         }
 
 

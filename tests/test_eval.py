@@ -65,6 +65,8 @@ def test_tables_cover_every_image_and_join_back(world):
     ).all()
     assert (configs["kid_subset_size"] == 10).all() and configs["kid_mean"].notna().all()
     assert configs["fid_ill_conditioned"].all()  # 14 images < 16 feature dimensions
+    # builtin:tiny has no safety checker: nothing flagged, not even "none flagged"
+    assert configs["n_flagged"].isna().all() and (configs["n_excluded"] == 0).all()
     seconds = images.groupby("config_id")["generation_seconds"].mean()
     assert np.allclose(
         configs.set_index("config_id")["seconds_per_image"], seconds[configs["config_id"]]
@@ -271,6 +273,7 @@ def test_long_prompts_are_truncated_keeping_end_of_text():
         ({"fid": {"features": "resnet"}}, "fid.features: must be inception or clip"),
         ({"reference": None}, "reference: required by metric fid"),
         ({"bootstrap": {"confidence": 95}}, "bootstrap.confidence: must be between 0 and 1"),
+        ({"safety": "maybe"}, "safety: must be 'exclude' or 'include', got 'maybe'"),
     ],
 )
 def test_bad_suites_are_one_line_errors(world, change, message):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import pytest
 import torch
+from conftest import PROMPTS, job
 from transformers import CLIPTokenizer
 
 from sdbatch.builtin import build_tiny, build_tiny_clip, builtin_path
 from sdbatch.errors import InputError
+from sdbatch.generate import generate
 from sdbatch.pipeline import load_pipeline, resolve_model, weights_digest
+from sdbatch.spec import parse_spec
 
 
 @pytest.mark.parametrize(("name", "build"), [("tiny", build_tiny), ("tiny-clip", build_tiny_clip)])
@@ -67,3 +72,87 @@ def test_hub_id_missing_from_the_offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(InputError, match="cannot find 'nobody/nothing' on the Hugging Face hub"):
         resolve_model("nobody/nothing")
+
+
+@pytest.fixture(scope="module")
+def pickled(tmp_path_factory):
+    """builtin:tiny saved with safe_serialization=False: the UNet and VAE as .bin pickles
+    (transformers 5 writes the text encoder as safetensors whatever it is asked)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("pickled") / "model"
+    pipe = StableDiffusionPipeline.from_pretrained(builtin_path("tiny"))
+    pipe.save_pretrained(folder, safe_serialization=False)
+    assert (folder / "unet" / "diffusion_pytorch_model.bin").is_file()
+    return folder
+
+
+def test_pickled_weights_are_refused_unless_the_spec_opts_in(
+    pickled, tmp_path, prompt_file, ray_address
+):
+    sweep = {"scheduler": ["ddim"], "guidance_scale": [7.5]}
+    data = job(prompt_file(PROMPTS[:2]), model=str(pickled), sweep=sweep)
+    # refused on the driver, in one line, before Ray starts or anything is written
+    with pytest.raises(InputError) as error:
+        generate(parse_spec(data), str(tmp_path / "refused"), ray_address)
+    message = str(error.value)
+    assert message.startswith(f"model: {pickled} has weights that are not safetensors (unet, vae)")
+    assert message.endswith("or set model_allow_pickle: true") and "\n" not in message
+    assert not (tmp_path / "refused").exists()
+
+    summary = generate(
+        parse_spec({**data, "model_allow_pickle": True}), str(tmp_path / "out"), ray_address
+    )
+    assert summary.new_images == 4
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["spec"]["model_allow_pickle"] is True and run["model"]["allow_pickle"] is True
+    # the pickles are what loads, so they are part of the model's identity
+    copy = tmp_path / "copy"
+    shutil.copytree(pickled, copy)
+    with (copy / "vae" / "diffusion_pytorch_model.bin").open("ab") as f:
+        f.write(b"\0")
+    assert resolve_model(str(copy), allow_pickle=True).identity != run["model"]["identity"]
+
+
+EVIL = "import pathlib\npathlib.Path({marker!r}).write_text('imported')\nclass Evil: pass\n"
+
+
+@pytest.mark.parametrize(
+    ("module", "entry", "message"),
+    [
+        ("evil_pipeline.py", "_class_name", "asks for a custom pipeline class"),
+        ("unet/evil_unet.py", "unet", "loads component 'unet' from 'evil_unet'"),
+    ],
+)
+def test_a_model_asking_for_its_own_code_is_refused_before_any_import(
+    module, entry, message, tmp_path, prompt_file
+):
+    folder = tmp_path / "model"
+    shutil.copytree(builtin_path("tiny"), folder)
+    marker = tmp_path / "imported"
+    (folder / module).write_text(EVIL.format(marker=str(marker)))
+    index = json.loads((folder / "model_index.json").read_text())
+    # how diffusers names a module of the model's own: [module file, class]
+    index[entry] = [module.rsplit("/", 1)[-1].removesuffix(".py"), "Evil"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match=f"^model: {re.escape(str(folder))} {message}.*never runs"):
+        generate(parse_spec(job(prompt_file(), model=str(folder))), str(tmp_path / "out"))
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_hub_model_asking_for_its_own_code_is_refused(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--sdbatch--custom"
+    shutil.copytree(builtin_path("tiny"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    index = repo / "snapshots" / commit / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "vae": ["my_vae", "MyVAE"]}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(InputError, match=r"^model: sdbatch/custom loads component 'vae'"):
+        resolve_model("sdbatch/custom")
+    # the model itself, unchanged, resolves
+    index.write_text((builtin_path("tiny") / "model_index.json").read_text())
+    assert resolve_model("sdbatch/custom").identity == f"hub:sdbatch/custom@{commit}"

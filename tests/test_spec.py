@@ -58,6 +58,7 @@ BAD_FIELDS = [
     ({"prompts": {"limit": 0}}, "prompts.limit", ">= 1"),
     ({"prompts": "prompts.parquet"}, "prompts", "mapping"),
     ({"model": ""}, "model", "must name"),
+    ({"model_allow_pickle": "yes"}, "model_allow_pickle", "must be true or false"),
 ]
 
 
@@ -99,11 +100,15 @@ def test_spec_file_errors(tmp_path, capsys):
     assert "must be a mapping" in capsys.readouterr().err
 
 
-def test_yaml_is_never_evaluated_as_code(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_yaml_is_never_evaluated_as_code(tmp_path, command):
+    """A job spec or a suite with a tag that PyYAML's unsafe loaders would call is refused."""
+    pwned = tmp_path / "pwned"
     evil = tmp_path / "evil.yaml"
-    evil.write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
-    assert main(["generate", str(evil)]) == 2
-    assert not (tmp_path / "pwned").exists()
+    evil.write_text(f"name: !!python/object/apply:os.system ['touch {pwned}']\n")
+    args = [str(evil)] if command == "generate" else [str(tmp_path), "--suite", str(evil)]
+    assert main([command, *args]) == 2
+    assert not pwned.exists()
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)

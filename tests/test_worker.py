@@ -127,6 +127,8 @@ def test_a_unit_commits_its_file_then_its_marker(tmp_path):
     assert row["image"]["path"] == f"{unit.config.config_id}/p0-0.png"
     assert Image.open(io.BytesIO(row["image"]["bytes"])).format == "PNG"
     assert row["generation_seconds"] > 0 and row["batch_size"] == 4
+    # builtin:tiny has no safety checker: the flag is null, not False
+    assert row["nsfw_flagged"] is None and marker["nsfw_flagged"] == 0
 
 
 def test_commits_work_on_a_non_local_fsspec_filesystem():
