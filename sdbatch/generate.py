@@ -21,7 +21,7 @@ from sdbatch import distribute, schedulers
 from sdbatch.dataset import Output, versions
 from sdbatch.errors import InputError
 from sdbatch.pipeline import ModelSource, resolve_model
-from sdbatch.prompts import load_prompts, prompt_set_digest
+from sdbatch.prompts import PromptSet, load_prompts, prompt_set_digest
 from sdbatch.spec import JobSpec
 from sdbatch.sweep import Config, configurations, plan_units
 from sdbatch.worker import Worker, WorkerSettings
@@ -70,12 +70,13 @@ def generate(
     """
     began = time.perf_counter()
     # 1. check every input before anything expensive starts
-    prompts = load_prompts(spec.prompts)
+    prompt_set = load_prompts(spec.prompts)
+    prompts = prompt_set.frame
     configs = configurations(spec.sweep)
     model = resolve_model(spec.model, spec.model_revision)
     out = Output(output or spec.output or f"out/{spec.name}")
     spec = dataclasses.replace(spec, output=out.location)
-    record = _run_record(spec, prompts, configs, model)
+    record = _run_record(spec, prompt_set, configs, model)
     previous = out.read_run()
     if previous is None and not out.is_empty():
         raise InputError(
@@ -166,13 +167,17 @@ def generate(
 
 
 def _run_record(
-    spec: JobSpec, prompts: pd.DataFrame, configs: list[Config], model: ModelSource
+    spec: JobSpec, prompts: PromptSet, configs: list[Config], model: ModelSource
 ) -> dict[str, Any]:
     record = {
         "format": 1,
         "spec": spec.to_dict(),
         "model": dataclasses.asdict(model),
-        "prompts": {"count": len(prompts), "sha256": prompt_set_digest(prompts)},
+        "prompts": {
+            "count": len(prompts.frame),
+            "sha256": prompt_set_digest(prompts.frame),
+            "skipped_blank": prompts.skipped_blank,
+        },
         "configs": [{"config_id": c.config_id, **dataclasses.asdict(c)} for c in configs],
         "schedulers": schedulers.describe(list(spec.sweep.scheduler)),
         "versions": versions(),

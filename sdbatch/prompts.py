@@ -11,6 +11,8 @@ import csv
 import hashlib
 import io
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import fsspec
@@ -23,6 +25,7 @@ from sdbatch.dataset import publish
 from sdbatch.errors import InputError
 from sdbatch.spec import PromptSource
 
+log = logging.getLogger("sdbatch")
 PROMPT_COLUMNS = ["prompt_id", "prompt", "negative_prompt"]
 TEXT_FORMATS = (".txt", ".csv", ".tsv", ".jsonl")
 # Column names `sdbatch prompts` recognises as the text, in order of preference (case-insensitive).
@@ -35,12 +38,23 @@ def derive_prompt_ids(texts: list[str]) -> list[str]:
     return [f"{i:06d}-{hashlib.sha1(t.encode()).hexdigest()[:8]}" for i, t in enumerate(texts)]
 
 
-def load_prompts(source: PromptSource) -> pd.DataFrame:
+@dataclass(frozen=True)
+class PromptSet:
+    """A checked prompt set, and how many null or blank rows `prompts.blank: skip` dropped."""
+
+    frame: pd.DataFrame  # columns prompt_id, prompt, negative_prompt
+    skipped_blank: int = 0
+
+
+def load_prompts(source: PromptSource) -> PromptSet:
     """Read the prompt set a spec names, checked, as columns prompt_id, prompt, negative_prompt.
 
+    Null or blank prompts are refused, or dropped with a warning under ``blank: skip``; derived
+    ids keep the row's position in the file either way.
+
     Raises:
-        InputError: the file or a column is missing, a prompt is empty, an id repeats, or the
-            set is empty.
+        InputError: the file or a column is missing, a prompt is blank (unless skipped), an id
+            repeats, or the set is empty.
     """
     fs, path = fsspec.core.url_to_fs(source.path)
     if not fs.exists(path):
@@ -69,20 +83,34 @@ def load_prompts(source: PromptSource) -> pd.DataFrame:
     if not all(t is None or isinstance(t, str) for t in texts):
         raise InputError(f"prompts.column: column {source.column!r} must hold text")
     blank = [i for i, t in enumerate(texts) if t is None or not t.strip()]
-    if blank:
+    if blank and source.blank == "error":
         raise InputError(
             f"prompts.column: {len(blank)} prompt(s) are null or blank, first at row {blank[0]}; "
-            "remove them from the prompt file"
+            "remove them from the prompt file, or set prompts.blank: skip"
         )
-    if not texts:
-        raise InputError(f"prompts.path: the prompt set in {source.path} is empty")
+    if len(blank) == len(texts):
+        skipped = f" once {len(blank)} null or blank prompt(s) are skipped" if blank else ""
+        raise InputError(f"prompts.path: the prompt set in {source.path} is empty{skipped}")
+    if blank:
+        log.warning(
+            "skipped %d null or blank prompt(s) (prompts.blank: skip), first at row %d",
+            len(blank), blank[0],
+        )  # fmt: skip
 
     if source.id_column is None:
-        ids = derive_prompt_ids(texts)
+        # Derived from every row, so skipping a blank one does not renumber the rest.
+        ids = derive_prompt_ids([t or "" for t in texts])
     else:
         ids = [None if v is None else str(v) for v in table.column(source.id_column).to_pylist()]
-        if None in ids:
-            raise InputError(f"prompts.id_column: row {ids.index(None)} has a null id")
+    negatives = (
+        table.column(source.negative_column).to_pylist()
+        if source.negative_column
+        else [None] * len(texts)
+    )
+    keep = sorted(set(range(len(texts))) - set(blank))
+    ids, texts, negatives = ([values[i] for i in keep] for values in (ids, texts, negatives))
+    if None in ids:
+        raise InputError(f"prompts.id_column: row {keep[ids.index(None)]} has a null id")
     series = pd.Series(ids)
     duplicated = series[series.duplicated()]
     if len(duplicated):
@@ -90,15 +118,11 @@ def load_prompts(source: PromptSource) -> pd.DataFrame:
             f"prompts.id_column: {len(duplicated)} duplicate prompt id(s), "
             f"first {duplicated.iloc[0]!r}; ids must be unique"
         )
-    negatives = (
-        table.column(source.negative_column).to_pylist()
-        if source.negative_column
-        else [None] * len(texts)
-    )
     # object dtype keeps a missing negative prompt as None; pandas' string dtype would make it NaN.
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {"prompt_id": ids, "prompt": texts, "negative_prompt": pd.Series(negatives, dtype=object)}
     )
+    return PromptSet(frame, len(blank))
 
 
 def prompt_set_digest(prompts: pd.DataFrame) -> str:

@@ -26,7 +26,8 @@ def test_derived_ids_are_stable_and_follow_position_and_text():
 
 def test_load_with_id_negative_column_and_limit(prompt_file):
     path = prompt_file(id=[10, 11, 12, 13, 14, 15], neg=["blurry", None, "", "x", "y", "z"])
-    prompts = load_prompts(PromptSource(str(path), id_column="id", negative_column="neg", limit=3))
+    source = PromptSource(str(path), id_column="id", negative_column="neg", limit=3)
+    prompts = load_prompts(source).frame
     assert list(prompts.columns) == ["prompt_id", "prompt", "negative_prompt"]
     assert prompts["prompt_id"].tolist() == ["10", "11", "12"]
     assert prompts["negative_prompt"].tolist() == ["blurry", None, ""]
@@ -38,7 +39,7 @@ def test_load_reads_a_folder_of_parquet_files(tmp_path):
     folder.mkdir()
     pq.write_table(pa.table({"prompt": ["a", "b"]}), folder / "part-0.parquet")
     pq.write_table(pa.table({"prompt": ["c"]}), folder / "part-1.parquet")
-    assert load_prompts(PromptSource(str(folder)))["prompt"].tolist() == ["a", "b", "c"]
+    assert load_prompts(PromptSource(str(folder))).frame["prompt"].tolist() == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize(
@@ -57,10 +58,28 @@ def test_load_errors(prompt_file, columns, source, message):
 
 
 def test_blank_and_empty_prompt_sets(prompt_file):
-    with pytest.raises(InputError, match=r"2 prompt.* null or blank, first at row 1"):
+    with pytest.raises(InputError, match=r"2 prompt.* null or blank, first at row 1;.*blank: skip"):
         load_prompts(PromptSource(str(prompt_file(["ok", "  ", None]))))
-    with pytest.raises(InputError, match=r"prompts\.path: the prompt set .* is empty"):
+    with pytest.raises(InputError, match=r"prompts\.path: the prompt set .* is empty$"):
         load_prompts(PromptSource(str(prompt_file([]))))
+    with pytest.raises(InputError, match=r"is empty once 2 null or blank prompt\(s\) are skipped"):
+        load_prompts(PromptSource(str(prompt_file(["", None])), blank="skip"))
+
+
+def test_skipping_blank_prompts_keeps_the_other_ids(prompt_file, caplog):
+    texts = ["a cat", None, "a dog", " \t", "a cow"]
+    path = prompt_file(texts, neg=["n0", "n1", "n2", "n3", "n4"], uid=["a", None, "c", "d", "e"])
+    loaded = load_prompts(PromptSource(str(path), negative_column="neg", blank="skip"))
+    assert loaded.skipped_blank == 2
+    assert "skipped 2 null or blank prompt(s) (prompts.blank: skip), first at row 1" in caplog.text
+    whole = derive_prompt_ids(["a cat", "", "a dog", "", "a cow"])
+    assert loaded.frame["prompt_id"].tolist() == [whole[0], whole[2], whole[4]]
+    assert loaded.frame["prompt"].tolist() == ["a cat", "a dog", "a cow"]
+    assert loaded.frame["negative_prompt"].tolist() == ["n0", "n2", "n4"]
+    # A skipped row's null id does not matter; ids are checked on the rows that are kept.
+    kept = load_prompts(PromptSource(str(path), id_column="uid", blank="skip")).frame
+    assert kept["prompt_id"].tolist() == ["a", "c", "e"]
+    assert load_prompts(PromptSource(str(prompt_file(["a", "b"])))).skipped_blank == 0
 
 
 def test_not_parquet_and_missing(tmp_path):
@@ -89,10 +108,22 @@ def test_prompt_errors_exit_2_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_prompt_set_exits_2(tmp_path, prompt_file, spec_file, capsys):
-    path = spec_file(job(prompt_file([])))
+@pytest.mark.parametrize(
+    ("texts", "source", "message"),
+    [
+        ([], {}, "prompts.path: the prompt set"),
+        (["a cat", " "], {}, "prompts.column: 1 prompt(s) are null or blank, first at row 1"),
+        (["", None], {"blank": "skip"}, "is empty once 2 null or blank prompt(s) are skipped"),
+    ],
+)
+def test_empty_or_blank_prompt_sets_exit_2(
+    tmp_path, prompt_file, spec_file, capsys, texts, source, message
+):
+    path = spec_file(job(prompt_file(texts), prompts=source))
     assert main(["generate", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "is empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_txt_csv_jsonl_agree(tmp_path):
@@ -123,7 +154,7 @@ def test_convert_partiprompts_tsv_and_load_it(tmp_path, parti):
     assert table["id"].is_unique
     raw = parti.read_text(encoding="utf-8").splitlines()[1:]
     assert table["prompt"].tolist() == [line.split("\t")[0].strip() for line in raw]
-    prompts = load_prompts(PromptSource(str(out), id_column="id"))
+    prompts = load_prompts(PromptSource(str(out), id_column="id")).frame
     assert prompts["prompt_id"].tolist() == table["id"].tolist()
 
 

@@ -41,6 +41,7 @@ BAD_FIELDS = [
     ({"sweep": {"num_inference_steps": [2, 0]}}, "sweep.num_inference_steps[1]", ">= 1"),
     ({"sweep": {"num_inference_steps": [True]}}, "sweep.num_inference_steps[0]", "integer"),
     ({"sweep": {"num_inference_steps": []}}, "sweep.num_inference_steps", "at least one"),
+    ({"sweep": {"scheduler": []}}, "sweep.scheduler", "at least one"),
     ({"sweep": {"scheduler": ["ddim", "warp9"]}}, "sweep.scheduler[1]", "unknown scheduler"),
     ({"sweep": {"scheduler": ["ddim", "ddim"]}}, "sweep.scheduler", "listed twice"),
     ({"sweep": {"guidance_scale": [-1.0]}}, "sweep.guidance_scale[0]", "finite number >= 0"),
@@ -56,6 +57,7 @@ BAD_FIELDS = [
     ({"runtime": {"batch_size": 0}}, "runtime.batch_size", ">= 1"),
     ({"runtime": {"png_compress_level": 10}}, "runtime.png_compress_level", "0 and 9"),
     ({"prompts": {"limit": 0}}, "prompts.limit", ">= 1"),
+    ({"prompts": {"blank": "drop"}}, "prompts.blank", "must be 'error' or 'skip', got 'drop'"),
     ({"prompts": "prompts.parquet"}, "prompts", "mapping"),
     ({"model": ""}, "model", "must name"),
 ]
