@@ -162,8 +162,15 @@ class Output:
 
 def publish(fs: Any, write: Callable[[str], None], final: str, tmp: str) -> None:
     """Write through the temporary name `tmp`, then move it to `final`: readers never see half."""
-    write(tmp)
+    # Made first: `tmp` may sit beside `final` (a converted prompt file into a new folder).
     fs.makedirs(final.rsplit("/", 1)[0] if "/" in final else ".", exist_ok=True)
+    try:
+        write(tmp)
+    except BaseException:
+        # A failed write must not leave its partial file behind for the next reader or run.
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
     fs.mv(tmp, final)
 
 

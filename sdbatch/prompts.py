@@ -181,9 +181,12 @@ def convert_prompt_file(
     rest = [c for c in frame.columns if c not in ("id", "prompt")]
     table = pa.Table.from_pandas(frame[["id", "prompt", *rest]], preserve_index=False)
 
-    # Written beside the target first, so a failed conversion leaves no half file behind.
+    # Written beside the target first, so a failed conversion leaves no half file behind; the
+    # leading dot hides it from pyarrow, which reads a folder's files but not hidden ones.
     fs, path = fsspec.core.url_to_fs(destination)
-    publish(fs, lambda tmp: pq.write_table(table, tmp, filesystem=fs), path, f"{path}.partial")
+    folder, _, name = path.rpartition("/")
+    partial = f"{folder}/.{name}.partial"
+    publish(fs, lambda tmp: pq.write_table(table, tmp, filesystem=fs), path, partial)
     return table.num_rows
 
 

@@ -179,6 +179,30 @@ def test_convert_errors_exit_2_without_output(tmp_path, capsys, name, content, a
     assert not target.exists()
 
 
+def test_a_failed_conversion_leaves_nothing_a_reader_would_see(tmp_path, monkeypatch):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["x"], "prompt": ["kept"]}), folder / "part-0.parquet")
+    (tmp_path / "more.txt").write_text("a cat\na dog\n")
+
+    def dies_halfway(table, where, filesystem):
+        with filesystem.open(where, "wb") as f:
+            f.write(b"PAR1 half a file")
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pq, "write_table", dies_halfway)
+        with pytest.raises(OSError, match="No space left"):
+            convert_prompt_file(str(tmp_path / "more.txt"), str(folder / "part-1.parquet"))
+    assert sorted(p.name for p in folder.iterdir()) == ["part-0.parquet"]
+    # Had the process been killed instead, its hidden partial file is not part of the folder.
+    (folder / ".part-1.parquet.partial").write_bytes(b"PAR1 half a file")
+    source = PromptSource(str(folder), id_column="id")
+    assert load_prompts(source).frame["prompt"].tolist() == ["kept"]
+    convert_prompt_file(str(tmp_path / "more.txt"), str(tmp_path / "new" / "more.parquet"))
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["more.parquet"]
+
+
 def test_shipped_demo_prompts_match_their_text_source(tmp_path):
     convert_prompt_file(str(REPO / "jobs/demo-prompts.txt"), str(tmp_path / "demo.parquet"))
     fresh = pd.read_parquet(tmp_path / "demo.parquet")
