@@ -8,6 +8,7 @@ worker, always through `from_pretrained`, safetensors only and never with remote
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ def resolve_model(ref: str, revision: str | None = None, kind: ModelKind = PIPEL
             raise InputError(
                 f"{kind.field}: {ref} is not {kind.description} folder (no {kind.marker})"
             )
+        if kind is PIPELINE:
+            _check_text_to_image(folder / kind.marker, ref)
         return ModelSource(ref, str(folder.resolve()), None, weights_digest(folder))
     if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
         raise InputError(f"{kind.field}: no folder {ref!r}, and it is not a hub id like org/name")
@@ -98,8 +101,40 @@ def _resolve_hub(repo_id: str, revision: str | None, kind: ModelKind) -> ModelSo
         ) from None
     if not (Path(snapshot) / kind.marker).is_file():
         raise InputError(f"{kind.field}: hub repo {repo_id!r} is not {kind.description}")
+    if kind is PIPELINE:
+        _check_text_to_image(Path(snapshot) / kind.marker, repo_id)
     commit = Path(snapshot).name
     return ModelSource(repo_id, repo_id, commit, f"hub:{repo_id}@{commit}")
+
+
+def _check_text_to_image(index: Path, ref: str) -> None:
+    """Refuse a pipeline that diffusers' AutoPipelineForText2Image would not load from its
+    model_index.json class: an image-to-image, inpainting, unconditional or video pipeline."""
+    try:
+        config = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"model: {ref}: model_index.json is not valid JSON ({e})") from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name not in _text_to_image_classes():
+        raise InputError(
+            f"model: {ref} holds {f'a {name}' if name else 'no _class_name'} (model_index.json); "
+            "sdbatch needs a text-to-image pipeline, like StableDiffusionPipeline"
+        )
+
+
+def _text_to_image_classes() -> set[str]:
+    """Class names of the pipelines diffusers' AutoPipelineForText2Image loads (its own table)."""
+    import transformers
+
+    # The table imports every diffusers pipeline (seconds, so builtin models skip this check),
+    # and transformers then warns about optional image backends none of them needs here.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return {pipeline.__name__ for pipeline in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
 
 
 def weights_digest(folder: Path) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
 import torch
+from conftest import job
 from transformers import CLIPTokenizer
 
 from sdbatch.builtin import build_tiny, build_tiny_clip, builtin_path
+from sdbatch.cli import main
 from sdbatch.errors import InputError
 from sdbatch.pipeline import load_pipeline, resolve_model, weights_digest
 
@@ -61,6 +64,45 @@ def test_a_folder_that_is_not_a_pipeline(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="not a diffusers pipeline folder"):
         resolve_model(str(tmp_path))
+
+
+T2I = r" \(model_index\.json\); sdbatch needs a text-to-image pipeline"
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        (None, "no folder"),
+        ("", r"is not a diffusers pipeline folder \(no model_index\.json\)"),
+        (
+            '{"_class_name": "StableDiffusionImg2ImgPipeline"}',
+            "a StableDiffusionImg2ImgPipeline" + T2I,
+        ),
+        (
+            '{"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]}',
+            "DDPMPipeline" + T2I,
+        ),
+        ('{"unet": ["diffusers", "UNet2DConditionModel"]}', "holds no _class_name" + T2I),
+        ('{"_class_name": "StableDiffusionPipeline",', "model_index.json is not valid JSON"),
+    ],
+)
+def test_a_model_that_is_no_text_to_image_pipeline_exits_2(
+    tmp_path, prompt_file, spec_file, capsys, index, message
+):
+    """A missing folder, one without model_index.json, or one naming another kind of pipeline."""
+    folder = tmp_path / "model"
+    if index is not None:
+        shutil.copytree(builtin_path("tiny"), folder)
+        (folder / "model_index.json").unlink()
+    if index:
+        (folder / "model_index.json").write_text(index)
+    out = tmp_path / "out"
+    path = spec_file(job(prompt_file(), model=str(folder)))
+    assert main(["generate", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdbatch: error: model: ") and err.count("\n") == 1, err
+    assert re.search(message, err) and str(folder) in err
+    assert not out.exists()
 
 
 def test_hub_id_missing_from_the_offline_cache(tmp_path, monkeypatch):
