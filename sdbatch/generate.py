@@ -83,6 +83,10 @@ def generate(
             f"--out: {out.uri} is not empty and holds no sdbatch run.json; "
             "choose an empty or new location"
         )
+    try:
+        out.check_writable()
+    except OSError as e:
+        raise InputError(f"--out: cannot write to {out.uri} ({e})") from None
     total = len(prompts) * len(configs) * spec.sweep.images_per_prompt
     log.info(
         "job %s: %d prompts x %d configurations x %d images = %d images -> %s",

@@ -281,6 +281,22 @@ def test_output_that_is_not_ours_and_fp16_on_cpu_are_refused(tmp_path, prompt_fi
     assert not (tmp_path / "out" / "images").exists()
 
 
+@pytest.mark.parametrize("where", ["under a file", "/proc/sdbatch-out"])
+def test_an_output_that_cannot_be_written_exits_2(where, tmp_path, prompt_file, spec_file, capsys):
+    """Checked by writing a probe file before Ray starts (chmod cannot stop root, so: a path under
+    a regular file, and one under /proc)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out" if where == "under a file" else Path(where)
+    path = spec_file(job(prompt_file()))
+    assert cli_main(["generate", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdbatch: error: --out: cannot write to {out} ("), err
+    assert err.count("\n") == 1
+    assert not out.exists() and blocker.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "job.yaml", "prompts.parquet"]
+
+
 def test_hub_id_loads_from_the_offline_cache(tmp_path, prompt_file, spec_file):
     """A hub id resolved and loaded through the HF cache with HF_HUB_OFFLINE=1 (own local Ray)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
