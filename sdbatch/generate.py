@@ -19,11 +19,11 @@ import pandas as pd
 
 from sdbatch import distribute, schedulers
 from sdbatch.dataset import Output, versions
-from sdbatch.errors import InputError
-from sdbatch.pipeline import ModelSource, resolve_model
+from sdbatch.errors import InputError, first_line
+from sdbatch.pipeline import ModelSource, longer_than_context, resolve_model
 from sdbatch.prompts import PromptSet, load_prompts, prompt_set_digest
 from sdbatch.spec import JobSpec
-from sdbatch.sweep import Config, configurations, plan_units
+from sdbatch.sweep import Config, configurations, negative_prompts, plan_units
 from sdbatch.worker import Worker, WorkerSettings
 
 log = logging.getLogger("sdbatch")
@@ -76,7 +76,6 @@ def generate(
     model = resolve_model(spec.model, spec.model_revision)
     out = Output(output or spec.output or f"out/{spec.name}")
     spec = dataclasses.replace(spec, output=out.location)
-    record = _run_record(spec, prompt_set, configs, model)
     previous = out.read_run()
     if previous is None and not out.is_empty():
         raise InputError(
@@ -86,7 +85,8 @@ def generate(
     try:
         out.check_writable()
     except OSError as e:
-        raise InputError(f"--out: cannot write to {out.uri} ({e})") from None
+        raise InputError(f"--out: cannot write to {out.uri} ({first_line(e)})") from None
+    record = _run_record(spec, prompt_set, configs, model, _count_truncated(prompts, spec, model))
     total = len(prompts) * len(configs) * spec.sweep.images_per_prompt
     log.info(
         "job %s: %d prompts x %d configurations x %d images = %d images -> %s",
@@ -170,8 +170,28 @@ def generate(
     return GenerateSummary(out.location, total, left, time.perf_counter() - began, result.seconds)
 
 
+def _count_truncated(prompts: pd.DataFrame, spec: JobSpec, model: ModelSource) -> int:
+    """How many prompts the text encoder will cut short (the prompt or its negative prompt is
+    too long); warns once, since diffusers would only say so inside each worker."""
+    negatives = negative_prompts(prompts["negative_prompt"], spec.sweep.negative_prompt)
+    long = longer_than_context(model, [*prompts["prompt"], *negatives])
+    cut = prompts["prompt"].isin(long) | pd.Series(negatives, index=prompts.index).isin(long)
+    ids = prompts.loc[cut, "prompt_id"].tolist()
+    if ids:
+        log.warning(
+            "%d prompt(s) or their negative prompts are longer than the model's tokenizer takes "
+            "and will be truncated, first %r",
+            len(ids), ids[0],
+        )  # fmt: skip
+    return len(ids)
+
+
 def _run_record(
-    spec: JobSpec, prompts: PromptSet, configs: list[Config], model: ModelSource
+    spec: JobSpec,
+    prompts: PromptSet,
+    configs: list[Config],
+    model: ModelSource,
+    truncated: int,
 ) -> dict[str, Any]:
     record = {
         "format": 1,
@@ -181,6 +201,7 @@ def _run_record(
             "count": len(prompts.frame),
             "sha256": prompt_set_digest(prompts.frame),
             "skipped_blank": prompts.skipped_blank,
+            "truncated": truncated,
         },
         "configs": [{"config_id": c.config_id, **dataclasses.asdict(c)} for c in configs],
         "schedulers": schedulers.describe(list(spec.sweep.scheduler)),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdbatch.builtin import PREFIX, builtin_path
-from sdbatch.errors import InputError
+from sdbatch.errors import InputError, first_line
 
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -94,10 +94,9 @@ def _resolve_hub(repo_id: str, revision: str | None, kind: ModelKind) -> ModelSo
             repo_id, revision=revision, allow_patterns=[kind.marker]
         )
     except Exception as e:  # the hub client raises many types; all mean "cannot resolve"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
             f"{kind.field}: cannot find {repo_id!r} on the Hugging Face hub or in its cache "
-            f"({reason})"
+            f"({first_line(e)})"
         ) from None
     if not (Path(snapshot) / kind.marker).is_file():
         raise InputError(f"{kind.field}: hub repo {repo_id!r} is not {kind.description}")
@@ -135,6 +134,41 @@ def _text_to_image_classes() -> set[str]:
     finally:
         transformers.logging.set_verbosity(verbosity)
     return {pipeline.__name__ for pipeline in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+
+
+def longer_than_context(source: ModelSource, texts: list[str]) -> set[str]:
+    """The texts longer than the pipeline's tokenizers take (their model_max_length: 77 tokens
+    for CLIP), which its text encoders silently cut. Loads the tokenizers only, not the model.
+
+    Raises:
+        InputError: a tokenizer cannot be loaded (a damaged file, an unknown class).
+    """
+    import transformers
+
+    components = json.loads(model_file(source, "model_index.json").read_text(encoding="utf-8"))
+    distinct = list(dict.fromkeys(texts))
+    long = set()
+    for name in ("tokenizer", "tokenizer_2"):  # SDXL has a second CLIP tokenizer
+        library, class_name = components.get(name) or (None, None)
+        if library != "transformers":
+            continue  # absent, or saved as [null, null]
+        # The class model_index.json names, loaded as diffusers loads it: AutoTokenizer would
+        # first look for a model config.json, which a pipeline's tokenizer folder does not have
+        # (fatal for a hub id with HF_HUB_OFFLINE=1).
+        try:
+            tokenizer = getattr(transformers, class_name).from_pretrained(
+                source.location, subfolder=name, revision=source.revision
+            )
+        except (OSError, ValueError, AttributeError) as e:  # unreadable, damaged, unknown class
+            raise InputError(
+                f"model: cannot load {source.ref}'s {name} ({first_line(e)})"
+            ) from None
+        # verbose=False: transformers would warn once per long text that it exceeds the maximum.
+        ids = tokenizer(distinct, verbose=False)["input_ids"]
+        long.update(
+            t for t, i in zip(distinct, ids, strict=True) if len(i) > tokenizer.model_max_length
+        )
+    return long
 
 
 def weights_digest(folder: Path) -> str:

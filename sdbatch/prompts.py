@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from sdbatch.dataset import publish
-from sdbatch.errors import InputError
+from sdbatch.errors import InputError, first_line
 from sdbatch.spec import PromptSource
 
 log = logging.getLogger("sdbatch")
@@ -65,7 +65,7 @@ def load_prompts(source: PromptSource) -> PromptSet:
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(
             f"prompts.path: {source.path} is not a readable Parquet file or folder "
-            f"({_first_line(e)}); convert text lists with `sdbatch prompts`"
+            f"({first_line(e)}); convert text lists with `sdbatch prompts`"
         ) from None
     wanted = {"column": source.column, "id_column": source.id_column}
     wanted["negative_column"] = source.negative_column
@@ -213,7 +213,7 @@ def _read_text_table(text: str, suffix: str, source: str) -> pd.DataFrame:
             io.StringIO(text), sep=sep, quoting=quoting, dtype=str, keep_default_na=False
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise InputError(f"input: {source} is not a readable table ({_first_line(e)})") from None
+        raise InputError(f"input: {source} is not a readable table ({first_line(e)})") from None
 
 
 def _text_column(frame: pd.DataFrame, column: str | None, source: str) -> str:
@@ -229,7 +229,3 @@ def _text_column(frame: pd.DataFrame, column: str | None, source: str) -> str:
     if len(names) == 1:
         return names[0]
     raise InputError(f"--column: say which column holds the prompts in {source}; columns: {names}")
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -20,13 +20,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import PROMPTS, REPO, job
+from conftest import LONG_PROMPT, PROMPTS, REPO, job
 from PIL import Image
 
 from sdbatch.builtin import builtin_path
 from sdbatch.cli import main as cli_main
 from sdbatch.errors import InputError
 from sdbatch.generate import generate
+from sdbatch.prompts import derive_prompt_ids
 from sdbatch.spec import load_spec, parse_spec
 
 KEY = ["prompt_id", "sample_index", "config_id"]
@@ -268,6 +269,22 @@ def test_dry_run_writes_nothing(tmp_path, prompt_file, ray_address):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("sweep_negative", "count", "first"), [("", 2, 1), (LONG_PROMPT, 3, 0)])
+def test_long_prompts_and_negative_prompts_are_counted_with_one_warning(
+    tmp_path, prompt_file, caplog, sweep_negative, count, first
+):
+    texts = ["a cat", "a dog", LONG_PROMPT]
+    path = prompt_file(texts, neg=[None, LONG_PROMPT, None])
+    data = job(path, prompts={"negative_column": "neg"}, sweep={"negative_prompt": sweep_negative})
+    generate(parse_spec(data), str(tmp_path / "out"), dry_run=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    first_id = derive_prompt_ids(texts)[first]
+    assert warnings == [
+        f"{count} prompt(s) or their negative prompts are longer than the model's tokenizer "
+        f"takes and will be truncated, first {first_id!r}"
+    ]
+
+
 def test_output_that_is_not_ours_and_fp16_on_cpu_are_refused(tmp_path, prompt_file, ray_address):
     foreign = tmp_path / "photos"
     foreign.mkdir()
@@ -312,6 +329,7 @@ def test_hub_id_loads_from_the_offline_cache(tmp_path, prompt_file, spec_file):
     assert proc.returncode == 0, err
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["model"]["identity"] == f"hub:sdbatch/tiny-test@{commit}"
+    assert run["prompts"]["truncated"] == 0  # counted with the tokenizer from the offline cache
     assert len(read(tmp_path / "out")) == 4
 
     missing = job(prompt_file(PROMPTS[:2]), model="sdbatch/not-cached")
@@ -342,23 +360,32 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert table[metrics].notna().all().all()
 
 
-def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ray_address):
-    """Real prompts far beyond CLIP's 77 tokens, and non-ASCII ones, through generate."""
+def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ray_address, caplog):
+    """Real prompts far beyond CLIP's 77 tokens, and non-ASCII ones, through generate; a blank
+    row is skipped under `prompts.blank: skip`, and run.json counts both."""
     converted = tmp_path / "parti.parquet"
     assert cli_main(["prompts", str(parti), "-o", str(converted)]) == 0
     table = pq.read_table(converted).to_pandas()
     longest = table.loc[table["prompt"].str.len().nlargest(4).index]
     unicode = table[~table["prompt"].map(str.isascii)].head(2)
-    subset = pa.Table.from_pandas(pd.concat([longest, unicode]), preserve_index=False)
+    blank = table.head(1).assign(id="blank", prompt=" ")
+    subset = pa.Table.from_pandas(pd.concat([longest, blank, unicode]), preserve_index=False)
     pq.write_table(subset, tmp_path / "subset.parquet")
-    data = job(tmp_path / "subset.parquet", prompts={"id_column": "id"})
+    data = job(tmp_path / "subset.parquet", prompts={"id_column": "id", "blank": "skip"})
     data["sweep"] = {**data["sweep"], "scheduler": ["euler"], "guidance_scale": [7.5]}
     summary = generate(parse_spec(data), str(tmp_path / "out"), ray_address)
     assert summary.new_images == 6 * 2
     rows = read(tmp_path / "out")
-    assert {r["prompt"] for r in rows} == set(subset.column("prompt").to_pylist())
+    kept = set(subset.column("prompt").to_pylist()) - {" "}
+    assert {r["prompt"] for r in rows} == kept
     assert max(len(r["prompt"]) for r in rows) > 300  # stored whole, not as the tokenizer cut it
-    assert {r["prompt_id"] for r in rows} == set(subset.column("id").to_pylist())
+    assert {r["prompt_id"] for r in rows} == set(subset.column("id").to_pylist()) - {"blank"}
+    # The four longest and the Rio de Janeiro one pass builtin:tiny's 77 byte tokens.
+    counts = json.loads((tmp_path / "out" / "run.json").read_text())["prompts"]
+    assert (counts["count"], counts["skipped_blank"], counts["truncated"]) == (6, 1, 5)
+    assert "skipped 1 null or blank prompt(s) (prompts.blank: skip), first at row 4" in caplog.text
+    warning = "5 prompt(s) or their negative prompts are longer than the model's tokenizer takes"
+    assert f"{warning} and will be truncated, first {longest['id'].iloc[0]!r}" in caplog.text
 
 
 @pytest.fixture
