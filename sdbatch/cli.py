@@ -23,6 +23,9 @@ output with the new images. Any other change (model, seed, size, images per
 prompt, negative prompt, an edited or removed prompt or configuration) is
 refused: pass --overwrite to start over, or choose another --out.
 
+A job of more than 100,000 images (prompts x configurations x images per
+prompt) is refused unless --yes confirms it; --dry-run shows its plan anyway.
+
 examples:
   sdbatch generate jobs/demo.yaml
   sdbatch generate jobs/my_sweep.yaml --out s3://bucket/run1 --address auto
@@ -213,6 +216,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="delete what sdbatch wrote at the output first"
     )
+    parser.add_argument(
+        "--yes", action="store_true", help="confirm a job of more than 100,000 images"
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -220,7 +226,7 @@ def _generate(args: argparse.Namespace) -> int:
     from sdbatch.spec import load_spec
 
     spec = load_spec(args.spec)
-    generate(spec, args.out, args.address, args.overwrite, args.dry_run)
+    generate(spec, args.out, args.address, args.overwrite, args.dry_run, confirmed=args.yes)
     return EXIT_OK
 
 
@@ -271,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
     # the suite costs no GPU time.
     suite = load_suite(suite_path)
     inputs = resolve_suite(suite)
-    summary = generate(spec, args.out, args.address, args.overwrite)
+    summary = generate(spec, args.out, args.address, args.overwrite, confirmed=args.yes)
     evaluate(summary.output, suite, args.address, inputs)
     print(write_report([summary.output]))
     return EXIT_OK

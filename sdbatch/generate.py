@@ -27,6 +27,9 @@ from sdbatch.sweep import Config, configurations, negative_prompts, plan_units
 from sdbatch.worker import Worker, WorkerSettings
 
 log = logging.getLogger("sdbatch")
+# Larger jobs need `confirmed` (--yes): a slip in images_per_prompt or a sweep list must not
+# start days of GPU time unasked. jobs/sd15_parti.yaml (117,504 images) is one that needs it.
+MAX_UNCONFIRMED_IMAGES = 100_000
 # Fields of run.json that fix what every image looks like: a rerun must match them exactly.
 FIXED_FIELDS = (
     ("model", "identity"),
@@ -55,6 +58,7 @@ def generate(
     address: str | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
+    confirmed: bool = False,
 ) -> GenerateSummary:
     """Generate every image of `spec` that `output` does not hold yet.
 
@@ -63,6 +67,7 @@ def generate(
         address: a Ray cluster address; None joins $RAY_ADDRESS or starts a local instance.
         overwrite: delete what sdbatch wrote at `output` and start over.
         dry_run: check everything and print the plan, but generate nothing.
+        confirmed: allow a job of more than `MAX_UNCONFIRMED_IMAGES` images (--yes).
 
     Raises:
         InputError: bad spec, prompts, model or output; raised before any model loads.
@@ -73,6 +78,13 @@ def generate(
     prompt_set = load_prompts(spec.prompts)
     prompts = prompt_set.frame
     configs = configurations(spec.sweep)
+    total = len(prompts) * len(configs) * spec.sweep.images_per_prompt
+    if total > MAX_UNCONFIRMED_IMAGES and not (confirmed or dry_run):
+        raise InputError(
+            f"--yes: this job would generate {total:,} images ({len(prompts):,} prompts x "
+            f"{len(configs)} configurations x {spec.sweep.images_per_prompt} images), more than "
+            f"{MAX_UNCONFIRMED_IMAGES:,}; pass --yes to confirm"
+        )
     model = resolve_model(spec.model, spec.model_revision)
     out = Output(output or spec.output or f"out/{spec.name}")
     spec = dataclasses.replace(spec, output=out.location)
@@ -87,7 +99,6 @@ def generate(
     except OSError as e:
         raise InputError(f"--out: cannot write to {out.uri} ({first_line(e)})") from None
     record = _run_record(spec, prompt_set, configs, model, _count_truncated(prompts, spec, model))
-    total = len(prompts) * len(configs) * spec.sweep.images_per_prompt
     log.info(
         "job %s: %d prompts x %d configurations x %d images = %d images -> %s",
         spec.name, len(prompts), len(configs), spec.sweep.images_per_prompt, total, out.location,

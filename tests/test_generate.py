@@ -269,6 +269,27 @@ def test_dry_run_writes_nothing(tmp_path, prompt_file, ray_address):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_huge_job_needs_yes(tmp_path, prompt_file, spec_file, capsys, caplog):
+    """6 prompts x 4 configurations x 5000 images: over the limit, refused unless confirmed."""
+    path = spec_file(job(prompt_file(), sweep={"images_per_prompt": 5000}))
+    out = tmp_path / "out"
+    assert cli_main(["generate", str(path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "sdbatch: error: --yes: this job would generate 120,000 images (6 prompts x "
+        "4 configurations x 5000 images), more than 100,000; pass --yes to confirm\n"
+    )
+    assert not out.exists()
+    for confirm in ([], ["--yes"]):
+        caplog.clear()
+        assert cli_main(["generate", str(path), "--out", str(out), "--dry-run", *confirm]) == 0
+        assert "dry run: 120000 images left in 12 units" in caplog.text
+    assert not out.exists()
+    # Confirmed, it goes on to the next check (here an output under a file), not to the limit.
+    (tmp_path / "file").write_text("")
+    assert cli_main(["generate", str(path), "--out", str(tmp_path / "file" / "out"), "--yes"]) == 2
+    assert capsys.readouterr().err.startswith("sdbatch: error: --out: cannot write to")
+
+
 @pytest.mark.parametrize(("sweep_negative", "count", "first"), [("", 2, 1), (LONG_PROMPT, 3, 0)])
 def test_long_prompts_and_negative_prompts_are_counted_with_one_warning(
     tmp_path, prompt_file, caplog, sweep_negative, count, first
