@@ -176,8 +176,12 @@ def convert_prompt_file(
         raise InputError(f"input: {source} already has an 'id' column; pass --id-column id")
     else:
         frame.insert(0, "id", derive_prompt_ids(frame["prompt"].tolist()))
-    if frame["id"].duplicated().any():
-        raise InputError(f"--id-column: ids in {id_column!r} are not unique")
+    duplicated = frame.loc[frame["id"].duplicated(), "id"]
+    if len(duplicated):
+        raise InputError(
+            f"--id-column: {len(duplicated)} duplicate id(s) in {id_column!r}, "
+            f"first {duplicated.iloc[0]!r}; ids must be unique"
+        )
     rest = [c for c in frame.columns if c not in ("id", "prompt")]
     table = pa.Table.from_pandas(frame[["id", "prompt", *rest]], preserve_index=False)
 

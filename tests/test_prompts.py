@@ -158,6 +158,53 @@ def test_convert_partiprompts_tsv_and_load_it(tmp_path, parti):
     assert prompts["prompt_id"].tolist() == table["id"].tolist()
 
 
+def test_partiprompts_with_a_byte_that_is_not_utf8(tmp_path, parti, capsys):
+    lines = parti.read_bytes().split(b"\n")
+    lines[1000] = lines[1000].replace(b" ", b" \xe9 ", 1)  # a Latin-1 "é" in a UTF-8 file
+    broken = tmp_path / "PartiPrompts.tsv"
+    broken.write_bytes(b"\n".join(lines))
+    assert main(["prompts", str(broken), "-o", str(tmp_path / "parti.parquet")]) == 2
+    expected = f"sdbatch: error: input: {broken} is not UTF-8 text (line 1001)\n"
+    assert capsys.readouterr().err == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PartiPrompts.tsv"]
+
+
+def test_partiprompts_with_repeated_ids(tmp_path, parti, spec_file, capsys):
+    """Category is no id column: refused when converting, and when a spec names it."""
+    target = tmp_path / "parti.parquet"
+    assert main(["prompts", str(parti), "-o", str(target), "--id-column", "Category"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdbatch: error: --id-column: 1620 duplicate id(s) in 'Category', first ")
+    assert not target.exists()
+    assert main(["prompts", str(parti), "-o", str(target)]) == 0
+    path = spec_file(job(target, prompts={"id_column": "Category"}))
+    assert main(["generate", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert "prompts.id_column: 1620 duplicate prompt id(s)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_partiprompts_with_a_blank_prompt(tmp_path, parti, spec_file, capsys, caplog):
+    """Refused by default; `prompts.blank: skip` drops it and keeps every other prompt's id."""
+    assert main(["prompts", str(parti), "-o", str(tmp_path / "parti.parquet")]) == 0
+    table = pd.read_parquet(tmp_path / "parti.parquet")
+    table.loc[700, "prompt"] = "   "
+    table.drop(columns="id").to_parquet(tmp_path / "blank.parquet")
+    out = tmp_path / "out"
+    path = spec_file(job(tmp_path / "blank.parquet"))
+    assert main(["generate", str(path), "--out", str(out), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        "sdbatch: error: prompts.column: 1 prompt(s) are null or blank, first at row 700; "
+        "remove them from the prompt file, or set prompts.blank: skip\n"
+    )
+    skip = job(tmp_path / "blank.parquet", prompts={"blank": "skip"}, sweep={"scheduler": "ddim"})
+    assert main(["generate", str(spec_file(skip)), "--out", str(out), "--dry-run"]) == 0
+    skipped = "skipped 1 null or blank prompt(s) (prompts.blank: skip), first at row 700"
+    assert skipped in caplog.text and "1631 prompts x 2 configurations" in caplog.text
+    loaded = load_prompts(PromptSource(str(tmp_path / "blank.parquet"), blank="skip")).frame
+    assert loaded["prompt_id"].tolist() == table["id"].drop(index=700).tolist()
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("name", "content", "args", "message"),
     [
