@@ -95,12 +95,16 @@ def test_not_parquet_and_missing(tmp_path):
     ("override", "field"),
     [
         ({"prompts": {"path": "missing.parquet"}}, "prompts.path"),
+        ({"prompts": {"path": "notes.parquet"}}, "prompts.path"),  # text, not Parquet
         ({"prompts": {"column": "caption"}}, "prompts.column"),
+        ({"prompts": {"id_column": "uid"}}, "prompts.id_column"),
+        ({"prompts": {"negative_column": "negative"}}, "prompts.negative_column"),
     ],
 )
 def test_prompt_errors_exit_2_before_anything_is_written(
     override, field, tmp_path, prompt_file, spec_file, capsys
 ):
+    (tmp_path / "notes.parquet").write_text("a cat\na dog\n")
     path = spec_file(job(prompt_file(), **override))
     assert main(["generate", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
