@@ -32,6 +32,9 @@ A unit whose worker dies or that raises is retried (runtime.retries times) on
 any worker; one that fails every time is listed in run.json, the rest
 completes and the exit status is 3: rerun to retry just those units.
 
+A job of more than 100,000 images (prompts x configurations x images per
+prompt) is refused unless --yes confirms it; --dry-run shows its plan anyway.
+
 examples:
   sdbatch generate jobs/demo.yaml
   sdbatch generate jobs/my_sweep.yaml --out s3://bucket/run1 --address auto
@@ -222,6 +225,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="delete what sdbatch wrote at the output first"
     )
+    parser.add_argument(
+        "--yes", action="store_true", help="confirm a job of more than 100,000 images"
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -229,7 +235,9 @@ def _generate(args: argparse.Namespace) -> int:
     from sdbatch.spec import load_spec
 
     spec = load_spec(args.spec)
-    summary = generate(spec, args.out, args.address, args.overwrite, args.dry_run)
+    summary = generate(
+        spec, args.out, args.address, args.overwrite, args.dry_run, confirmed=args.yes
+    )
     return _incomplete(summary) if summary.failed else EXIT_OK
 
 
@@ -292,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
     # the suite costs no GPU time.
     suite = load_suite(suite_path)
     inputs = resolve_suite(suite)
-    summary = generate(spec, args.out, args.address, args.overwrite)
+    summary = generate(spec, args.out, args.address, args.overwrite, confirmed=args.yes)
     if summary.failed:
         # Metrics of configurations with missing images would be silently biased.
         return _incomplete(summary)

@@ -18,6 +18,7 @@ before the next run plans its work, so no row is ever duplicated.
 from __future__ import annotations
 
 import json
+import posixpath
 import uuid
 from collections.abc import Callable
 from importlib import metadata
@@ -88,6 +89,22 @@ class Output:
 
     def is_empty(self) -> bool:
         return not self.fs.exists(self.root) or not self.fs.ls(self.root)
+
+    def check_writable(self) -> None:
+        """Write and delete a probe file under _tmp/, so that a location nothing can be written to
+        fails before any work; raises the OSError. The location is left as it was found."""
+        made = None  # the outermost folder the probe creates
+        folder = self.path(TMP)
+        while folder and not self.fs.exists(folder):
+            made, folder = folder, posixpath.dirname(folder)
+        probe = self.path(TMP, f"{uuid.uuid4().hex}-probe")
+        try:
+            self.fs.makedirs(self.path(TMP), exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm(probe)
+        finally:
+            if made is not None and self.fs.exists(made):
+                self.fs.rm(made, recursive=True)
 
     def read_run(self) -> dict[str, Any] | None:
         """The run record, or None for a location sdbatch has not written to."""
@@ -165,8 +182,15 @@ class Output:
 
 def publish(fs: Any, write: Callable[[str], None], final: str, tmp: str) -> None:
     """Write through the temporary name `tmp`, then move it to `final`: readers never see half."""
-    write(tmp)
+    # Made first: `tmp` may sit beside `final` (a converted prompt file into a new folder).
     fs.makedirs(final.rsplit("/", 1)[0] if "/" in final else ".", exist_ok=True)
+    try:
+        write(tmp)
+    except BaseException:
+        # A failed write must not leave its partial file behind for the next reader or run.
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
     fs.mv(tmp, final)
 
 

@@ -11,3 +11,9 @@ class InputError(Exception):
 
 class JobFailed(Exception):
     """Generation started and could not finish; committed work units are kept for a rerun."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one line (or its type's name), to quote inside an error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -19,14 +19,17 @@ import pandas as pd
 
 from sdbatch import distribute, schedulers
 from sdbatch.dataset import Output, versions
-from sdbatch.errors import InputError
-from sdbatch.pipeline import ModelSource, resolve_model
-from sdbatch.prompts import load_prompts, prompt_set_digest
+from sdbatch.errors import InputError, first_line
+from sdbatch.pipeline import ModelSource, longer_than_context, resolve_model
+from sdbatch.prompts import PromptSet, load_prompts, prompt_set_digest
 from sdbatch.spec import JobSpec
-from sdbatch.sweep import Config, configurations, plan_units
+from sdbatch.sweep import Config, configurations, negative_prompts, plan_units
 from sdbatch.worker import Worker, WorkerSettings
 
 log = logging.getLogger("sdbatch")
+# Larger jobs need `confirmed` (--yes): a slip in images_per_prompt or a sweep list must not
+# start days of GPU time unasked. jobs/sd15_parti.yaml (117,504 images) is one that needs it.
+MAX_UNCONFIRMED_IMAGES = 100_000
 # Fields of run.json that fix what every image looks like: a rerun must match them exactly.
 FIXED_FIELDS = (
     ("model", "identity"),
@@ -63,6 +66,7 @@ def generate(
     address: str | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
+    confirmed: bool = False,
 ) -> GenerateSummary:
     """Generate every image of `spec` that `output` does not hold yet.
 
@@ -71,6 +75,7 @@ def generate(
         address: a Ray cluster address; None joins $RAY_ADDRESS or starts a local instance.
         overwrite: delete what sdbatch wrote at `output` and start over.
         dry_run: check everything and print the plan, but generate nothing.
+        confirmed: allow a job of more than `MAX_UNCONFIRMED_IMAGES` images (--yes).
 
     Raises:
         InputError: bad spec, prompts, model or output; raised before any model loads.
@@ -78,19 +83,30 @@ def generate(
     """
     began = time.perf_counter()
     # 1. check every input before anything expensive starts
-    prompts = load_prompts(spec.prompts)
+    prompt_set = load_prompts(spec.prompts)
+    prompts = prompt_set.frame
     configs = configurations(spec.sweep)
+    total = len(prompts) * len(configs) * spec.sweep.images_per_prompt
+    if total > MAX_UNCONFIRMED_IMAGES and not (confirmed or dry_run):
+        raise InputError(
+            f"--yes: this job would generate {total:,} images ({len(prompts):,} prompts x "
+            f"{len(configs)} configurations x {spec.sweep.images_per_prompt} images), more than "
+            f"{MAX_UNCONFIRMED_IMAGES:,}; pass --yes to confirm"
+        )
     model = resolve_model(spec.model, spec.model_revision, allow_pickle=spec.model_allow_pickle)
     out = Output(output or spec.output or f"out/{spec.name}")
     spec = dataclasses.replace(spec, output=out.location)
-    record = _run_record(spec, prompts, configs, model)
     previous = out.read_run()
     if previous is None and not out.is_empty():
         raise InputError(
             f"--out: {out.uri} is not empty and holds no sdbatch run.json; "
             "choose an empty or new location"
         )
-    total = len(prompts) * len(configs) * spec.sweep.images_per_prompt
+    try:
+        out.check_writable()
+    except OSError as e:
+        raise InputError(f"--out: cannot write to {out.uri} ({first_line(e)})") from None
+    record = _run_record(spec, prompt_set, configs, model, _count_truncated(prompts, spec, model))
     log.info(
         "job %s: %d prompts x %d configurations x %d images = %d images -> %s",
         spec.name, len(prompts), len(configs), spec.sweep.images_per_prompt, total, out.location,
@@ -198,14 +214,39 @@ def generate(
     return GenerateSummary(out.location, total, new, seconds, result.seconds, flagged, failed)
 
 
+def _count_truncated(prompts: pd.DataFrame, spec: JobSpec, model: ModelSource) -> int:
+    """How many prompts the text encoder will cut short (the prompt or its negative prompt is
+    too long); warns once, since diffusers would only say so inside each worker."""
+    negatives = negative_prompts(prompts["negative_prompt"], spec.sweep.negative_prompt)
+    long = longer_than_context(model, [*prompts["prompt"], *negatives])
+    cut = prompts["prompt"].isin(long) | pd.Series(negatives, index=prompts.index).isin(long)
+    ids = prompts.loc[cut, "prompt_id"].tolist()
+    if ids:
+        log.warning(
+            "%d prompt(s) or their negative prompts are longer than the model's tokenizer takes "
+            "and will be truncated, first %r",
+            len(ids), ids[0],
+        )  # fmt: skip
+    return len(ids)
+
+
 def _run_record(
-    spec: JobSpec, prompts: pd.DataFrame, configs: list[Config], model: ModelSource
+    spec: JobSpec,
+    prompts: PromptSet,
+    configs: list[Config],
+    model: ModelSource,
+    truncated: int,
 ) -> dict[str, Any]:
     record = {
         "format": 1,
         "spec": spec.to_dict(),
         "model": dataclasses.asdict(model),
-        "prompts": {"count": len(prompts), "sha256": prompt_set_digest(prompts)},
+        "prompts": {
+            "count": len(prompts.frame),
+            "sha256": prompt_set_digest(prompts.frame),
+            "skipped_blank": prompts.skipped_blank,
+            "truncated": truncated,
+        },
         "configs": [{"config_id": c.config_id, **dataclasses.asdict(c)} for c in configs],
         "schedulers": schedulers.describe(list(spec.sweep.scheduler)),
         "versions": versions(),

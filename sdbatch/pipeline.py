@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdbatch.builtin import PREFIX, builtin_path
-from sdbatch.errors import InputError
+from sdbatch.errors import InputError, first_line
 
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -98,21 +98,34 @@ def resolve_model(
 
 
 def _components(index: Path, ref: str) -> list[str]:
-    """The component folders model_index.json names; refuses one that asks for custom code.
+    """The component folders model_index.json names; refuses a pipeline that is not one of
+    diffusers' own text-to-image pipelines, or that asks for code of its own.
 
     A custom pipeline class, or a component library other than diffusers and transformers, is
     code that comes with the model. sdbatch never passes trust_remote_code or custom_pipeline, so
-    such a model would fail in every worker, after Ray started; it is refused here instead.
+    such a model would fail in every worker, after Ray started; it is refused here instead. So is
+    an image-to-image, inpainting, unconditional or video pipeline: the class must be in the table
+    diffusers' AutoPipelineForText2Image loads from.
     """
     try:
-        entries = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        entries = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as e:
         raise InputError(f"model: cannot read {ref}'s model_index.json ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"model: {ref}: model_index.json is not valid JSON ({e})") from None
+    if not isinstance(entries, dict):
+        raise InputError(f"model: {ref}: model_index.json is not a JSON object")
     pipeline = entries.get("_class_name")
-    if not isinstance(pipeline, str):
+    if isinstance(pipeline, list):
         raise InputError(
             f"model: {ref} asks for a custom pipeline class {pipeline!r} in model_index.json; "
             "sdbatch loads diffusers' own pipelines only and never runs code shipped with a model"
+        )
+    if pipeline not in _text_to_image_classes():
+        raise InputError(
+            f"model: {ref} holds {f'a {pipeline}' if pipeline else 'no _class_name'} "
+            "(model_index.json); sdbatch needs a text-to-image pipeline, like "
+            "StableDiffusionPipeline"
         )
     components = []
     for name, entry in entries.items():
@@ -177,10 +190,9 @@ def _resolve_hub(
             repo_id, revision=revision, allow_patterns=[kind.marker]
         )
     except Exception as e:  # the hub client raises many types; all mean "cannot resolve"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
             f"{kind.field}: cannot find {repo_id!r} on the Hugging Face hub or in its cache "
-            f"({reason})"
+            f"({first_line(e)})"
         ) from None
     if not (Path(snapshot) / kind.marker).is_file():
         raise InputError(f"{kind.field}: hub repo {repo_id!r} is not {kind.description}")
@@ -188,6 +200,56 @@ def _resolve_hub(
         _components(Path(snapshot) / kind.marker, repo_id)
     commit = Path(snapshot).name
     return ModelSource(repo_id, repo_id, commit, f"hub:{repo_id}@{commit}", allow_pickle)
+
+
+def _text_to_image_classes() -> set[str]:
+    """Class names of the pipelines diffusers' AutoPipelineForText2Image loads (its own table)."""
+    import transformers
+
+    # The table imports every diffusers pipeline (seconds, so builtin models skip this check),
+    # and transformers then warns about optional image backends none of them needs here.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return {pipeline.__name__ for pipeline in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+
+
+def longer_than_context(source: ModelSource, texts: list[str]) -> set[str]:
+    """The texts longer than the pipeline's tokenizers take (their model_max_length: 77 tokens
+    for CLIP), which its text encoders silently cut. Loads the tokenizers only, not the model.
+
+    Raises:
+        InputError: a tokenizer cannot be loaded (a damaged file, an unknown class).
+    """
+    import transformers
+
+    components = json.loads(model_file(source, "model_index.json").read_text(encoding="utf-8"))
+    distinct = list(dict.fromkeys(texts))
+    long = set()
+    for name in ("tokenizer", "tokenizer_2"):  # SDXL has a second CLIP tokenizer
+        library, class_name = components.get(name) or (None, None)
+        if library != "transformers":
+            continue  # absent, or saved as [null, null]
+        # The class model_index.json names, loaded as diffusers loads it: AutoTokenizer would
+        # first look for a model config.json, which a pipeline's tokenizer folder does not have
+        # (fatal for a hub id with HF_HUB_OFFLINE=1).
+        try:
+            tokenizer = getattr(transformers, class_name).from_pretrained(
+                source.location, subfolder=name, revision=source.revision
+            )
+        except (OSError, ValueError, AttributeError) as e:  # unreadable, damaged, unknown class
+            raise InputError(
+                f"model: cannot load {source.ref}'s {name} ({first_line(e)})"
+            ) from None
+        # verbose=False: transformers would warn once per long text that it exceeds the maximum.
+        ids = tokenizer(distinct, verbose=False)["input_ids"]
+        long.update(
+            t for t, i in zip(distinct, ids, strict=True) if len(i) > tokenizer.model_max_length
+        )
+    return long
 
 
 def weights_digest(folder: Path, suffixes: tuple[str, ...] = IDENTITY_SUFFIXES) -> str:

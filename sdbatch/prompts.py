@@ -11,6 +11,8 @@ import csv
 import hashlib
 import io
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import fsspec
@@ -20,9 +22,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from sdbatch.dataset import publish
-from sdbatch.errors import InputError
+from sdbatch.errors import InputError, first_line
 from sdbatch.spec import PromptSource
 
+log = logging.getLogger("sdbatch")
 PROMPT_COLUMNS = ["prompt_id", "prompt", "negative_prompt"]
 TEXT_FORMATS = (".txt", ".csv", ".tsv", ".jsonl")
 # Column names `sdbatch prompts` recognises as the text, in order of preference (case-insensitive).
@@ -35,12 +38,23 @@ def derive_prompt_ids(texts: list[str]) -> list[str]:
     return [f"{i:06d}-{hashlib.sha1(t.encode()).hexdigest()[:8]}" for i, t in enumerate(texts)]
 
 
-def load_prompts(source: PromptSource) -> pd.DataFrame:
+@dataclass(frozen=True)
+class PromptSet:
+    """A checked prompt set, and how many null or blank rows `prompts.blank: skip` dropped."""
+
+    frame: pd.DataFrame  # columns prompt_id, prompt, negative_prompt
+    skipped_blank: int = 0
+
+
+def load_prompts(source: PromptSource) -> PromptSet:
     """Read the prompt set a spec names, checked, as columns prompt_id, prompt, negative_prompt.
 
+    Null or blank prompts are refused, or dropped with a warning under ``blank: skip``; derived
+    ids keep the row's position in the file either way.
+
     Raises:
-        InputError: the file or a column is missing, a prompt is empty, an id repeats, or the
-            set is empty.
+        InputError: the file or a column is missing, a prompt is blank (unless skipped), an id
+            repeats, or the set is empty.
     """
     fs, path = fsspec.core.url_to_fs(source.path)
     if not fs.exists(path):
@@ -51,7 +65,7 @@ def load_prompts(source: PromptSource) -> pd.DataFrame:
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(
             f"prompts.path: {source.path} is not a readable Parquet file or folder "
-            f"({_first_line(e)}); convert text lists with `sdbatch prompts`"
+            f"({first_line(e)}); convert text lists with `sdbatch prompts`"
         ) from None
     wanted = {"column": source.column, "id_column": source.id_column}
     wanted["negative_column"] = source.negative_column
@@ -69,20 +83,34 @@ def load_prompts(source: PromptSource) -> pd.DataFrame:
     if not all(t is None or isinstance(t, str) for t in texts):
         raise InputError(f"prompts.column: column {source.column!r} must hold text")
     blank = [i for i, t in enumerate(texts) if t is None or not t.strip()]
-    if blank:
+    if blank and source.blank == "error":
         raise InputError(
             f"prompts.column: {len(blank)} prompt(s) are null or blank, first at row {blank[0]}; "
-            "remove them from the prompt file"
+            "remove them from the prompt file, or set prompts.blank: skip"
         )
-    if not texts:
-        raise InputError(f"prompts.path: the prompt set in {source.path} is empty")
+    if len(blank) == len(texts):
+        skipped = f" once {len(blank)} null or blank prompt(s) are skipped" if blank else ""
+        raise InputError(f"prompts.path: the prompt set in {source.path} is empty{skipped}")
+    if blank:
+        log.warning(
+            "skipped %d null or blank prompt(s) (prompts.blank: skip), first at row %d",
+            len(blank), blank[0],
+        )  # fmt: skip
 
     if source.id_column is None:
-        ids = derive_prompt_ids(texts)
+        # Derived from every row, so skipping a blank one does not renumber the rest.
+        ids = derive_prompt_ids([t or "" for t in texts])
     else:
         ids = [None if v is None else str(v) for v in table.column(source.id_column).to_pylist()]
-        if None in ids:
-            raise InputError(f"prompts.id_column: row {ids.index(None)} has a null id")
+    negatives = (
+        table.column(source.negative_column).to_pylist()
+        if source.negative_column
+        else [None] * len(texts)
+    )
+    keep = sorted(set(range(len(texts))) - set(blank))
+    ids, texts, negatives = ([values[i] for i in keep] for values in (ids, texts, negatives))
+    if None in ids:
+        raise InputError(f"prompts.id_column: row {keep[ids.index(None)]} has a null id")
     series = pd.Series(ids)
     duplicated = series[series.duplicated()]
     if len(duplicated):
@@ -90,15 +118,11 @@ def load_prompts(source: PromptSource) -> pd.DataFrame:
             f"prompts.id_column: {len(duplicated)} duplicate prompt id(s), "
             f"first {duplicated.iloc[0]!r}; ids must be unique"
         )
-    negatives = (
-        table.column(source.negative_column).to_pylist()
-        if source.negative_column
-        else [None] * len(texts)
-    )
     # object dtype keeps a missing negative prompt as None; pandas' string dtype would make it NaN.
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {"prompt_id": ids, "prompt": texts, "negative_prompt": pd.Series(negatives, dtype=object)}
     )
+    return PromptSet(frame, len(blank))
 
 
 def prompt_set_digest(prompts: pd.DataFrame) -> str:
@@ -152,14 +176,21 @@ def convert_prompt_file(
         raise InputError(f"input: {source} already has an 'id' column; pass --id-column id")
     else:
         frame.insert(0, "id", derive_prompt_ids(frame["prompt"].tolist()))
-    if frame["id"].duplicated().any():
-        raise InputError(f"--id-column: ids in {id_column!r} are not unique")
+    duplicated = frame.loc[frame["id"].duplicated(), "id"]
+    if len(duplicated):
+        raise InputError(
+            f"--id-column: {len(duplicated)} duplicate id(s) in {id_column!r}, "
+            f"first {duplicated.iloc[0]!r}; ids must be unique"
+        )
     rest = [c for c in frame.columns if c not in ("id", "prompt")]
     table = pa.Table.from_pandas(frame[["id", "prompt", *rest]], preserve_index=False)
 
-    # Written beside the target first, so a failed conversion leaves no half file behind.
+    # Written beside the target first, so a failed conversion leaves no half file behind; the
+    # leading dot hides it from pyarrow, which reads a folder's files but not hidden ones.
     fs, path = fsspec.core.url_to_fs(destination)
-    publish(fs, lambda tmp: pq.write_table(table, tmp, filesystem=fs), path, f"{path}.partial")
+    folder, _, name = path.rpartition("/")
+    partial = f"{folder}/.{name}.partial"
+    publish(fs, lambda tmp: pq.write_table(table, tmp, filesystem=fs), path, partial)
     return table.num_rows
 
 
@@ -186,7 +217,7 @@ def _read_text_table(text: str, suffix: str, source: str) -> pd.DataFrame:
             io.StringIO(text), sep=sep, quoting=quoting, dtype=str, keep_default_na=False
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise InputError(f"input: {source} is not a readable table ({_first_line(e)})") from None
+        raise InputError(f"input: {source} is not a readable table ({first_line(e)})") from None
 
 
 def _text_column(frame: pd.DataFrame, column: str | None, source: str) -> str:
@@ -202,7 +233,3 @@ def _text_column(frame: pd.DataFrame, column: str | None, source: str) -> str:
     if len(names) == 1:
         return names[0]
     raise InputError(f"--column: say which column holds the prompts in {source}; columns: {names}")
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

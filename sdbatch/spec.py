@@ -37,6 +37,8 @@ class PromptSource:
     id_column: str | None = None
     negative_column: str | None = None
     limit: int | None = None
+    # A null or blank prompt is usually a broken export: refused unless the user says to drop it.
+    blank: Literal["error", "skip"] = "error"
 
 
 @dataclass(frozen=True)

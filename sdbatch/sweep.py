@@ -69,6 +69,12 @@ def image_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def negative_prompts(column: Iterable[str | None], default: str) -> tuple[str, ...]:
+    """Each row's negative prompt: its own, or `default` (the sweep's) where it has none."""
+    # A missing one is None, or NaN once pandas has held it.
+    return tuple(n if isinstance(n, str) else default for n in column)
+
+
 def plan_units(
     prompts: pd.DataFrame,
     configs: list[Config],
@@ -103,10 +109,7 @@ def _unit(shard: pd.DataFrame, config: Config, images_per_prompt: int, seed: int
     ids = tuple(shard["prompt_id"])
     # Named by content, so a rerun that plans the same unit writes the same file name.
     digest = hashlib.sha1("\x00".join(ids).encode()).hexdigest()[:10]
-    # A row without its own negative prompt (None, or NaN once pandas has held it) uses the sweep's.
-    negatives = tuple(
-        n if isinstance(n, str) else config.negative_prompt for n in shard["negative_prompt"]
-    )
+    negatives = negative_prompts(shard["negative_prompt"], config.negative_prompt)
     return WorkUnit(
         unit_id=f"{config.config_id}-{digest}",
         config=config,

@@ -11,6 +11,7 @@ import pytest
 from conftest import job
 
 from sdbatch.cli import main
+from sdbatch.generate import MAX_UNCONFIRMED_IMAGES
 
 SCRIPT = shutil.which("sdbatch", path=str(Path(sys.executable).parent)) or shutil.which("sdbatch")
 
@@ -22,6 +23,14 @@ def test_each_command_has_help_with_an_example(command, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "example" in text and f"sdbatch {command}" in text
+
+
+@pytest.mark.parametrize("command", ["generate", "run", "demo"])
+def test_commands_that_generate_take_yes_and_say_the_limit(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "--yes" in text and f"{MAX_UNCONFIRMED_IMAGES:,} images" in text
 
 
 def test_console_script_exit_codes(tmp_path, prompt_file, spec_file):

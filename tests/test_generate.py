@@ -22,13 +22,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import PROMPTS, REPO, job, suite_data
+from conftest import LONG_PROMPT, PROMPTS, REPO, job, suite_data
 from PIL import Image
 
 from sdbatch.builtin import builtin_path
 from sdbatch.cli import main as cli_main
 from sdbatch.errors import InputError
 from sdbatch.generate import generate
+from sdbatch.prompts import derive_prompt_ids
 from sdbatch.spec import load_spec, parse_spec
 from sdbatch.world import write_reference
 
@@ -276,6 +277,43 @@ def test_dry_run_writes_nothing(tmp_path, prompt_file, ray_address):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_huge_job_needs_yes(tmp_path, prompt_file, spec_file, capsys, caplog):
+    """6 prompts x 4 configurations x 5000 images: over the limit, refused unless confirmed."""
+    path = spec_file(job(prompt_file(), sweep={"images_per_prompt": 5000}))
+    out = tmp_path / "out"
+    assert cli_main(["generate", str(path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "sdbatch: error: --yes: this job would generate 120,000 images (6 prompts x "
+        "4 configurations x 5000 images), more than 100,000; pass --yes to confirm\n"
+    )
+    assert not out.exists()
+    for confirm in ([], ["--yes"]):
+        caplog.clear()
+        assert cli_main(["generate", str(path), "--out", str(out), "--dry-run", *confirm]) == 0
+        assert "dry run: 120000 images left in 12 units" in caplog.text
+    assert not out.exists()
+    # Confirmed, it goes on to the next check (here an output under a file), not to the limit.
+    (tmp_path / "file").write_text("")
+    assert cli_main(["generate", str(path), "--out", str(tmp_path / "file" / "out"), "--yes"]) == 2
+    assert capsys.readouterr().err.startswith("sdbatch: error: --out: cannot write to")
+
+
+@pytest.mark.parametrize(("sweep_negative", "count", "first"), [("", 2, 1), (LONG_PROMPT, 3, 0)])
+def test_long_prompts_and_negative_prompts_are_counted_with_one_warning(
+    tmp_path, prompt_file, caplog, sweep_negative, count, first
+):
+    texts = ["a cat", "a dog", LONG_PROMPT]
+    path = prompt_file(texts, neg=[None, LONG_PROMPT, None])
+    data = job(path, prompts={"negative_column": "neg"}, sweep={"negative_prompt": sweep_negative})
+    generate(parse_spec(data), str(tmp_path / "out"), dry_run=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    first_id = derive_prompt_ids(texts)[first]
+    assert warnings == [
+        f"{count} prompt(s) or their negative prompts are longer than the model's tokenizer "
+        f"takes and will be truncated, first {first_id!r}"
+    ]
+
+
 def test_output_that_is_not_ours_and_fp16_on_cpu_are_refused(tmp_path, prompt_file, ray_address):
     foreign = tmp_path / "photos"
     foreign.mkdir()
@@ -287,6 +325,22 @@ def test_output_that_is_not_ours_and_fp16_on_cpu_are_refused(tmp_path, prompt_fi
     with pytest.raises(InputError, match=r"runtime\.dtype: fp16 needs GPUs"):
         generate(parse_spec(fp16), str(tmp_path / "out"), ray_address)
     assert not (tmp_path / "out" / "images").exists()
+
+
+@pytest.mark.parametrize("where", ["under a file", "/proc/sdbatch-out"])
+def test_an_output_that_cannot_be_written_exits_2(where, tmp_path, prompt_file, spec_file, capsys):
+    """Checked by writing a probe file before Ray starts (chmod cannot stop root, so: a path under
+    a regular file, and one under /proc)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out" if where == "under a file" else Path(where)
+    path = spec_file(job(prompt_file()))
+    assert cli_main(["generate", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdbatch: error: --out: cannot write to {out} ("), err
+    assert err.count("\n") == 1
+    assert not out.exists() and blocker.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "job.yaml", "prompts.parquet"]
 
 
 def test_hub_id_loads_from_the_offline_cache(tmp_path, prompt_file, spec_file):
@@ -304,6 +358,7 @@ def test_hub_id_loads_from_the_offline_cache(tmp_path, prompt_file, spec_file):
     assert proc.returncode == 0, err
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["model"]["identity"] == f"hub:sdbatch/tiny-test@{commit}"
+    assert run["prompts"]["truncated"] == 0  # counted with the tokenizer from the offline cache
     assert len(read(tmp_path / "out")) == 4
 
     missing = job(prompt_file(PROMPTS[:2]), model="sdbatch/not-cached")
@@ -334,23 +389,32 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert table[metrics].notna().all().all()
 
 
-def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ray_address):
-    """Real prompts far beyond CLIP's 77 tokens, and non-ASCII ones, through generate."""
+def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ray_address, caplog):
+    """Real prompts far beyond CLIP's 77 tokens, and non-ASCII ones, through generate; a blank
+    row is skipped under `prompts.blank: skip`, and run.json counts both."""
     converted = tmp_path / "parti.parquet"
     assert cli_main(["prompts", str(parti), "-o", str(converted)]) == 0
     table = pq.read_table(converted).to_pandas()
     longest = table.loc[table["prompt"].str.len().nlargest(4).index]
     unicode = table[~table["prompt"].map(str.isascii)].head(2)
-    subset = pa.Table.from_pandas(pd.concat([longest, unicode]), preserve_index=False)
+    blank = table.head(1).assign(id="blank", prompt=" ")
+    subset = pa.Table.from_pandas(pd.concat([longest, blank, unicode]), preserve_index=False)
     pq.write_table(subset, tmp_path / "subset.parquet")
-    data = job(tmp_path / "subset.parquet", prompts={"id_column": "id"})
+    data = job(tmp_path / "subset.parquet", prompts={"id_column": "id", "blank": "skip"})
     data["sweep"] = {**data["sweep"], "scheduler": ["euler"], "guidance_scale": [7.5]}
     summary = generate(parse_spec(data), str(tmp_path / "out"), ray_address)
     assert summary.new_images == 6 * 2
     rows = read(tmp_path / "out")
-    assert {r["prompt"] for r in rows} == set(subset.column("prompt").to_pylist())
+    kept = set(subset.column("prompt").to_pylist()) - {" "}
+    assert {r["prompt"] for r in rows} == kept
     assert max(len(r["prompt"]) for r in rows) > 300  # stored whole, not as the tokenizer cut it
-    assert {r["prompt_id"] for r in rows} == set(subset.column("id").to_pylist())
+    assert {r["prompt_id"] for r in rows} == set(subset.column("id").to_pylist()) - {"blank"}
+    # The four longest and the Rio de Janeiro one pass builtin:tiny's 77 byte tokens.
+    counts = json.loads((tmp_path / "out" / "run.json").read_text())["prompts"]
+    assert (counts["count"], counts["skipped_blank"], counts["truncated"]) == (6, 1, 5)
+    assert "skipped 1 null or blank prompt(s) (prompts.blank: skip), first at row 4" in caplog.text
+    warning = "5 prompt(s) or their negative prompts are longer than the model's tokenizer takes"
+    assert f"{warning} and will be truncated, first {longest['id'].iloc[0]!r}" in caplog.text
 
 
 @pytest.fixture

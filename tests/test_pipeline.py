@@ -6,15 +6,17 @@ import json
 import re
 import shutil
 
+import pandas as pd
 import pytest
 import torch
-from conftest import PROMPTS, job
+from conftest import LONG_PROMPT, PROMPTS, job
 from transformers import CLIPTokenizer
 
 from sdbatch.builtin import build_tiny, build_tiny_clip, builtin_path
+from sdbatch.cli import main
 from sdbatch.errors import InputError
 from sdbatch.generate import generate
-from sdbatch.pipeline import load_pipeline, resolve_model, weights_digest
+from sdbatch.pipeline import load_pipeline, longer_than_context, resolve_model, weights_digest
 from sdbatch.spec import parse_spec
 
 
@@ -66,6 +68,84 @@ def test_a_folder_that_is_not_a_pipeline(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="not a diffusers pipeline folder"):
         resolve_model(str(tmp_path))
+
+
+T2I = r" \(model_index\.json\); sdbatch needs a text-to-image pipeline"
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        (None, "no folder"),
+        ("", r"is not a diffusers pipeline folder \(no model_index\.json\)"),
+        (
+            '{"_class_name": "StableDiffusionImg2ImgPipeline"}',
+            "a StableDiffusionImg2ImgPipeline" + T2I,
+        ),
+        (
+            '{"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]}',
+            "DDPMPipeline" + T2I,
+        ),
+        ('{"unet": ["diffusers", "UNet2DConditionModel"]}', "holds no _class_name" + T2I),
+        ('{"_class_name": "StableDiffusionPipeline",', "model_index.json is not valid JSON"),
+    ],
+)
+def test_a_model_that_is_no_text_to_image_pipeline_exits_2(
+    tmp_path, prompt_file, spec_file, capsys, index, message
+):
+    """A missing folder, one without model_index.json, or one naming another kind of pipeline."""
+    folder = tmp_path / "model"
+    if index is not None:
+        shutil.copytree(builtin_path("tiny"), folder)
+        (folder / "model_index.json").unlink()
+    if index:
+        (folder / "model_index.json").write_text(index)
+    out = tmp_path / "out"
+    path = spec_file(job(prompt_file(), model=str(folder)))
+    assert main(["generate", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdbatch: error: model: ") and err.count("\n") == 1, err
+    assert re.search(message, err) and str(folder) in err
+    assert not out.exists()
+
+
+def test_prompts_longer_than_the_tokenizer_takes(tmp_path, parti):
+    """PartiPrompts holds prompts past builtin:tiny's 77 (byte) tokens: found from the tokenizer
+    alone, as the loaded pipeline's own tokenizer would cut them."""
+    assert main(["prompts", str(parti), "-o", str(tmp_path / "parti.parquet")]) == 0
+    texts = [*pd.read_parquet(tmp_path / "parti.parquet")["prompt"], LONG_PROMPT]
+    model = resolve_model("builtin:tiny")
+    long = longer_than_context(model, texts)
+    tokenizer = load_pipeline(model, "fp32", "cpu").tokenizer
+    cut = {t for t in texts if len(tokenizer(t, verbose=False).input_ids) > 77}
+    assert long == cut and LONG_PROMPT in long and 0 < len(long) < len(texts) - 1
+
+
+def test_a_second_tokenizer_counts_too(tmp_path):
+    """SDXL-shaped pipelines have tokenizer_2; a text too long for either one is cut."""
+    folder = tmp_path / "model"
+    shutil.copytree(builtin_path("tiny"), folder)
+    shutil.copytree(folder / "tokenizer", folder / "tokenizer_2")
+    config = json.loads((folder / "tokenizer_2" / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_2" / "tokenizer_config.json").write_text(
+        json.dumps({**config, "model_max_length": 20})
+    )
+    index = json.loads((folder / "model_index.json").read_text())
+    texts = ["a cat", "a" * 30, "a" * 80]
+    for tokenizer_2, long in [([None, None], {"a" * 80}), (index["tokenizer"], set(texts[1:]))]:
+        (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer_2": tokenizer_2}))
+        assert longer_than_context(resolve_model(str(folder)), texts) == long
+
+
+def test_a_damaged_tokenizer_exits_2(tmp_path, prompt_file, spec_file, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(builtin_path("tiny"), folder)
+    (folder / "tokenizer" / "tokenizer.json").write_text("{")
+    path = spec_file(job(prompt_file(), model=str(folder)))
+    assert main(["generate", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdbatch: error: model: cannot load {folder}'s tokenizer (Expecting")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 def test_hub_id_missing_from_the_offline_cache(tmp_path, monkeypatch):

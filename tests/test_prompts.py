@@ -26,7 +26,8 @@ def test_derived_ids_are_stable_and_follow_position_and_text():
 
 def test_load_with_id_negative_column_and_limit(prompt_file):
     path = prompt_file(id=[10, 11, 12, 13, 14, 15], neg=["blurry", None, "", "x", "y", "z"])
-    prompts = load_prompts(PromptSource(str(path), id_column="id", negative_column="neg", limit=3))
+    source = PromptSource(str(path), id_column="id", negative_column="neg", limit=3)
+    prompts = load_prompts(source).frame
     assert list(prompts.columns) == ["prompt_id", "prompt", "negative_prompt"]
     assert prompts["prompt_id"].tolist() == ["10", "11", "12"]
     assert prompts["negative_prompt"].tolist() == ["blurry", None, ""]
@@ -38,7 +39,7 @@ def test_load_reads_a_folder_of_parquet_files(tmp_path):
     folder.mkdir()
     pq.write_table(pa.table({"prompt": ["a", "b"]}), folder / "part-0.parquet")
     pq.write_table(pa.table({"prompt": ["c"]}), folder / "part-1.parquet")
-    assert load_prompts(PromptSource(str(folder)))["prompt"].tolist() == ["a", "b", "c"]
+    assert load_prompts(PromptSource(str(folder))).frame["prompt"].tolist() == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize(
@@ -57,10 +58,28 @@ def test_load_errors(prompt_file, columns, source, message):
 
 
 def test_blank_and_empty_prompt_sets(prompt_file):
-    with pytest.raises(InputError, match=r"2 prompt.* null or blank, first at row 1"):
+    with pytest.raises(InputError, match=r"2 prompt.* null or blank, first at row 1;.*blank: skip"):
         load_prompts(PromptSource(str(prompt_file(["ok", "  ", None]))))
-    with pytest.raises(InputError, match=r"prompts\.path: the prompt set .* is empty"):
+    with pytest.raises(InputError, match=r"prompts\.path: the prompt set .* is empty$"):
         load_prompts(PromptSource(str(prompt_file([]))))
+    with pytest.raises(InputError, match=r"is empty once 2 null or blank prompt\(s\) are skipped"):
+        load_prompts(PromptSource(str(prompt_file(["", None])), blank="skip"))
+
+
+def test_skipping_blank_prompts_keeps_the_other_ids(prompt_file, caplog):
+    texts = ["a cat", None, "a dog", " \t", "a cow"]
+    path = prompt_file(texts, neg=["n0", "n1", "n2", "n3", "n4"], uid=["a", None, "c", "d", "e"])
+    loaded = load_prompts(PromptSource(str(path), negative_column="neg", blank="skip"))
+    assert loaded.skipped_blank == 2
+    assert "skipped 2 null or blank prompt(s) (prompts.blank: skip), first at row 1" in caplog.text
+    whole = derive_prompt_ids(["a cat", "", "a dog", "", "a cow"])
+    assert loaded.frame["prompt_id"].tolist() == [whole[0], whole[2], whole[4]]
+    assert loaded.frame["prompt"].tolist() == ["a cat", "a dog", "a cow"]
+    assert loaded.frame["negative_prompt"].tolist() == ["n0", "n2", "n4"]
+    # A skipped row's null id does not matter; ids are checked on the rows that are kept.
+    kept = load_prompts(PromptSource(str(path), id_column="uid", blank="skip")).frame
+    assert kept["prompt_id"].tolist() == ["a", "c", "e"]
+    assert load_prompts(PromptSource(str(prompt_file(["a", "b"])))).skipped_blank == 0
 
 
 def test_not_parquet_and_missing(tmp_path):
@@ -76,12 +95,16 @@ def test_not_parquet_and_missing(tmp_path):
     ("override", "field"),
     [
         ({"prompts": {"path": "missing.parquet"}}, "prompts.path"),
+        ({"prompts": {"path": "notes.parquet"}}, "prompts.path"),  # text, not Parquet
         ({"prompts": {"column": "caption"}}, "prompts.column"),
+        ({"prompts": {"id_column": "uid"}}, "prompts.id_column"),
+        ({"prompts": {"negative_column": "negative"}}, "prompts.negative_column"),
     ],
 )
 def test_prompt_errors_exit_2_before_anything_is_written(
     override, field, tmp_path, prompt_file, spec_file, capsys
 ):
+    (tmp_path / "notes.parquet").write_text("a cat\na dog\n")
     path = spec_file(job(prompt_file(), **override))
     assert main(["generate", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -89,10 +112,22 @@ def test_prompt_errors_exit_2_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_prompt_set_exits_2(tmp_path, prompt_file, spec_file, capsys):
-    path = spec_file(job(prompt_file([])))
+@pytest.mark.parametrize(
+    ("texts", "source", "message"),
+    [
+        ([], {}, "prompts.path: the prompt set"),
+        (["a cat", " "], {}, "prompts.column: 1 prompt(s) are null or blank, first at row 1"),
+        (["", None], {"blank": "skip"}, "is empty once 2 null or blank prompt(s) are skipped"),
+    ],
+)
+def test_empty_or_blank_prompt_sets_exit_2(
+    tmp_path, prompt_file, spec_file, capsys, texts, source, message
+):
+    path = spec_file(job(prompt_file(texts), prompts=source))
     assert main(["generate", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "is empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_txt_csv_jsonl_agree(tmp_path):
@@ -123,8 +158,55 @@ def test_convert_partiprompts_tsv_and_load_it(tmp_path, parti):
     assert table["id"].is_unique
     raw = parti.read_text(encoding="utf-8").splitlines()[1:]
     assert table["prompt"].tolist() == [line.split("\t")[0].strip() for line in raw]
-    prompts = load_prompts(PromptSource(str(out), id_column="id"))
+    prompts = load_prompts(PromptSource(str(out), id_column="id")).frame
     assert prompts["prompt_id"].tolist() == table["id"].tolist()
+
+
+def test_partiprompts_with_a_byte_that_is_not_utf8(tmp_path, parti, capsys):
+    lines = parti.read_bytes().split(b"\n")
+    lines[1000] = lines[1000].replace(b" ", b" \xe9 ", 1)  # a Latin-1 "é" in a UTF-8 file
+    broken = tmp_path / "PartiPrompts.tsv"
+    broken.write_bytes(b"\n".join(lines))
+    assert main(["prompts", str(broken), "-o", str(tmp_path / "parti.parquet")]) == 2
+    expected = f"sdbatch: error: input: {broken} is not UTF-8 text (line 1001)\n"
+    assert capsys.readouterr().err == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PartiPrompts.tsv"]
+
+
+def test_partiprompts_with_repeated_ids(tmp_path, parti, spec_file, capsys):
+    """Category is no id column: refused when converting, and when a spec names it."""
+    target = tmp_path / "parti.parquet"
+    assert main(["prompts", str(parti), "-o", str(target), "--id-column", "Category"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdbatch: error: --id-column: 1620 duplicate id(s) in 'Category', first ")
+    assert not target.exists()
+    assert main(["prompts", str(parti), "-o", str(target)]) == 0
+    path = spec_file(job(target, prompts={"id_column": "Category"}))
+    assert main(["generate", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert "prompts.id_column: 1620 duplicate prompt id(s)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_partiprompts_with_a_blank_prompt(tmp_path, parti, spec_file, capsys, caplog):
+    """Refused by default; `prompts.blank: skip` drops it and keeps every other prompt's id."""
+    assert main(["prompts", str(parti), "-o", str(tmp_path / "parti.parquet")]) == 0
+    table = pd.read_parquet(tmp_path / "parti.parquet")
+    table.loc[700, "prompt"] = "   "
+    table.drop(columns="id").to_parquet(tmp_path / "blank.parquet")
+    out = tmp_path / "out"
+    path = spec_file(job(tmp_path / "blank.parquet"))
+    assert main(["generate", str(path), "--out", str(out), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        "sdbatch: error: prompts.column: 1 prompt(s) are null or blank, first at row 700; "
+        "remove them from the prompt file, or set prompts.blank: skip\n"
+    )
+    skip = job(tmp_path / "blank.parquet", prompts={"blank": "skip"}, sweep={"scheduler": "ddim"})
+    assert main(["generate", str(spec_file(skip)), "--out", str(out), "--dry-run"]) == 0
+    skipped = "skipped 1 null or blank prompt(s) (prompts.blank: skip), first at row 700"
+    assert skipped in caplog.text and "1631 prompts x 2 configurations" in caplog.text
+    loaded = load_prompts(PromptSource(str(tmp_path / "blank.parquet"), blank="skip")).frame
+    assert loaded["prompt_id"].tolist() == table["id"].drop(index=700).tolist()
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -146,6 +228,30 @@ def test_convert_errors_exit_2_without_output(tmp_path, capsys, name, content, a
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not target.exists()
+
+
+def test_a_failed_conversion_leaves_nothing_a_reader_would_see(tmp_path, monkeypatch):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["x"], "prompt": ["kept"]}), folder / "part-0.parquet")
+    (tmp_path / "more.txt").write_text("a cat\na dog\n")
+
+    def dies_halfway(table, where, filesystem):
+        with filesystem.open(where, "wb") as f:
+            f.write(b"PAR1 half a file")
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pq, "write_table", dies_halfway)
+        with pytest.raises(OSError, match="No space left"):
+            convert_prompt_file(str(tmp_path / "more.txt"), str(folder / "part-1.parquet"))
+    assert sorted(p.name for p in folder.iterdir()) == ["part-0.parquet"]
+    # Had the process been killed instead, its hidden partial file is not part of the folder.
+    (folder / ".part-1.parquet.partial").write_bytes(b"PAR1 half a file")
+    source = PromptSource(str(folder), id_column="id")
+    assert load_prompts(source).frame["prompt"].tolist() == ["kept"]
+    convert_prompt_file(str(tmp_path / "more.txt"), str(tmp_path / "new" / "more.parquet"))
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["more.parquet"]
 
 
 def test_shipped_demo_prompts_match_their_text_source(tmp_path):
