@@ -194,5 +194,14 @@ def publish(fs: Any, write: Callable[[str], None], final: str, tmp: str) -> None
     fs.mv(tmp, final)
 
 
+def publish_beside(destination: str, write: Callable[[Any, str], None]) -> None:
+    """Publish the file `write(fs, path)` writes at `destination` (any fsspec URI) through a
+    temporary beside it, whose leading dot hides it from pyarrow's folder reads and globs."""
+    fs, path = fsspec.core.url_to_fs(destination)
+    folder, _, name = path.rpartition("/")
+    tmp = f"{folder or '.'}/.{name}.{uuid.uuid4().hex[:8]}.partial"
+    publish(fs, lambda tmp: write(fs, tmp), path, tmp)
+
+
 def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]

@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sdbatch.errors import InputError, JobFailed
+from sdbatch.errors import InputError, JobFailed, first_line
 from sdbatch.spec import EvalRuntime, Runtime
 
 log = logging.getLogger("sdbatch")
@@ -261,8 +261,7 @@ def _reason(error: Exception) -> str:
         why = (lines[1:] or lines)[0]
         # Ray goes on to list every possible cause; the first sentences are the facts.
         return why if len(why) <= 160 else why[:160].rsplit(" ", 1)[0] + " ..."
-    first = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return f"{type(error).__name__}: {first_line(error)}" if text else type(error).__name__
 
 
 def _progress_bar(total: int, done: int, doing: str) -> tqdm:

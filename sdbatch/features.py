@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from sdbatch import world
-from sdbatch.dataset import publish
+from sdbatch.dataset import publish_beside
 from sdbatch.errors import InputError, JobFailed
 from sdbatch.metrics import FeatureStats, clip_scores
 from sdbatch.pipeline import ModelSource, file_digest, model_file
@@ -188,15 +188,12 @@ def shard_stats(shard: dict[str, np.ndarray]) -> dict[str, FeatureStats]:
 
 def write_npz(destination: str, arrays: dict[str, Any]) -> None:
     """Publish `arrays` as an .npz at any fsspec location: written under a temporary name first."""
-    fs, path = fsspec.core.url_to_fs(destination)
 
-    def write(tmp: str) -> None:
+    def write(fs: Any, tmp: str) -> None:
         with fs.open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    folder, name = path.rsplit("/", 1)
-    fs.makedirs(folder, exist_ok=True)
-    publish(fs, write, path, f"{folder}/.{name}.{os.getpid()}.tmp")
+    publish_beside(destination, write)
 
 
 def read_npz(location: str) -> dict[str, np.ndarray]:

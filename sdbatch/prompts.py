@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from sdbatch.dataset import publish
+from sdbatch.dataset import publish_beside
 from sdbatch.errors import InputError, first_line
 from sdbatch.spec import PromptSource
 
@@ -185,12 +185,7 @@ def convert_prompt_file(
     rest = [c for c in frame.columns if c not in ("id", "prompt")]
     table = pa.Table.from_pandas(frame[["id", "prompt", *rest]], preserve_index=False)
 
-    # Written beside the target first, so a failed conversion leaves no half file behind; the
-    # leading dot hides it from pyarrow, which reads a folder's files but not hidden ones.
-    fs, path = fsspec.core.url_to_fs(destination)
-    folder, _, name = path.rpartition("/")
-    partial = f"{folder}/.{name}.partial"
-    publish(fs, lambda tmp: pq.write_table(table, tmp, filesystem=fs), path, partial)
+    publish_beside(destination, lambda fs, tmp: pq.write_table(table, tmp, filesystem=fs))
     return table.num_rows
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 from PIL import Image
 
 from sdbatch.dataset import IMAGE_SCHEMA, Output, versions
+from sdbatch.errors import first_line
 from sdbatch.pipeline import ModelSource, load_pipeline
 from sdbatch.schedulers import make_scheduler
 from sdbatch.sweep import WorkUnit, image_seed
@@ -135,7 +136,7 @@ class Worker:
         self.batch_size = (size + 1) // 2
         log.warning(
             "out of memory with a batch of %d (%s); retrying with %d",
-            size, str(error).splitlines()[0] if str(error) else type(error).__name__,
+            size, first_line(error),
             self.batch_size,
         )  # fmt: skip
         if self.device == "cuda":

@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from sdbatch.dataset import publish_beside
+
 SIZE = 32  # pixels: small enough to train on 2 CPU cores, large enough for three shapes
 BACKGROUND = (235, 235, 230)
 COLORS = {
@@ -158,7 +160,8 @@ def write_reference(path: str, count: int, size: int = SIZE, seed: int = 0) -> N
         rows.append(
             {"image": {"bytes": buffer.getvalue(), "path": f"{i:05d}.png"}, "caption": caption}
         )
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    table = pa.Table.from_pylist(rows)
+    publish_beside(path, lambda fs, tmp: pq.write_table(table, tmp, filesystem=fs))
 
 
 def main(argv: list[str] | None = None) -> None:
