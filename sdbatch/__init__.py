@@ -9,7 +9,7 @@ Architecture (who calls whom; one module per stage):
          │            ├─ pipeline    model ref -> pinned ModelSource; from_pretrained in workers
          │            │    └─ builtin, schedulers
          │            ├─ dataset     output layout: run.json, atomic unit commits, done markers
-         │            └─ distribute  Ray actors (one per GPU) pulling units, progress bar
+         │            └─ distribute  Ray actors (one per GPU) pulling units, retries, progress bar
          │                 └─ worker   plain class: loaded pipeline -> PNG rows -> dataset commit
          ├─ eval ─────┬─ reference   real images or .npz -> cached reference statistics
                       ├─ distribute  the same actors and bar, running features.FeatureWorker
