@@ -44,8 +44,9 @@ examples:
 PROMPTS_HELP = """\
 Convert a prompt list to the Parquet format job specs read: an `id` column of
 stable ids (from row position and text), a `prompt` column, and the input's
-other columns. .txt is one prompt per line (blank lines skipped); .csv/.tsv
-need a header row; .jsonl is one JSON object per line.
+other columns. .txt is one prompt per line; .csv/.tsv need a header row;
+.jsonl is one JSON object per line. Rows with a blank prompt are skipped (a
+warning counts them).
 
 examples:
   sdbatch prompts prompts.txt

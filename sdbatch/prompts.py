@@ -138,13 +138,15 @@ def convert_prompt_file(
 ) -> int:
     """Convert a .txt/.csv/.tsv/.jsonl prompt list to Parquet with columns id, prompt, and the rest.
 
-    .txt is one prompt per line (blank lines are skipped); .csv and .tsv need a header row; .jsonl
-    is one JSON object per line. The text column is `column`, or guessed from
+    .txt is one prompt per line; .csv and .tsv need a header row; .jsonl is one JSON object per
+    line. Rows whose prompt is blank are skipped, with a warning that counts them (ids are derived
+    after skipping). The text column is `column`, or guessed from
     `TEXT_COLUMN_GUESSES`; other columns are kept. Ids come from `id_column` if given, else from
     `derive_prompt_ids`. Returns the number of prompts written.
 
     Raises:
-        InputError: unknown format, undecodable text, no such column, or no prompts.
+        InputError: unknown format, undecodable text, no such column, no prompts, or a
+            destination that cannot be written.
     """
     suffix = PurePosixPath(source).suffix.lower()
     if suffix not in TEXT_FORMATS:
@@ -164,7 +166,10 @@ def convert_prompt_file(
     column = _text_column(frame, column, source)
     frame = frame.rename(columns={column: "prompt"})
     frame["prompt"] = frame["prompt"].astype("string").str.strip()
-    frame = frame[frame["prompt"].notna() & (frame["prompt"] != "")].reset_index(drop=True)
+    kept = frame["prompt"].notna() & (frame["prompt"] != "")
+    if not kept.all():
+        log.warning("skipped %d row(s) of %s with a blank prompt", (~kept).sum(), source)
+    frame = frame[kept].reset_index(drop=True)
     if frame.empty:
         raise InputError(f"input: {source} holds no prompts")
     if id_column is not None:
@@ -185,7 +190,10 @@ def convert_prompt_file(
     rest = [c for c in frame.columns if c not in ("id", "prompt")]
     table = pa.Table.from_pandas(frame[["id", "prompt", *rest]], preserve_index=False)
 
-    publish_beside(destination, lambda fs, tmp: pq.write_table(table, tmp, filesystem=fs))
+    try:
+        publish_beside(destination, lambda fs, tmp: pq.write_table(table, tmp, filesystem=fs))
+    except OSError as e:
+        raise InputError(f"--output: cannot write {destination} ({first_line(e)})") from None
     return table.num_rows
 
 

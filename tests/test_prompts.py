@@ -258,3 +258,18 @@ def test_shipped_demo_prompts_match_their_text_source(tmp_path):
     convert_prompt_file(str(REPO / "jobs/demo-prompts.txt"), str(tmp_path / "demo.parquet"))
     fresh = pd.read_parquet(tmp_path / "demo.parquet")
     pd.testing.assert_frame_equal(fresh, pd.read_parquet(REPO / "jobs/demo-prompts.parquet"))
+
+
+def test_convert_counts_skipped_blank_rows_and_refuses_an_unwritable_output(
+    tmp_path, capsys, caplog
+):
+    source = tmp_path / "p.csv"
+    source.write_text("prompt,style\na cat,photo\n   ,photo\n,sketch\na dog,oil\n")
+    assert main(["prompts", str(source), "-o", str(tmp_path / "p.parquet")]) == 0
+    assert "skipped 2 row(s) of" in caplog.text
+    assert pq.read_table(tmp_path / "p.parquet").column("prompt").to_pylist() == ["a cat", "a dog"]
+
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(["prompts", str(source), "-o", str(tmp_path / "a-file" / "p.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "--output: cannot write" in err and err.count("\n") == 1
