@@ -243,7 +243,7 @@ def test_a_failed_conversion_leaves_nothing_a_reader_would_see(tmp_path, monkeyp
 
     with monkeypatch.context() as patch:
         patch.setattr(pq, "write_table", dies_halfway)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(InputError, match=r"--output: cannot write .*No space left"):
             convert_prompt_file(str(tmp_path / "more.txt"), str(folder / "part-1.parquet"))
     assert sorted(p.name for p in folder.iterdir()) == ["part-0.parquet"]
     # Had the process been killed instead, its hidden partial file is not part of the folder.
