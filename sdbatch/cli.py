@@ -29,8 +29,9 @@ prompt, negative prompt, an edited or removed prompt or configuration) is
 refused: pass --overwrite to start over, or choose another --out.
 
 A unit whose worker dies or that raises is retried (runtime.retries times) on
-any worker; one that fails every time is listed in run.json, the rest
-completes and the exit status is 3: rerun to retry just those units.
+any worker; one that fails every time is bisected to the prompts at fault,
+which are listed in run.json; the rest completes and the exit status is 3:
+rerun to retry just those.
 
 A job of more than 100,000 images (prompts x configurations x images per
 prompt) is refused unless --yes confirms it; --dry-run shows its plan anyway.

@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,8 +91,9 @@ def resolve_dtype(requested: str, plan: ActorPlan) -> str:
 
 @dataclass(frozen=True)
 class Failure:
-    """A unit given up on: how many times it was tried and the last error (one line)."""
+    """A unit given up on: how many times its work was tried and the last error (one line)."""
 
+    unit: Any
     attempts: int
     error: str
 
@@ -115,18 +117,21 @@ def run_units(
     plan: ActorPlan,
     progress: tuple[int, int, str],
     retries: int,
+    split: Callable[[Any], list[Any]] | None = None,
 ) -> RunResult:
     """Run every unit on `plan.count` actors of class `worker`, giving each idle one the next unit.
 
     A unit that raises is put back in the queue, so another actor may take it; one whose actor
     process dies (killed, out of host memory, node lost) likewise, and the actor is replaced.
-    After `retries` retries a unit is given up on and listed in `RunResult.failed`; the others
-    go on.
+    After `retries` retries a unit is given up on and listed in `RunResult.failed`, or, given
+    `split`, bisected: its halves run once each, and halves that fail are split again, so only
+    the inputs at fault fail and the rest of the unit is done. The other units go on.
 
     Args:
         worker: a class with `describe()` and a generator `run(unit)`, built from `settings`
             (a dataclass with a `threads` field).
         progress: (total images, images already done, what the bar says it is doing).
+        split: a unit's halves (none for a unit that cannot be split).
 
     Raises:
         JobFailed: a worker could not load its models, or actors kept dying before taking any
@@ -153,26 +158,36 @@ def run_units(
     load_deaths_allowed = plan.count * (retries + 1)
     pending = deque(units)
     running: dict[Any, tuple[Any, Any]] = {}
-    attempts: Counter[str] = Counter()
+    attempts: Counter[str] = Counter()  # by this unit id
+    inherited: dict[str, int] = {}  # attempts made on a piece's work as part of a larger unit
+    allowed: dict[str, int] = {}  # retries of a piece (none: its failure already repeated)
     counted: Counter[str] = Counter()  # images the bar counted for a unit's current attempt
     idle: list[Any] = []
     result = RunResult([], 0.0)
     bar = None
 
     def give_back(unit: Any, error: str) -> None:
-        attempts[unit.unit_id] += 1
         if bar is not None:
             bar.update(-counted.pop(unit.unit_id, 0))
-        tries = attempts[unit.unit_id]
-        if tries > retries:
-            log.error("unit %s failed %d times, giving up: %s", unit.unit_id, tries, error)
-            result.failed[unit.unit_id] = Failure(tries, error)
-        else:
+        attempts[unit.unit_id] += 1
+        own, limit = attempts[unit.unit_id], allowed.get(unit.unit_id, retries)
+        if own <= limit:
             log.warning(
                 "unit %s failed (attempt %d of %d), will retry: %s",
-                unit.unit_id, tries, retries + 1, error,
+                unit.unit_id, own, limit + 1, error,
             )  # fmt: skip
             pending.append(unit)
+            return
+        tries = own + inherited.get(unit.unit_id, 0)
+        pieces = split(unit) if split else []
+        for piece in pieces:
+            inherited[piece.unit_id], allowed[piece.unit_id] = tries, 0
+            pending.append(piece)
+        if pieces:
+            log.warning("unit %s failed %d times; splitting it: %s", unit.unit_id, tries, error)
+        else:
+            log.error("unit %s failed %d times, giving up: %s", unit.unit_id, tries, error)
+            result.failed[unit.unit_id] = Failure(unit, tries, error)
 
     try:
         while pending or running:

@@ -23,7 +23,7 @@ from sdbatch.errors import InputError, first_line
 from sdbatch.pipeline import ModelSource, longer_than_context, resolve_model
 from sdbatch.prompts import PromptSet, load_prompts, prompt_set_digest
 from sdbatch.spec import JobSpec
-from sdbatch.sweep import Config, configurations, negative_prompts, plan_units
+from sdbatch.sweep import Config, configurations, negative_prompts, plan_units, split_unit
 from sdbatch.worker import Worker, WorkerSettings
 
 log = logging.getLogger("sdbatch")
@@ -165,7 +165,13 @@ def generate(
             png_compress_level=spec.runtime.png_compress_level,
         )
         result = distribute.run_units(
-            Worker, settings, units, plan, (total, total - left, "generating"), spec.runtime.retries
+            Worker,
+            settings,
+            units,
+            plan,
+            (total, total - left, "generating"),
+            spec.runtime.retries,
+            split_unit,
         )
     finally:
         if connected:
@@ -176,15 +182,14 @@ def generate(
     # 6. record what this call did, failures included: the run's stats live in run.json
     failed = [
         {
-            "unit_id": u.unit_id,
-            "config_id": u.config.config_id,
-            "prompt_ids": list(u.prompt_ids),
-            "images": u.num_images,
-            "attempts": result.failed[u.unit_id].attempts,
-            "error": result.failed[u.unit_id].error,
+            "unit_id": f.unit.unit_id,
+            "config_id": f.unit.config.config_id,
+            "prompt_ids": list(f.unit.prompt_ids),
+            "images": f.unit.num_images,
+            "attempts": f.attempts,
+            "error": f.error,
         }
-        for u in units
-        if u.unit_id in result.failed
+        for f in result.failed.values()
     ]
     new = left - sum(f["images"] for f in failed)
     flagged = sum(marker["nsfw_flagged"] for marker in result.results.values())

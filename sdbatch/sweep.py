@@ -7,6 +7,7 @@ from the same noise in every configuration, and no batch, shard or actor layout 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -105,13 +106,35 @@ def plan_units(
     return units
 
 
+def split_unit(unit: WorkUnit) -> list[WorkUnit]:
+    """The unit's prompts in two halves, or nothing for a unit of one prompt: bisecting a unit
+    that keeps failing finds the prompts at fault, and the others still get made."""
+    half = (len(unit.prompt_ids) + 1) // 2
+    if half == len(unit.prompt_ids):
+        return []
+    return [
+        dataclasses.replace(
+            unit,
+            unit_id=_unit_id(unit.config, unit.prompt_ids[part]),
+            prompt_ids=unit.prompt_ids[part],
+            prompts=unit.prompts[part],
+            negative_prompts=unit.negative_prompts[part],
+        )
+        for part in (slice(None, half), slice(half, None))
+    ]
+
+
+def _unit_id(config: Config, prompt_ids: tuple[str, ...]) -> str:
+    # Named by content, so a rerun that plans the same unit writes the same file name.
+    digest = hashlib.sha1("\x00".join(prompt_ids).encode()).hexdigest()[:10]
+    return f"{config.config_id}-{digest}"
+
+
 def _unit(shard: pd.DataFrame, config: Config, images_per_prompt: int, seed: int) -> WorkUnit:
     ids = tuple(shard["prompt_id"])
-    # Named by content, so a rerun that plans the same unit writes the same file name.
-    digest = hashlib.sha1("\x00".join(ids).encode()).hexdigest()[:10]
     negatives = negative_prompts(shard["negative_prompt"], config.negative_prompt)
     return WorkUnit(
-        unit_id=f"{config.config_id}-{digest}",
+        unit_id=_unit_id(config, ids),
         config=config,
         prompt_ids=ids,
         prompts=tuple(shard["prompt"]),

@@ -132,25 +132,27 @@ def test_a_unit_that_keeps_failing_is_recorded_and_only_it_is_rerun(
     out = tmp_path / "out"
     args = ["generate", spec, "--out", str(out), "--address", ray_address]
 
-    # 1. the bad unit fails both attempts; the other units complete; the exit status says so
+    # 1. the unit with the bad prompt fails both attempts, is split in two, and only the half
+    # with the bad prompt fails; everything else completes; the exit status says so
     assert cli_main(args) == EXIT_INCOMPLETE
     err = capsys.readouterr().err
-    assert "incomplete: 1 work unit(s), 4 images, failed after 2 attempts" in err
+    assert "incomplete: 1 work unit(s), 2 images, failed after 3 attempts" in err
     assert f"ValueError: cannot draw {TARGET!r}" in err
     failed = json.loads((out / "run.json").read_text())["history"][-1]["failed_units"]
-    assert len(failed) == 1 and failed[0]["attempts"] == 2 and failed[0]["images"] == 4
+    bad = {r["prompt_id"] for r in expected if r["prompt"] == TARGET}
+    assert len(failed) == 1 and set(failed[0]["prompt_ids"]) == bad
+    assert failed[0]["attempts"] == 3 and failed[0]["images"] == 2
     assert failed[0]["error"] == f"ValueError: cannot draw {TARGET!r}"
-    bad = {r["prompt_id"] for r in expected if r["prompt"] in (PROMPTS[0], TARGET)}
-    assert set(failed[0]["prompt_ids"]) == bad
     done = rows(out)
-    assert len(done) == 8 and not {r["prompt_id"] for r in done} & bad
+    assert len(done) == 10 and not {r["prompt_id"] for r in done} & bad
+    assert {r["prompt"] for r in done} == set(PROMPTS) - {TARGET}
     assert not list((out / "_tmp").iterdir())
 
     # 2. once the cause is gone, a rerun generates just that unit
     flag.unlink()
     committed = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     assert cli_main(args) == EXIT_OK
-    assert "resuming: 8 images done, 4 left in 1 units" in caplog.text
+    assert "resuming: 10 images done, 2 left in 1 units" in caplog.text
     for name, mtime in committed.items():
         assert (out / "images" / name).stat().st_mtime_ns == mtime
     got = rows(out)

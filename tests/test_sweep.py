@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from sdbatch.spec import Sweep
-from sdbatch.sweep import Config, configurations, image_seed, plan_units
+from sdbatch.sweep import Config, configurations, image_seed, plan_units, split_unit
 
 
 def prompts(n: int) -> pd.DataFrame:
@@ -79,3 +79,17 @@ def test_negative_prompt_from_the_row_else_the_sweep():
     config = Config("ddim", 10, 7.5, 64, 64, "sweep negative")
     (unit,) = plan_units(prompts(3), [config], 1, 0, shard_size=3)
     assert unit.negative_prompts == ("sweep negative", "sweep negative", "own negative")
+
+
+def test_split_halves_are_the_units_a_plan_of_those_prompts_makes():
+    config = configurations(SWEEP)[0]
+    (unit,) = plan_units(prompts(5), [config], 2, 0, 5)
+    first, second = split_unit(unit)
+    assert first.prompt_ids == ("p0", "p1", "p2") and second.prompt_ids == ("p3", "p4")
+    assert second.negative_prompts[-1] == "own negative" and second.prompts[0] == "prompt 3"
+    # the same ids and contents a fresh plan gives, so markers and resumes agree on them
+    for piece, rows in ((first, slice(0, 3)), (second, slice(3, 5))):
+        (planned,) = plan_units(prompts(5).iloc[rows], [config], 2, 0, 5)
+        assert piece == planned
+    (one,) = plan_units(prompts(1), [config], 2, 0, 5)
+    assert split_unit(one) == []
