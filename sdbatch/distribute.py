@@ -134,8 +134,8 @@ def run_units(
         split: a unit's halves (none for a unit that cannot be split).
 
     Raises:
-        JobFailed: a worker could not load its models, or actors kept dying before taking any
-            work; finished units stay.
+        JobFailed: a worker could not load its models, or actors kept dying while loading them;
+            finished units stay.
     """
     import ray
 
