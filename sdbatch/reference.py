@@ -94,12 +94,11 @@ class ReferencePlan:
 
     def missing_units(self) -> list[FeatureUnit]:
         """The units whose shard file is not written yet: a crashed extraction resumes."""
-        # A few hundred images per unit: one existence check each is cheap.
-        return [
-            u
-            for u in self.units
-            if not fsspec.core.url_to_fs(u.destination)[0].exists(u.destination)
-        ]
+        if not self.units:
+            return []
+        # Every shard sits in one folder; a few hundred images per unit makes one check each cheap.
+        fs, _ = fsspec.core.url_to_fs(self.units[0].destination)
+        return [u for u in self.units if not fs.exists(u.destination)]
 
 
 def plan_reference(source: ReferenceSource, extractor: ExtractorInfo, cache: str) -> ReferencePlan:

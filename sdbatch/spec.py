@@ -67,7 +67,7 @@ class Runtime:
     # zlib level of the lossless PNGs: 1 is several times faster than 6-9 for a few % more bytes.
     png_compress_level: int = 1
     # Times a unit is retried (on any actor) after it raised or its actor died, before it is
-    # recorded as failed and the job goes on without it.
+    # bisected to the prompts at fault, which are recorded as failed while the job goes on.
     retries: int = 2
 
 
