@@ -1,0 +1,74 @@
+"""An output written by sdbatch 0.1.0 (tests/fixtures/output-0.1.0) still resumes, extends,
+evaluates and reports: the records on disk stay readable as the code that reads them changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+import yaml
+from conftest import REPO
+
+from sdbatch.eval import evaluate
+from sdbatch.generate import generate
+from sdbatch.report import write_report
+from sdbatch.spec import load_spec, load_suite
+
+FIXTURE = REPO / "tests" / "fixtures" / "output-0.1.0"
+KEY = ["prompt_id", "sample_index", "config_id"]
+
+
+@pytest.fixture
+def old(tmp_path):
+    """A copy of the old output and the files that made it."""
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    return tmp_path / "old"
+
+
+def test_an_old_output_reports_from_its_own_metrics(old):
+    path = write_report([str(old / "out")])
+    markdown = (old / "out" / "report" / "report.md").read_text()
+    configs = pd.read_parquet(old / "out" / "metrics" / "configs.parquet")
+    assert path == f"{old / 'out'}/report/index.html"
+    for config_id in configs["config_id"]:
+        assert f"| {config_id} |" in markdown
+    best = configs.loc[configs["fid"].idxmin()]
+    assert f"Best by FID: **ddim, 2 steps, guidance {best['guidance_scale']:g}**" in markdown
+    assert "builtin:tiny-clip" in markdown
+
+
+def test_an_old_output_resumes_and_extends(old, ray_address):
+    out = old / "out"
+    markers = {p.name: p.read_bytes() for p in (out / "_units").iterdir()}
+    summary = generate(load_spec(old / "job.yaml"), str(out), ray_address)
+    assert summary.new_images == 0 and summary.total_images == 8
+    assert {p.name: p.read_bytes() for p in (out / "_units").iterdir()} == markers
+
+    wider = yaml.safe_load((old / "job.yaml").read_text())
+    wider["sweep"]["guidance_scale"].append(4.0)
+    (old / "wider.yaml").write_text(yaml.safe_dump(wider))
+    summary = generate(load_spec(old / "wider.yaml"), str(out), ray_address)
+    assert summary.new_images == 4 and summary.total_images == 12
+    rows = pads.dataset(str(out / "images")).to_table(columns=KEY).to_pandas()
+    assert len(rows) == 12 and not rows.duplicated().any()
+    run = json.loads((out / "run.json").read_text())
+    assert [h["new_images"] for h in run["history"]] == [8, 4]
+
+
+def test_an_old_output_evaluates_from_its_shards_to_the_same_numbers(old, ray_address):
+    out = old / "out"
+    before = pd.read_parquet(out / "metrics" / "configs.parquet").set_index("config_id")
+    shards = {p: p.stat().st_mtime_ns for p in (out / "metrics" / "_shards").rglob("*.npz")}
+    suite = dataclasses.replace(load_suite(old / "suite.yaml"), cache=str(old / "cache"))
+
+    after = evaluate(str(out), suite, ray_address).configs.set_index("config_id")
+
+    # the old shards were reused, not extracted again, and the numbers are the old ones
+    assert {p: p.stat().st_mtime_ns for p in shards} == shards
+    pd.testing.assert_frame_equal(after, before, rtol=1e-9, check_dtype=False)
+    record = json.loads((out / "metrics" / "metrics.json").read_text())
+    assert record["images"] == 8 and record["suite"]["name"] == "old"
