@@ -34,9 +34,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from sdbatch.builtin import builtin_path
-from sdbatch.eval import evaluate
-from sdbatch.generate import generate
-from sdbatch.spec import parse_spec, parse_suite
+from sdbatch.evaluation.run import evaluate
+from sdbatch.evaluation.suite import parse_suite
+from sdbatch.generation import generate
+from sdbatch.spec import parse_spec
 
 TEXTS = (Path(__file__).resolve().parents[1] / "jobs" / "demo-prompts.txt").read_text().splitlines()
 CLIP_MODEL = "builtin:tiny-clip"
@@ -74,7 +75,7 @@ def make_images(args, folder: Path) -> Path:
             "runtime": {"batch_size": 8, "actors": args.actors},
         }
     )
-    generate(spec, str(folder / "out"))
+    generate(spec, output=str(folder / "out"))
     return folder / "out"
 
 

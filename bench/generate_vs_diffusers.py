@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow.dataset as pads
 from PIL import Image
 
-from sdbatch.generate import generate
-from sdbatch.pipeline import load_pipeline, resolve_model
+from sdbatch.generation import generate
+from sdbatch.models import load_pipeline, resolve_model
 from sdbatch.prompts import derive_prompt_ids
 from sdbatch.schedulers import make_scheduler
 from sdbatch.spec import parse_spec
@@ -85,7 +85,7 @@ def with_sdbatch(args, texts: list[str], folder: Path) -> tuple[float, float, di
             "runtime": {"batch_size": args.batch_size, "actors": args.actors},
         }
     )
-    summary = generate(spec, str(folder / "out"))
+    summary = generate(spec, output=str(folder / "out"))
     rows = pads.dataset(str(folder / "out" / "images")).to_table().to_pylist()
     images = {
         (r["prompt_id"], r["sample_index"]): np.asarray(

@@ -1,22 +1,109 @@
 """sdbatch: Stable Diffusion image sweeps at cluster scale, written as a resumable Parquet dataset,
 and the metrics that judge them.
 
-Architecture (who calls whom; one module per stage):
+The Python API is the CLI's commands as functions, with the same names and flags (keyword-only):
+`load_spec`, `load_suite`, `generate`, `evaluate`, `compute_reference`, `report`, `run` and
+`convert_prompt_file`, and the types they take and return. A spec or suite built in Python
+(`JobSpec(...)`, `Suite(...)`) is checked exactly like one read from YAML.
 
-    cli ─┬─ generate ─┬─ spec        YAML -> typed, validated JobSpec and Suite, up front
-         │            ├─ prompts     Parquet prompt set -> (prompt_id, prompt, negative_prompt)
-         │            ├─ sweep       configurations, per-image seeds, work units left to do
-         │            ├─ pipeline    model ref -> pinned ModelSource; from_pretrained in workers
-         │            │    └─ builtin, schedulers
-         │            ├─ dataset     output layout: run.json, atomic unit commits, done markers
-         │            └─ distribute  Ray actors (one per GPU) pulling units, retries, progress bar
-         │                 └─ worker   plain class: loaded pipeline -> PNG rows -> dataset commit
-         ├─ eval ─────┬─ reference   real images or .npz -> cached reference statistics
-                      ├─ distribute  the same actors and bar, running features.FeatureWorker
-                      │    └─ features  plain class: images -> CLIP scores, features, shard stats
-                      └─ metrics     pure math: merged statistics -> FID, KID, CLIP score, intervals
-         └─ report ───── metrics + images -> one self-contained HTML page and Markdown
-    world: rendered shapes, the demo suite's reference images
+    >>> import sdbatch
+    >>> spec = sdbatch.load_spec("jobs/demo.yaml")
+    >>> spec.model, sdbatch.load_suite(spec.suite).name
+    ('builtin:toy', 'demo')
+
+Architecture: one idea per module, in layers, top to bottom. A module imports only modules listed
+below it (tests/test_layout.py holds the code to this list).
+
+    cli                             `sdbatch` commands: argument parsing and exit codes over the API
+    api                             run(): generate -> evaluate -> report; the demo's spec
+    reporting.write                 report(): read evaluated runs, write index.html and report.md
+    reporting.render                sections and figures -> self-contained HTML, and Markdown
+    reporting.grids                 image 0 of every configuration side by side, per prompt
+    reporting.plots                 ranked metrics vs guidance and steps; the trade-off plot
+    reporting.summary               best configurations, Pareto front, tables, provenance
+    reporting.runs                  an evaluated output: configs table, run and metrics records
+    reporting.parts                 what a report is made of: sections and figures
+    evaluation.run                  evaluate(): plan shards, extract on actors, gather, write
+    evaluation.table                per-configuration table: every metric's aggregate
+    evaluation.gather               shards -> per-image rows, merged statistics, features
+    evaluation.worker               plain class: images -> CLIP, features, per-image scores
+    evaluation.inputs               a suite resolved: CLIP pinned, extractor, reference, shard key
+    evaluation.record               metrics.json, typed
+    evaluation.suite                the evaluation suite: typed, validated, up front
+    evaluation.registry             every metric, in column order; the report's trade-off
+    evaluation.metrics.kid          KID and its settings
+    evaluation.metrics.fid          FID
+    evaluation.metrics.attributes   shapes-world attribute accuracy, judged from pixels
+    evaluation.metrics.clip_score   CLIP score
+    evaluation.metric               what a metric declares; what it scores and aggregates
+    evaluation.reference            reference images or .npz -> cached reference statistics
+    evaluation.images               decoding a shard's images
+    evaluation.shards               units of evaluation work and their .npz files
+    evaluation.extractors           feature extractors: inception, clip, any nn.Module
+    evaluation.clip                 CLIP in a worker: image and text embeddings
+    evaluation.metric_math          pure math: statistics that merge, FID, KID, intervals
+    generation                      generate(): spec -> committed image dataset, resumable
+    worker                          plain class: loaded pipeline -> PNG rows -> unit commit
+    distribute                      Ray: a session, one actor per GPU, units, retries, progress
+    output                          the output's layout: run.json, unit commits, markers
+    records                         run.json and unit markers, typed
+    image_rows                      the image dataset's row and key columns
+    prompts                         prompt files -> (prompt_id, prompt, negative_prompt)
+    sweep                           configurations, per-image seeds, work units left to do
+    models                          model reference -> pinned ModelSource; pipeline loading
+    spec                            the job spec: typed, validated, up front
+    toy.build                       writes every builtin model's shipped files
+    toy.train                       trains toy-clip and toy on the shapes world
+    toy.components                  the builtin models' parts (byte tokenizer, scheduler, CLIP)
+    toy.world                       the shapes world: scenes, rendering, the pixel judge
+    builtin                         builtin:NAME -> a model folder shipped in the package
+    schedulers                      scheduler names -> diffusers classes (from_config)
+    publish                         files written whole: a temporary name, then a move
+    digests                         sha256 identities of files, folders and weights
+    typed_data                      YAML/JSON data -> typed dataclasses, one-line field errors
+    errors                          InputError (exit 2) and JobFailed (exit 1)
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 __version__ = "0.1.0"
+
+# Exported lazily: `import sdbatch` (and so `sdbatch --help`, and every Ray worker) does not pay
+# for pandas, pyarrow and the stages it does not use.
+_EXPORTS = {
+    "load_spec": "sdbatch.spec",
+    "JobSpec": "sdbatch.spec",
+    "PromptSource": "sdbatch.spec",
+    "Sweep": "sdbatch.spec",
+    "Runtime": "sdbatch.spec",
+    "load_suite": "sdbatch.evaluation.suite",
+    "Suite": "sdbatch.evaluation.suite",
+    "generate": "sdbatch.generation",
+    "GenerateSummary": "sdbatch.generation",
+    "evaluate": "sdbatch.evaluation.run",
+    "compute_reference": "sdbatch.evaluation.run",
+    "EvalSummary": "sdbatch.evaluation.run",
+    "report": "sdbatch.reporting.write",
+    "run": "sdbatch.api",
+    "RunSummary": "sdbatch.api",
+    "convert_prompt_file": "sdbatch.prompts",
+    "InputError": "sdbatch.errors",
+    "JobFailed": "sdbatch.errors",
+}
+_RENAMED = {"report": "write_report"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sdbatch' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,5 +1,6 @@
-"""The `sdbatch` command. Exit codes: 0 done, 1 failed while running, 2 bad input, 3 finished
-but some work units failed every retry (a rerun retries just those)."""
+"""The `sdbatch` command: argument parsing and exit codes over the Python API (`sdbatch.api` and
+the stages it exports). Exit codes: 0 done, 1 failed while running, 2 bad input, 3 finished but
+some work units failed every retry (a rerun retries just those)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 from sdbatch.errors import InputError, JobFailed
 
 if TYPE_CHECKING:
-    from sdbatch.generate import GenerateSummary
+    from sdbatch.generation import GenerateSummary
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 log = logging.getLogger("sdbatch")
@@ -105,8 +106,8 @@ example:
 """
 
 DEMO_HELP = """\
-Run jobs/demo.yaml end to end on the embedded models (builtin:tiny to generate,
-builtin:tiny-clip to evaluate) with a local Ray instance: generate, evaluate
+Run jobs/demo.yaml end to end on the embedded models (builtin:toy to generate,
+builtin:toy-clip to evaluate) with a local Ray instance: generate, evaluate
 with eval/demo.yaml, write the report. Prints the report's path.
 
 example:
@@ -233,12 +234,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sdbatch.generate import generate
+    from sdbatch.generation import generate
     from sdbatch.spec import load_spec
 
-    spec = load_spec(args.spec)
     summary = generate(
-        spec, args.out, args.address, args.overwrite, args.dry_run, confirmed=args.yes
+        load_spec(args.spec),
+        output=args.out,
+        address=args.address,
+        overwrite=args.overwrite,
+        dry_run=args.dry_run,
+        confirmed=args.yes,
     )
     return _incomplete(summary) if summary.failed else EXIT_OK
 
@@ -247,8 +252,8 @@ def _incomplete(summary: GenerateSummary) -> int:
     first = summary.failed[0]
     print(
         f"sdbatch: incomplete: {len(summary.failed)} work unit(s), {summary.failed_images} "
-        f"images, failed after {first['attempts']} attempts (first {first['unit_id']}: "
-        f"{first['error']}); they are listed in {summary.output}/run.json; everything else is "
+        f"images, failed after {first.attempts} attempts (first {first.unit_id}: "
+        f"{first.error}); they are listed in {summary.output}/run.json; everything else is "
         "done; rerun the same command to retry only them",
         file=sys.stderr,
     )
@@ -265,68 +270,46 @@ def _prompts(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from sdbatch.dataset import Output
-    from sdbatch.eval import evaluate
-    from sdbatch.spec import load_suite
+    from sdbatch.evaluation.run import evaluate
+    from sdbatch.evaluation.suite import load_suite
 
-    suite_path = args.suite
-    if suite_path is None:
-        run = Output(args.output).read_run() or {}
-        suite_path = run.get("spec", {}).get("suite")
-        if suite_path is None:
-            raise InputError("--suite: required; the job spec of this output names no suite")
-    summary = evaluate(args.output, load_suite(suite_path), args.address)
-    print(summary.metrics)
+    suite = load_suite(args.suite) if args.suite else None
+    print(evaluate(args.output, suite, address=args.address).metrics)
     return EXIT_OK
 
 
 def _reference(args: argparse.Namespace) -> int:
-    from sdbatch.eval import compute_reference
-    from sdbatch.spec import load_suite
+    from sdbatch.evaluation.run import compute_reference
+    from sdbatch.evaluation.suite import load_suite
 
-    print(compute_reference(load_suite(args.suite), args.address))
+    print(compute_reference(load_suite(args.suite), address=args.address))
     return EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sdbatch.eval import evaluate, resolve_suite
-    from sdbatch.generate import generate
-    from sdbatch.report import write_report
-    from sdbatch.spec import load_spec, load_suite
+    from sdbatch.api import demo_spec, run
+    from sdbatch.evaluation.suite import load_suite
+    from sdbatch.spec import load_spec
 
-    spec = load_spec(args.spec or demo_spec())
-    suite_path = args.suite or spec.suite
-    if suite_path is None:
-        raise InputError("suite: the job spec names no evaluation suite; add `suite:` or --suite")
-    # The suite, its models and its reference are checked before generation starts: a typo in
-    # the suite costs no GPU time.
-    suite = load_suite(suite_path)
-    inputs = resolve_suite(suite)
-    summary = generate(spec, args.out, args.address, args.overwrite, confirmed=args.yes)
-    if summary.failed:
-        # Metrics of configurations with missing images would be silently biased.
-        return _incomplete(summary)
-    evaluate(summary.output, suite, args.address, inputs)
-    print(write_report([summary.output]))
+    summary = run(
+        load_spec(args.spec or demo_spec()),
+        suite=load_suite(args.suite) if args.suite else None,
+        output=args.out,
+        address=args.address,
+        overwrite=args.overwrite,
+        confirmed=args.yes,
+    )
+    if not summary.complete:
+        return _incomplete(summary.generation)
+    print(summary.report)
     return EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sdbatch.report import write_report
+    from sdbatch.reporting.write import write_report
 
     print(write_report(args.outputs))
     return EXIT_OK
-
-
-def demo_spec() -> Path:
-    """jobs/demo.yaml from the source checkout, or from where pip installed the jobs folder."""
-    for jobs in (
-        Path(__file__).resolve().parents[1] / "jobs",
-        Path(sys.prefix) / "share/sdbatch/jobs",
-    ):
-        if (jobs / "demo.yaml").is_file():
-            return jobs / "demo.yaml"
-    raise InputError("demo: jobs/demo.yaml is not installed; run from a source checkout")
 
 
 if __name__ == "__main__":

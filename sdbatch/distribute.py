@@ -1,9 +1,10 @@
 """Ray: join or start a cluster, place one worker actor per GPU (or N CPU actors), and hand out
 work units one at a time, so fast actors take more of them.
 
-Each actor is a plain worker class made remote (`worker.Worker` generates, `features.FeatureWorker`
-extracts features). Its `run(unit)` streams one count per finished batch, which drives a single
-progress bar over all actors, and ends with the unit's result (a done marker, shard statistics).
+Each actor is a plain worker class made remote (`worker.Worker` generates,
+`evaluation.worker.FeatureWorker` extracts features). Its `run(unit)` streams one count per
+finished batch, which drives a single progress bar over all actors, and ends with the unit's
+result (a done marker, shard statistics).
 Units are retried when they raise or their actor dies; dead actors are replaced.
 """
 
@@ -14,14 +15,14 @@ import logging
 import re
 import sys
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
 from sdbatch.errors import InputError, JobFailed, first_line
-from sdbatch.spec import EvalRuntime, Runtime
 
 log = logging.getLogger("sdbatch")
 # transformers warns at import about optional vision backends; workers only need errors.
@@ -42,34 +43,36 @@ class ActorPlan:
         return f"{self.count} {kind} actor{'s' if self.count > 1 else ''}"
 
 
-def connect(address: str | None) -> bool:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one.
-
-    Returns True when this call connected, so the caller knows to disconnect; a session already
-    connected (a notebook, a test) is reused and left as it was.
-    """
+@contextmanager
+def session(address: str | None) -> Iterator[None]:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one, for the `with`
+    block; a session already connected (a notebook, a test) is used and left as it was."""
     import ray
 
     if ray.is_initialized():
-        return False
+        yield
+        return
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    return True
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
-def plan_actors(runtime: Runtime | EvalRuntime) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs; otherwise `runtime.actors` CPU actors."""
+def plan_actors(actors: int | Literal["auto"]) -> ActorPlan:
+    """One actor per GPU when the cluster has GPUs; otherwise `actors` CPU actors (1 for auto)."""
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
-        count = gpus if runtime.actors == "auto" else runtime.actors
+        count = gpus if actors == "auto" else actors
         if count > gpus:
             log.warning(
                 "runtime.actors=%d but the cluster has %d GPUs; Ray waits for more", count, gpus
             )
         return ActorPlan(count, gpus=1, cpus=1, threads=None)
-    count = 1 if runtime.actors == "auto" else runtime.actors
+    count = 1 if actors == "auto" else actors
     cpus = resources.get("CPU", 1)
     largest_node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
     # Share the cores: more actors than cores is allowed (fractional reservations), never fewer
@@ -112,7 +115,7 @@ class RunResult:
 
 def run_units(
     worker: type,
-    settings: Any,
+    setup: Any,
     units: list[Any],
     plan: ActorPlan,
     progress: tuple[int, int, str],
@@ -128,8 +131,8 @@ def run_units(
     the inputs at fault fail and the rest of the unit is done. The other units go on.
 
     Args:
-        worker: a class with `describe()` and a generator `run(unit)`, built from `settings`
-            (a dataclass with a `threads` field).
+        worker: a class with `describe()` and a generator `run(unit)`, built from `setup`
+            (a dataclass with a `threads` field: what every actor loads).
         progress: (total images, images already done, what the bar says it is doing).
         split: a unit's halves (none for a unit that cannot be split).
 
@@ -142,12 +145,12 @@ def run_units(
     remote = ray.remote(worker).options(
         num_gpus=plan.gpus, num_cpus=plan.cpus, runtime_env={"env_vars": ACTOR_ENV}
     )
-    worker_settings = dataclasses.replace(settings, threads=plan.threads)
+    actor_setup = dataclasses.replace(setup, threads=plan.threads)
     actors: list[Any] = []
     loading: dict[Any, Any] = {}
 
     def start_actor() -> None:
-        actor = remote.remote(worker_settings)
+        actor = remote.remote(actor_setup)
         actors.append(actor)
         loading[actor.describe.remote()] = actor
 

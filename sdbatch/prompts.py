@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from sdbatch.dataset import publish_beside
 from sdbatch.errors import InputError, first_line
+from sdbatch.publish import publish_beside
 from sdbatch.spec import PromptSource
 
 log = logging.getLogger("sdbatch")

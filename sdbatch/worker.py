@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
-from sdbatch.dataset import IMAGE_SCHEMA, Output, versions
 from sdbatch.errors import first_line
-from sdbatch.pipeline import ModelSource, load_pipeline
+from sdbatch.image_rows import ImageRow, image_table
+from sdbatch.models import ModelSource, load_pipeline
+from sdbatch.output import Output
+from sdbatch.records import UnitMarker, library_versions
 from sdbatch.schedulers import make_scheduler
 from sdbatch.sweep import WorkUnit, image_seed
 
@@ -29,8 +30,8 @@ log = logging.getLogger("sdbatch")
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
-    """What every worker of a run shares; the driver resolves it once."""
+class GenerationSetup:
+    """What every generation worker of a run loads; the driver resolves it once."""
 
     model: ModelSource
     dtype: str  # fp16, bf16 or fp32
@@ -50,20 +51,20 @@ def encode_png(pixels: np.ndarray, level: int) -> bytes:
 class Worker:
     """Loads the pipeline once; `run` generates a work unit and commits it."""
 
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, setup: GenerationSetup):
         import torch
 
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        self.settings = settings
+        if setup.threads:
+            torch.set_num_threads(setup.threads)
+        self.setup = setup
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = load_pipeline(settings.model, settings.dtype, self.device)
+        self.pipe = load_pipeline(setup.model, setup.dtype, self.device)
         # Every scheduler is built from the model's own config, never from the last one used.
         self._scheduler_config = self.pipe.scheduler.config
         self._schedulers: dict[str, Any] = {}
-        self._output = Output(settings.output)
+        self._output = Output(setup.output)
         # Lowered, for the rest of this worker's life, when a batch runs out of memory.
-        self.batch_size = settings.batch_size
+        self.batch_size = setup.batch_size
         # zlib releases the GIL, so PNG encoding of one batch overlaps the next batch's denoising.
         self._encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
 
@@ -76,10 +77,10 @@ class Worker:
             "host": socket.gethostname(),
             "device": device,
             "torch_threads": torch.get_num_threads(),
-            "versions": versions(),
+            "versions": library_versions(),
         }
 
-    def run(self, unit: WorkUnit) -> Iterator[int | dict[str, Any]]:
+    def run(self, unit: WorkUnit) -> Iterator[int | UnitMarker]:
         """Generate `unit`, yielding each batch's image count; commit it and yield its marker."""
         # 1. switch scheduler; the weights stay loaded
         name = unit.config.scheduler
@@ -91,7 +92,7 @@ class Worker:
         images = [
             (p, s) for p in range(len(unit.prompt_ids)) for s in range(unit.images_per_prompt)
         ]
-        rows: list[dict[str, Any]] = []
+        rows: list[ImageRow] = []
         pngs = []
         start = 0
         while start < len(images):
@@ -107,7 +108,7 @@ class Worker:
                 continue
             start += len(batch)
             seconds = (time.perf_counter() - began) / len(batch)
-            level = self.settings.png_compress_level
+            level = self.setup.png_compress_level
             pngs += [self._encoder.submit(encode_png, px, level) for px in pixels]
             rows += [
                 self._row(unit, p, s, seed, flag, len(batch), seconds)
@@ -117,17 +118,16 @@ class Worker:
 
         # 3. commit: the images first, the done marker last
         for row, png in zip(rows, pngs, strict=True):
-            row["image"]["bytes"] = png.result()
-        table = pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
-        marker = {
-            "unit_id": unit.unit_id,
-            "config_id": unit.config.config_id,
-            "prompt_ids": list(unit.prompt_ids),
-            "images": len(rows),
-            "generation_seconds": sum(r["generation_seconds"] for r in rows),
-            "nsfw_flagged": sum(bool(r["nsfw_flagged"]) for r in rows),
-        }
-        yield self._output.commit_unit(unit.unit_id, table, marker)
+            row.image["bytes"] = png.result()
+        marker = UnitMarker(
+            unit_id=unit.unit_id,
+            config_id=unit.config.config_id,
+            prompt_ids=unit.prompt_ids,
+            images=len(rows),
+            generation_seconds=sum(r.generation_seconds for r in rows),
+            nsfw_flagged=sum(bool(r.nsfw_flagged) for r in rows),
+        )
+        yield self._output.commit_unit(image_table(rows), marker)
 
     def _shrink_batch(self, size: int, error: Exception) -> None:
         """Halve the batch after running out of memory; this worker keeps the smaller size."""
@@ -181,28 +181,29 @@ class Worker:
         flagged: bool | None,
         batch: int,
         seconds: float,
-    ) -> dict[str, Any]:
+    ) -> ImageRow:
         config = unit.config
         prompt_id = unit.prompt_ids[p]
-        return {
-            "image": {"bytes": None, "path": f"{config.config_id}/{prompt_id}-{sample}.png"},
-            "prompt_id": prompt_id,
-            "prompt": unit.prompts[p],
-            "negative_prompt": unit.negative_prompts[p],
-            "sample_index": sample,
-            "seed": seed,
-            "config_id": config.config_id,
-            "scheduler": config.scheduler,
-            "num_inference_steps": config.num_inference_steps,
-            "guidance_scale": config.guidance_scale,
-            "height": config.height,
-            "width": config.width,
-            "model": self.settings.model.ref,
-            "dtype": self.settings.dtype,
-            "batch_size": batch,
-            "generation_seconds": seconds,
-            "nsfw_flagged": flagged,
-        }
+        return ImageRow(
+            # the PNG's bytes are filled in once its encoding finishes
+            image={"bytes": None, "path": f"{config.config_id}/{prompt_id}-{sample}.png"},
+            prompt_id=prompt_id,
+            prompt=unit.prompts[p],
+            negative_prompt=unit.negative_prompts[p],
+            sample_index=sample,
+            seed=seed,
+            config_id=config.config_id,
+            scheduler=config.scheduler,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            height=config.height,
+            width=config.width,
+            model=self.setup.model.ref,
+            dtype=self.setup.dtype,
+            batch_size=batch,
+            generation_seconds=seconds,
+            nsfw_flagged=flagged,
+        )
 
 
 def _out_of_memory(error: Exception) -> bool:

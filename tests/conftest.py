@@ -115,21 +115,22 @@ def suite_data(images: Path, cache: Path, **overrides) -> dict:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory, ray_address):
+def evaluated_output(tmp_path_factory, ray_address):
     """A generated output (4 configurations, one prompt over CLIP's context), a reference set
     of rendered shapes, and the output evaluated once. Tests that change it work on a copy."""
-    from sdbatch.eval import evaluate
-    from sdbatch.generate import generate
-    from sdbatch.spec import parse_spec, parse_suite
-    from sdbatch.world import write_reference
+    from sdbatch.evaluation.run import evaluate
+    from sdbatch.evaluation.suite import parse_suite
+    from sdbatch.generation import generate
+    from sdbatch.spec import parse_spec
+    from sdbatch.toy.world import write_reference
 
-    root = tmp_path_factory.mktemp("world")
+    root = tmp_path_factory.mktemp("evaluated")
     prompts = root / "prompts.parquet"
     pq.write_table(pa.table({"prompt": [*PROMPTS, LONG_PROMPT]}), prompts)
     out = root / "out"
-    generate(parse_spec(job(prompts)), str(out), ray_address)
+    generate(parse_spec(job(prompts)), output=str(out), address=ray_address)
     reference = root / "reference.parquet"
     write_reference(str(reference), count=40, size=32)
     suite = parse_suite(suite_data(reference, root / "cache"))
-    summary = evaluate(str(out), suite, ray_address)
+    summary = evaluate(str(out), suite, address=ray_address)
     return {"root": root, "out": out, "reference": reference, "suite": suite, "summary": summary}

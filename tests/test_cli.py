@@ -11,7 +11,7 @@ import pytest
 from conftest import job
 
 from sdbatch.cli import main
-from sdbatch.generate import MAX_UNCONFIRMED_IMAGES
+from sdbatch.generation import MAX_UNCONFIRMED_IMAGES
 
 SCRIPT = shutil.which("sdbatch", path=str(Path(sys.executable).parent)) or shutil.which("sdbatch")
 

@@ -13,10 +13,11 @@ import pytest
 import yaml
 from conftest import REPO
 
-from sdbatch.eval import evaluate
-from sdbatch.generate import generate
-from sdbatch.report import write_report
-from sdbatch.spec import load_spec, load_suite
+from sdbatch.evaluation.run import evaluate
+from sdbatch.evaluation.suite import load_suite
+from sdbatch.generation import generate
+from sdbatch.reporting.write import write_report
+from sdbatch.spec import load_spec
 
 FIXTURE = REPO / "tests" / "fixtures" / "output-0.1.0"
 KEY = ["prompt_id", "sample_index", "config_id"]
@@ -44,14 +45,14 @@ def test_an_old_output_reports_from_its_own_metrics(old):
 def test_an_old_output_resumes_and_extends(old, ray_address):
     out = old / "out"
     markers = {p.name: p.read_bytes() for p in (out / "_units").iterdir()}
-    summary = generate(load_spec(old / "job.yaml"), str(out), ray_address)
+    summary = generate(load_spec(old / "job.yaml"), output=str(out), address=ray_address)
     assert summary.new_images == 0 and summary.total_images == 8
     assert {p.name: p.read_bytes() for p in (out / "_units").iterdir()} == markers
 
     wider = yaml.safe_load((old / "job.yaml").read_text())
     wider["sweep"]["guidance_scale"].append(4.0)
     (old / "wider.yaml").write_text(yaml.safe_dump(wider))
-    summary = generate(load_spec(old / "wider.yaml"), str(out), ray_address)
+    summary = generate(load_spec(old / "wider.yaml"), output=str(out), address=ray_address)
     assert summary.new_images == 4 and summary.total_images == 12
     rows = pads.dataset(str(out / "images")).to_table(columns=KEY).to_pandas()
     assert len(rows) == 12 and not rows.duplicated().any()
@@ -65,7 +66,7 @@ def test_an_old_output_evaluates_from_its_shards_to_the_same_numbers(old, ray_ad
     shards = {p: p.stat().st_mtime_ns for p in (out / "metrics" / "_shards").rglob("*.npz")}
     suite = dataclasses.replace(load_suite(old / "suite.yaml"), cache=str(old / "cache"))
 
-    after = evaluate(str(out), suite, ray_address).configs.set_index("config_id")
+    after = evaluate(str(out), suite, address=ray_address).configs.set_index("config_id")
 
     # the old shards were reused, not extracted again, and the numbers are the old ones
     assert {p: p.stat().st_mtime_ns for p in shards} == shards

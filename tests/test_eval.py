@@ -21,20 +21,22 @@ from PIL import Image
 from sdbatch.builtin import builtin_path
 from sdbatch.cli import main as cli_main
 from sdbatch.errors import InputError, JobFailed
-from sdbatch.eval import evaluate
-from sdbatch.features import (
-    ClipEncoder,
-    FeatureSettings,
-    FeatureUnit,
-    FeatureWorker,
-    describe_extractor,
-    read_npz,
+from sdbatch.evaluation.clip import ClipEncoder
+from sdbatch.evaluation.extractors import FidSettings, describe_extractor
+from sdbatch.evaluation.metric_math import FeatureStats, FrechetReference, fid
+from sdbatch.evaluation.reference import (
+    ReferenceSource,
+    ReferenceStats,
+    load_stats,
+    plan_reference,
+    save_stats,
 )
-from sdbatch.metrics import FeatureStats, FrechetReference, fid
-from sdbatch.pipeline import CLIP, resolve_model
-from sdbatch.reference import ReferenceStats, load_stats, plan_reference, save_stats
-from sdbatch.spec import FidSettings, ReferenceSource, parse_suite
-from sdbatch.world import write_reference
+from sdbatch.evaluation.run import evaluate
+from sdbatch.evaluation.shards import FeatureUnit, read_npz
+from sdbatch.evaluation.suite import parse_suite
+from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
+from sdbatch.models import CLIP, resolve_model
+from sdbatch.toy.world import write_reference
 
 
 def dataset(out: Path) -> pd.DataFrame:
@@ -45,8 +47,8 @@ def decode(blob: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
 
 
-def test_tables_cover_every_image_and_join_back(world):
-    out = world["out"]
+def test_tables_cover_every_image_and_join_back(evaluated_output):
+    out = evaluated_output["out"]
     images = dataset(out)
     per_image = pd.read_parquet(out / "metrics" / "images.parquet")
     keys = ["prompt_id", "sample_index", "config_id"]
@@ -99,7 +101,7 @@ class _TensorOutputs(torch.nn.Module):
         return self.model.get_text_features(*args, **kwargs).pooler_output
 
 
-def test_clip_score_equals_torchmetrics(world):
+def test_clip_score_equals_torchmetrics(evaluated_output):
     from torchmetrics.functional.multimodal import clip_score
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
@@ -110,8 +112,8 @@ def test_clip_score_equals_torchmetrics(world):
         image_processor=AutoImageProcessor.from_pretrained(folder, backend="pil"),
         tokenizer=AutoTokenizer.from_pretrained(folder),
     )
-    images = dataset(world["out"]).merge(
-        pd.read_parquet(world["out"] / "metrics" / "images.parquet"),
+    images = dataset(evaluated_output["out"]).merge(
+        pd.read_parquet(evaluated_output["out"] / "metrics" / "images.parquet"),
         on=["prompt_id", "sample_index", "config_id"],
     )
     # torchmetrics slices long prompts' token ids (dropping end-of-text); compare the others.
@@ -146,12 +148,17 @@ def _scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
     )
 
 
-def test_fid_equals_an_independent_computation_on_the_same_images(world):
+def test_fid_equals_an_independent_computation_on_the_same_images(evaluated_output):
     """All the way from pixels: sharded extraction on actors, merged statistics, vs one pass."""
-    images = dataset(world["out"])
-    reference = [decode(b["bytes"]) for b in pq.read_table(world["reference"])["image"].to_pylist()]
+    images = dataset(evaluated_output["out"])
+    reference = [
+        decode(b["bytes"])
+        for b in pq.read_table(evaluated_output["reference"])["image"].to_pylist()
+    ]
     ref_features = _independent_clip_features(reference)
-    configs = pd.read_csv(world["out"] / "metrics" / "configs.csv").set_index("config_id")
+    configs = pd.read_csv(evaluated_output["out"] / "metrics" / "configs.csv").set_index(
+        "config_id"
+    )
     for config_id, rows in images.groupby("config_id"):
         features = _independent_clip_features([decode(b["bytes"]) for b in rows["image"]])
         assert configs.loc[config_id, "fid"] == pytest.approx(
@@ -159,32 +166,34 @@ def test_fid_equals_an_independent_computation_on_the_same_images(world):
         )
 
 
-def test_rerun_extracts_only_missing_shards_and_reuses_the_reference(world, tmp_path, ray_address):
+def test_rerun_extracts_only_missing_shards_and_reuses_the_reference(
+    evaluated_output, tmp_path, ray_address
+):
     out = tmp_path / "out"
-    shutil.copytree(world["out"], out)
+    shutil.copytree(evaluated_output["out"], out)
     shards = sorted((out / "metrics" / "_shards").rglob("*.npz"))
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
-    cache = sorted((world["root"] / "cache").glob("*.npz"))
+    cache = sorted((evaluated_output["root"] / "cache").glob("*.npz"))
     assert len(cache) == 1
     cache_mtime = cache[0].stat().st_mtime_ns
     shards[0].unlink()
 
-    summary = evaluate(str(out), world["suite"], ray_address)
+    summary = evaluate(str(out), evaluated_output["suite"], address=ray_address)
 
     assert shards[0].exists()
     assert all(p.stat().st_mtime_ns == mtimes[p] for p in shards[1:])
     assert cache[0].stat().st_mtime_ns == cache_mtime
-    before = world["summary"].configs.set_index("config_id").sort_index()
+    before = evaluated_output["summary"].configs.set_index("config_id").sort_index()
     after = summary.configs.set_index("config_id").sort_index()
     pd.testing.assert_frame_equal(
         before.drop(columns="seconds_per_image"), after.drop(columns="seconds_per_image"), rtol=1e-6
     )
 
 
-def test_reference_cache_name_changes_with_everything_it_depends_on(world, tmp_path):
+def test_reference_cache_name_changes_with_everything_it_depends_on(evaluated_output, tmp_path):
     clip = resolve_model("builtin:tiny-clip", None, CLIP)
     extractor = describe_extractor(FidSettings(features="clip"), clip)
-    source = ReferenceSource(images=str(world["reference"]))
+    source = ReferenceSource(images=str(evaluated_output["reference"]))
     cache = str(tmp_path)
 
     def name(source=source, extractor=extractor):
@@ -192,8 +201,8 @@ def test_reference_cache_name_changes_with_everything_it_depends_on(world, tmp_p
 
     base = name()
     assert name() == base
-    assert name(ReferenceSource(images=str(world["reference"]), resolution=64)) != base
-    assert name(ReferenceSource(images=str(world["reference"]), limit=20)) != base
+    assert name(ReferenceSource(images=str(evaluated_output["reference"]), resolution=64)) != base
+    assert name(ReferenceSource(images=str(evaluated_output["reference"]), limit=20)) != base
     other = describe_extractor(FidSettings(features="module:tiny_features:TinyFeatures"), None)
     assert name(extractor=other) != base
     copy = tmp_path / "reference.parquet"
@@ -222,23 +231,23 @@ def test_reference_npz_round_trips_and_reads_pytorch_fid_files(tmp_path):
     assert theirs.features is None and theirs.dim == 6
 
 
-def test_a_user_module_extractor_runs_in_a_plain_worker(world, tmp_path):
+def test_a_user_module_extractor_runs_in_a_plain_worker(evaluated_output, tmp_path):
     from tiny_features import TinyFeatures
 
     extractor = describe_extractor(FidSettings(features="module:tiny_features:TinyFeatures"), None)
     assert extractor.dim == 12 and extractor.resize == "none"
-    marker = json.loads(next((world["out"] / "_units").glob("*.json")).read_text())
+    marker = json.loads(next((evaluated_output["out"] / "_units").glob("*.json")).read_text())
     unit = FeatureUnit(
         unit_id=marker["unit_id"],
-        files=(str(world["out"] / marker["file"]),),
+        files=(str(evaluated_output["out"] / marker["file"]),),
         destination=str(tmp_path / "shard.npz"),
         num_images=marker["images"],
     )
-    worker = FeatureWorker(FeatureSettings(clip=None, extractor=extractor, batch_size=3))
+    worker = FeatureWorker(ExtractionSetup(clip=None, extractor=extractor, batch_size=3))
     *counts, result = worker.run(unit)
     assert sum(counts) == marker["images"]
     shard = read_npz(unit.destination)
-    rows = pq.read_table(world["out"] / marker["file"]).to_pandas()
+    rows = pq.read_table(evaluated_output["out"] / marker["file"]).to_pandas()
     pixels = torch.from_numpy(np.stack([decode(b["bytes"]) for b in rows["image"]]))
     expected = TinyFeatures()(pixels.permute(0, 3, 1, 2)).numpy()
     assert np.allclose(shard["features"], expected, rtol=1e-5, atol=1e-6)
@@ -247,7 +256,7 @@ def test_a_user_module_extractor_runs_in_a_plain_worker(world, tmp_path):
 
     unstable = describe_extractor(FidSettings(features="module:tiny_features:RandomFeatures"), None)
     with pytest.raises(JobFailed, match="different weights"):
-        FeatureWorker(FeatureSettings(clip=None, extractor=unstable))
+        FeatureWorker(ExtractionSetup(clip=None, extractor=unstable))
 
 
 def test_long_prompts_are_truncated_keeping_end_of_text():
@@ -276,37 +285,41 @@ def test_long_prompts_are_truncated_keeping_end_of_text():
         ({"safety": "maybe"}, "safety: must be 'exclude' or 'include', got 'maybe'"),
     ],
 )
-def test_bad_suites_are_one_line_errors(world, change, message):
+def test_bad_suites_are_one_line_errors(evaluated_output, change, message):
     with pytest.raises(InputError) as error:
-        parse_suite(suite_data(world["reference"], world["root"] / "cache", **change))
+        parse_suite(
+            suite_data(evaluated_output["reference"], evaluated_output["root"] / "cache", **change)
+        )
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_bad_inputs_fail_before_any_work(world, tmp_path, ray_address):
-    suite = world["suite"]
+def test_bad_inputs_fail_before_any_work(evaluated_output, tmp_path, ray_address):
+    suite = evaluated_output["suite"]
     with pytest.raises(InputError, match="holds no sdbatch run"):
-        evaluate(str(tmp_path / "nothing"), suite, ray_address)
+        evaluate(str(tmp_path / "nothing"), suite, address=ray_address)
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    shutil.copy(world["out"] / "run.json", empty / "run.json")
+    shutil.copy(evaluated_output["out"] / "run.json", empty / "run.json")
     with pytest.raises(InputError, match="has no generated images yet"):
-        evaluate(str(empty), suite, ray_address)
+        evaluate(str(empty), suite, address=ray_address)
 
     eight = tmp_path / "eight.npz"
     np.savez(eight, mu=np.zeros(8), sigma=np.eye(8))
-    data = suite_data(world["reference"], tmp_path / "cache", reference={"stats": str(eight)})
+    data = suite_data(
+        evaluated_output["reference"], tmp_path / "cache", reference={"stats": str(eight)}
+    )
     with pytest.raises(InputError, match="holds 8-d statistics but the extractor clip gives 16-d"):
-        evaluate(str(world["out"]), parse_suite(data), ray_address)
+        evaluate(str(evaluated_output["out"]), parse_suite(data), address=ray_address)
 
     (tmp_path / "no-images").mkdir()
     data = suite_data(tmp_path / "no-images", tmp_path / "cache")
     with pytest.raises(InputError, match="holds no Parquet files and no images"):
-        evaluate(str(world["out"]), parse_suite(data), ray_address)
+        evaluate(str(evaluated_output["out"]), parse_suite(data), address=ray_address)
     assert not (tmp_path / "cache").exists()
 
 
-def test_inception_features_equal_torchmetrics_fid(world, tmp_path, ray_address):
+def test_inception_features_equal_torchmetrics_fid(evaluated_output, tmp_path, ray_address):
     """Where torch-fidelity and the Inception weights are present (GPU machines), FID with the
     standard extractor equals torchmetrics' FrechetInceptionDistance on the same images."""
     if find_spec("torch_fidelity") is None:
@@ -316,13 +329,15 @@ def test_inception_features_equal_torchmetrics_fid(world, tmp_path, ray_address)
         pytest.skip(f"no Inception weights at {weights}")
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    data = suite_data(world["reference"], tmp_path / "cache", metrics=["fid"])
+    data = suite_data(evaluated_output["reference"], tmp_path / "cache", metrics=["fid"])
     data["fid"] = {"features": "inception", "weights": str(weights)}
     out = tmp_path / "out"
-    shutil.copytree(world["out"], out, ignore=shutil.ignore_patterns("metrics"))
-    configs = evaluate(str(out), parse_suite(data), ray_address).configs.set_index("config_id")
-    reference = pq.read_table(world["reference"])["image"].to_pylist()
-    for config_id, rows in dataset(world["out"]).groupby("config_id"):
+    shutil.copytree(evaluated_output["out"], out, ignore=shutil.ignore_patterns("metrics"))
+    configs = evaluate(str(out), parse_suite(data), address=ray_address).configs.set_index(
+        "config_id"
+    )
+    reference = pq.read_table(evaluated_output["reference"])["image"].to_pylist()
+    for config_id, rows in dataset(evaluated_output["out"]).groupby("config_id"):
         # sdbatch's default resize is the TF1-compatible one: torchmetrics' antialias=False
         metric = FrechetInceptionDistance(
             feature=2048, feature_extractor_weights_path=str(weights), antialias=False
@@ -334,39 +349,45 @@ def test_inception_features_equal_torchmetrics_fid(world, tmp_path, ray_address)
         assert configs.loc[config_id, "fid"] == pytest.approx(float(metric.compute()), rel=1e-4)
 
 
-def test_inception_without_torch_fidelity_says_what_to_install(world):
+def test_inception_without_torch_fidelity_says_what_to_install(evaluated_output):
     if find_spec("torch_fidelity") is not None:
         pytest.skip("torch-fidelity is installed here")
-    data = suite_data(world["reference"], world["root"] / "cache", fid={"features": "inception"})
+    data = suite_data(
+        evaluated_output["reference"],
+        evaluated_output["root"] / "cache",
+        fid={"features": "inception"},
+    )
     with pytest.raises(InputError, match=r"pip install 'sdbatch\[inception\]'"):
-        evaluate(str(world["out"]), parse_suite(data))
+        evaluate(str(evaluated_output["out"]), parse_suite(data))
 
 
-def test_reference_command_on_a_folder_of_image_files(world, tmp_path, spec_file, ray_address):
+def test_reference_command_on_a_folder_of_image_files(
+    evaluated_output, tmp_path, spec_file, ray_address
+):
     folder = tmp_path / "pngs"
     folder.mkdir()
-    for i, cell in enumerate(pq.read_table(world["reference"])["image"].to_pylist()):
+    for i, cell in enumerate(pq.read_table(evaluated_output["reference"])["image"].to_pylist()):
         (folder / f"{i:03d}.png").write_bytes(cell["bytes"])
     suite = spec_file(suite_data(folder, tmp_path / "cache"), "suite.yaml")
     assert cli_main(["reference", str(suite)]) == 0
     (cached,) = (tmp_path / "cache").glob("*.npz")
     from_files = load_stats(str(cached))
-    (from_parquet,) = (world["root"] / "cache").glob("*.npz")
+    (from_parquet,) = (evaluated_output["root"] / "cache").glob("*.npz")
     # the same 40 images as the Parquet reference, so the same statistics
     assert from_files.count == 40
     assert np.allclose(from_files.mu, load_stats(str(from_parquet)).mu, rtol=1e-6)
     # the output's job spec names no suite, and none is given
-    assert cli_main(["eval", str(world["out"])]) == 2
+    assert cli_main(["eval", str(evaluated_output["out"])]) == 2
 
 
-def test_a_clip_score_only_suite_needs_no_reference(world, tmp_path, ray_address):
+def test_a_clip_score_only_suite_needs_no_reference(evaluated_output, tmp_path, ray_address):
     out = tmp_path / "out"
-    shutil.copytree(world["out"], out, ignore=shutil.ignore_patterns("metrics"))
-    data = suite_data(world["reference"], tmp_path / "cache", metrics=["clip_score"])
+    shutil.copytree(evaluated_output["out"], out, ignore=shutil.ignore_patterns("metrics"))
+    data = suite_data(evaluated_output["reference"], tmp_path / "cache", metrics=["clip_score"])
     del data["reference"]
-    summary = evaluate(str(out), parse_suite(data), ray_address)
+    summary = evaluate(str(out), parse_suite(data), address=ray_address)
     assert "fid" not in summary.configs and "kid_mean" not in summary.configs
-    before = world["summary"].configs.set_index("config_id")["clip_score"]
+    before = evaluated_output["summary"].configs.set_index("config_id")["clip_score"]
     after = summary.configs.set_index("config_id")["clip_score"]
     pd.testing.assert_series_equal(before.sort_index(), after.sort_index(), rtol=1e-6)
     assert not (tmp_path / "cache").exists()

@@ -26,11 +26,12 @@ from ray import cloudpickle
 from sdbatch.cli import EXIT_INCOMPLETE, EXIT_OK
 from sdbatch.cli import main as cli_main
 from sdbatch.errors import JobFailed
-from sdbatch.eval import evaluate
-from sdbatch.generate import generate
-from sdbatch.spec import parse_spec, parse_suite
+from sdbatch.evaluation.run import evaluate
+from sdbatch.evaluation.suite import parse_suite
+from sdbatch.generation import generate
+from sdbatch.spec import parse_spec
+from sdbatch.toy.world import write_reference
 from sdbatch.worker import Worker
-from sdbatch.world import write_reference
 
 KEY = ["prompt_id", "sample_index", "config_id"]
 # One configuration, 6 prompts x 2 images; units of 2 prompts in batches of 2 images, so a unit
@@ -96,7 +97,7 @@ def uninterrupted(tmp_path_factory, ray_address):
     prompts = folder / "prompts.parquet"
     pq.write_table(pa.table({"prompt": PROMPTS}), prompts)
     spec = parse_spec(job(prompts, sweep=SMALL, runtime=RUNTIME))
-    summary = generate(spec, str(folder / "out"), ray_address)
+    summary = generate(spec, output=str(folder / "out"), address=ray_address)
     assert summary.new_images == summary.total_images == 12
     return prompts, rows(folder / "out")
 
@@ -106,9 +107,9 @@ def test_a_worker_killed_mid_unit_is_replaced_and_the_unit_redone(
 ):
     prompts, expected = uninterrupted
     flag = tmp_path / "killed"
-    monkeypatch.setattr("sdbatch.generate.Worker", killed_once(flag))
+    monkeypatch.setattr("sdbatch.generation.Worker", killed_once(flag))
     spec = yaml.safe_load(write_spec(tmp_path, prompts).read_text())
-    summary = generate(parse_spec(spec), str(tmp_path / "out"), ray_address)
+    summary = generate(parse_spec(spec), output=str(tmp_path / "out"), address=ray_address)
 
     assert flag.exists(), "the fault was never injected"
     assert "a worker died during unit" in caplog.text
@@ -127,7 +128,7 @@ def test_a_unit_that_keeps_failing_is_recorded_and_only_it_is_rerun(
     prompts, expected = uninterrupted
     flag = tmp_path / "broken"
     flag.touch()
-    monkeypatch.setattr("sdbatch.generate.Worker", raises_while(flag))
+    monkeypatch.setattr("sdbatch.generation.Worker", raises_while(flag))
     spec = str(write_spec(tmp_path, prompts, retries=1))
     out = tmp_path / "out"
     args = ["generate", spec, "--out", str(out), "--address", ray_address]
@@ -163,21 +164,21 @@ def test_a_unit_that_keeps_failing_is_recorded_and_only_it_is_rerun(
 # can land between shards; the kill itself is real.
 SLOW_EVAL = """
 import sys, time
-import sdbatch.eval
+import sdbatch.evaluation.run
 from sdbatch.cli import main
 
-class Slow(sdbatch.eval.FeatureWorker):
+class Slow(sdbatch.evaluation.run.FeatureWorker):
     def run(self, unit):
         time.sleep(0.3)
         yield from super().run(unit)
 
-sdbatch.eval.FeatureWorker = Slow
+sdbatch.evaluation.run.FeatureWorker = Slow
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def test_eval_killed_mid_way_resumes_without_redoing_finished_shards(
-    world, tmp_path, ray_address, caplog
+    evaluated_output, tmp_path, ray_address, caplog
 ):
     # 1. a copy of the generated output, never evaluated, and a reference of three files
     reference = tmp_path / "reference"
@@ -190,7 +191,9 @@ def test_eval_killed_mid_way_resumes_without_redoing_finished_shards(
     outputs = {}
     for name in ("killed", "whole"):
         outputs[name] = tmp_path / name
-        shutil.copytree(world["out"], outputs[name], ignore=shutil.ignore_patterns("metrics"))
+        shutil.copytree(
+            evaluated_output["out"], outputs[name], ignore=shutil.ignore_patterns("metrics")
+        )
 
     # 2. kill the driver once some reference shards are written
     args = ["eval", str(outputs["killed"]), "--suite", str(suite), "--address", ray_address]
@@ -211,13 +214,13 @@ def test_eval_killed_mid_way_resumes_without_redoing_finished_shards(
 
     # 3. the rerun extracts only what is missing and agrees with an uninterrupted evaluation
     caplog.set_level(logging.INFO, logger="sdbatch")
-    resumed = evaluate(str(outputs["killed"]), parse_suite(data), ray_address)
+    resumed = evaluate(str(outputs["killed"]), parse_suite(data), address=ray_address)
     units = 3 + len(list((outputs["killed"] / "_units").glob("*.json")))
     assert f"; {units - len(shards)} units to extract" in caplog.text
     for path, mtime in shards.items():
         if path.exists():  # reference shards are dropped once the statistics are cached
             assert path.stat().st_mtime_ns == mtime, f"{path.name} was extracted again"
-    whole = evaluate(str(outputs["whole"]), parse_suite(data), ray_address)
+    whole = evaluate(str(outputs["whole"]), parse_suite(data), address=ray_address)
     columns = [c for c in whole.configs.columns if c != "seconds_per_image"]
     pd.testing.assert_frame_equal(
         resumed.configs[columns].set_index("config_id").sort_index(),
@@ -242,15 +245,15 @@ def test_a_worker_killed_while_loading_is_replaced_but_a_broken_model_stops_the_
             raise OSError("no file named diffusion_pytorch_model.safetensors")
 
     spec = parse_spec(job(prompts, sweep=SMALL, runtime={**RUNTIME, "actors": 1}))
-    monkeypatch.setattr("sdbatch.generate.Worker", KilledWhileLoading)
-    summary = generate(spec, str(tmp_path / "out"), ray_address)
+    monkeypatch.setattr("sdbatch.generation.Worker", KilledWhileLoading)
+    summary = generate(spec, output=str(tmp_path / "out"), address=ray_address)
     assert flag.exists() and summary.new_images == 12 and not summary.failed
 
-    monkeypatch.setattr("sdbatch.generate.Worker", CannotLoad)
+    monkeypatch.setattr("sdbatch.generation.Worker", CannotLoad)
     began = time.perf_counter()
     with pytest.raises(
         JobFailed, match=r"a worker failed to load: OSError: no file named diffusion_pytorch_model"
     ):
-        generate(spec, str(tmp_path / "broken"), ray_address)
+        generate(spec, output=str(tmp_path / "broken"), address=ray_address)
     assert time.perf_counter() - began < 60  # not retried over and over
     assert not list((tmp_path / "broken" / "_units").glob("*.json"))

@@ -28,10 +28,10 @@ from PIL import Image
 from sdbatch.builtin import builtin_path
 from sdbatch.cli import main as cli_main
 from sdbatch.errors import InputError
-from sdbatch.generate import generate
+from sdbatch.generation import generate
 from sdbatch.prompts import derive_prompt_ids
 from sdbatch.spec import load_spec, parse_spec
-from sdbatch.world import write_reference
+from sdbatch.toy.world import write_reference
 
 KEY = ["prompt_id", "sample_index", "config_id"]
 
@@ -81,7 +81,7 @@ def reference(tmp_path_factory, ray_address):
     pq.write_table(pa.table({"prompt": PROMPTS}), folder / "prompts.parquet")
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job(folder / "prompts.parquet")))
-    summary = generate(load_spec(path), str(folder / "out"), ray_address)
+    summary = generate(load_spec(path), output=str(folder / "out"), address=ray_address)
     assert summary.new_images == summary.total_images == 6 * 2 * 2 * 2
     return path, folder / "out"
 
@@ -139,7 +139,7 @@ def test_images_do_not_depend_on_actor_count_batch_or_shard_size(reference, spec
         load_spec(spec_path).prompts.path, runtime={"actors": 2, "batch_size": 3, "shard_size": 1}
     )
     other = spec_file(data).parent / "out-2-actors"
-    summary = generate(load_spec(spec_file(data)), str(other), ray_address)
+    summary = generate(load_spec(spec_file(data)), output=str(other), address=ray_address)
     assert summary.new_images == 48
     run = json.loads((other / "run.json").read_text())
     assert len(run["history"][-1]["workers"]) == 2
@@ -183,7 +183,9 @@ def test_resume_after_the_driver_is_killed(reference, tmp_path, spec_file, ray_a
     assert not list((output / "_tmp").glob("*")) if (output / "_tmp").exists() else True
 
     # and the result equals an uninterrupted run of the same spec, byte for byte
-    whole = generate(parse_spec({**slow, "name": "whole"}), str(tmp_path / "whole"), ray_address)
+    whole = generate(
+        parse_spec({**slow, "name": "whole"}), output=str(tmp_path / "whole"), address=ray_address
+    )
     assert whole.new_images == 48
     assert [r["image"]["bytes"] for r in rows] == [
         r["image"]["bytes"] for r in read(tmp_path / "whole")
@@ -200,7 +202,7 @@ def test_a_published_file_without_marker_is_never_duplicated(reference, tmp_path
     marker.unlink()
     (copy / "_tmp").mkdir(exist_ok=True)
     (copy / "_tmp" / "half-written.parquet").write_bytes(b"PAR1 truncated")
-    summary = generate(load_spec(spec_path), str(copy), ray_address)
+    summary = generate(load_spec(spec_path), output=str(copy), address=ray_address)
     assert summary.new_images == 4  # one unit: 2 prompts x 2 samples
     rows = read(copy)
     assert len(rows) == 48 and len(set(keys(rows))) == 48
@@ -213,11 +215,11 @@ def test_rerun_extends_with_new_configurations_and_prompts(
     path = prompt_file()
     output = str(tmp_path / "out")
     first = job(path, sweep={"scheduler": ["ddim"], "guidance_scale": [7.5]}, prompts={"limit": 4})
-    assert generate(parse_spec(first), output, ray_address).new_images == 4 * 2
+    assert generate(parse_spec(first), output=output, address=ray_address).new_images == 4 * 2
     done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "_units").iterdir()}
 
     wider = job(path, sweep={"scheduler": ["ddim", "pndm"], "guidance_scale": [7.5]})
-    summary = generate(parse_spec(wider), output, ray_address)
+    summary = generate(parse_spec(wider), output=output, address=ray_address)
     assert summary.new_images == 6 * 2 * 2 - 4 * 2
     rows = read(tmp_path / "out")
     assert len(rows) == 24 and len(set(keys(rows))) == 24
@@ -250,7 +252,7 @@ def test_rerun_with_a_different_job_is_refused(change, message, reference, tmp_p
         )
     before = sorted(p.name for p in (output / "_units").iterdir())
     with pytest.raises(InputError, match=r"--out: .* holds a different job") as error:
-        generate(parse_spec(data), str(output), ray_address)
+        generate(parse_spec(data), output=str(output), address=ray_address)
     assert message in str(error.value) and "--overwrite" in str(error.value)
     assert sorted(p.name for p in (output / "_units").iterdir()) == before
 
@@ -260,19 +262,19 @@ def test_overwrite_starts_over_and_edited_prompts_are_refused(tmp_path, prompt_f
     ids = {"id": [f"id{i}" for i in range(len(PROMPTS))]}
     sweep = {"scheduler": ["ddim"], "guidance_scale": [7.5]}
     small = job(prompt_file(**ids), sweep=sweep, prompts={"id_column": "id"})
-    generate(parse_spec(small), output, ray_address)
+    generate(parse_spec(small), output=output, address=ray_address)
     texts = [*PROMPTS[:-1], "an edited prompt"]
     edited = job(prompt_file(texts, **ids), sweep=sweep, prompts={"id_column": "id"})
     with pytest.raises(InputError, match=r"1 prompt\(s\) changed"):
-        generate(parse_spec(edited), output, ray_address)
-    summary = generate(parse_spec(edited), output, ray_address, overwrite=True)
+        generate(parse_spec(edited), output=output, address=ray_address)
+    summary = generate(parse_spec(edited), output=output, address=ray_address, overwrite=True)
     assert summary.new_images == 12
     rows = read(tmp_path / "out")
     assert len(rows) == 12 and "an edited prompt" in {r["prompt"] for r in rows}
 
 
 def test_dry_run_writes_nothing(tmp_path, prompt_file, ray_address):
-    summary = generate(parse_spec(job(prompt_file())), str(tmp_path / "out"), dry_run=True)
+    summary = generate(parse_spec(job(prompt_file())), output=str(tmp_path / "out"), dry_run=True)
     assert summary.total_images == 48 and summary.new_images == 0
     assert not (tmp_path / "out").exists()
 
@@ -305,7 +307,7 @@ def test_long_prompts_and_negative_prompts_are_counted_with_one_warning(
     texts = ["a cat", "a dog", LONG_PROMPT]
     path = prompt_file(texts, neg=[None, LONG_PROMPT, None])
     data = job(path, prompts={"negative_column": "neg"}, sweep={"negative_prompt": sweep_negative})
-    generate(parse_spec(data), str(tmp_path / "out"), dry_run=True)
+    generate(parse_spec(data), output=str(tmp_path / "out"), dry_run=True)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     first_id = derive_prompt_ids(texts)[first]
     assert warnings == [
@@ -319,11 +321,13 @@ def test_output_that_is_not_ours_and_fp16_on_cpu_are_refused(tmp_path, prompt_fi
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"not ours")
     with pytest.raises(InputError, match=r"--out: .* holds no sdbatch run\.json"):
-        generate(parse_spec(job(prompt_file())), str(foreign), ray_address, overwrite=True)
+        generate(
+            parse_spec(job(prompt_file())), output=str(foreign), address=ray_address, overwrite=True
+        )
     assert (foreign / "holiday.jpg").exists()
     fp16 = job(prompt_file(), runtime={"dtype": "fp16"})
     with pytest.raises(InputError, match=r"runtime\.dtype: fp16 needs GPUs"):
-        generate(parse_spec(fp16), str(tmp_path / "out"), ray_address)
+        generate(parse_spec(fp16), output=str(tmp_path / "out"), address=ray_address)
     assert not (tmp_path / "out" / "images").exists()
 
 
@@ -402,7 +406,7 @@ def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ra
     pq.write_table(subset, tmp_path / "subset.parquet")
     data = job(tmp_path / "subset.parquet", prompts={"id_column": "id", "blank": "skip"})
     data["sweep"] = {**data["sweep"], "scheduler": ["euler"], "guidance_scale": [7.5]}
-    summary = generate(parse_spec(data), str(tmp_path / "out"), ray_address)
+    summary = generate(parse_spec(data), output=str(tmp_path / "out"), address=ray_address)
     assert summary.new_images == 6 * 2
     rows = read(tmp_path / "out")
     kept = set(subset.column("prompt").to_pylist()) - {" "}

@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from sdbatch.metrics import (
+from sdbatch.evaluation.metric_math import (
     FeatureStats,
     FrechetReference,
     bootstrap_samples,

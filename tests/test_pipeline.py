@@ -12,18 +12,20 @@ import torch
 from conftest import LONG_PROMPT, PROMPTS, job
 from transformers import CLIPTokenizer
 
-from sdbatch.builtin import build_tiny, build_tiny_clip, builtin_path
+from sdbatch.builtin import builtin_path
 from sdbatch.cli import main
+from sdbatch.digests import folder_digest
 from sdbatch.errors import InputError
-from sdbatch.generate import generate
-from sdbatch.pipeline import load_pipeline, longer_than_context, resolve_model, weights_digest
+from sdbatch.generation import generate
+from sdbatch.models import load_pipeline, longer_than_context, resolve_model
 from sdbatch.spec import parse_spec
+from sdbatch.toy.build import build_tiny, build_tiny_clip
 
 
 @pytest.mark.parametrize(("name", "build"), [("tiny", build_tiny), ("tiny-clip", build_tiny_clip)])
 def test_shipped_tiny_models_are_what_their_builders_make(tmp_path, name, build):
     build(tmp_path / name)
-    assert weights_digest(tmp_path / name) == weights_digest(builtin_path(name))
+    assert folder_digest(tmp_path / name) == folder_digest(builtin_path(name))
 
 
 def test_builtin_loads_through_from_pretrained_with_its_own_tokenizer():
@@ -174,14 +176,16 @@ def test_pickled_weights_are_refused_unless_the_spec_opts_in(
     data = job(prompt_file(PROMPTS[:2]), model=str(pickled), sweep=sweep)
     # refused on the driver, in one line, before Ray starts or anything is written
     with pytest.raises(InputError) as error:
-        generate(parse_spec(data), str(tmp_path / "refused"), ray_address)
+        generate(parse_spec(data), output=str(tmp_path / "refused"), address=ray_address)
     message = str(error.value)
     assert message.startswith(f"model: {pickled} has weights that are not safetensors (unet, vae)")
     assert message.endswith("or set model_allow_pickle: true") and "\n" not in message
     assert not (tmp_path / "refused").exists()
 
     summary = generate(
-        parse_spec({**data, "model_allow_pickle": True}), str(tmp_path / "out"), ray_address
+        parse_spec({**data, "model_allow_pickle": True}),
+        output=str(tmp_path / "out"),
+        address=ray_address,
     )
     assert summary.new_images == 4
     run = json.loads((tmp_path / "out" / "run.json").read_text())
@@ -216,7 +220,7 @@ def test_a_model_asking_for_its_own_code_is_refused_before_any_import(
     index[entry] = [module.rsplit("/", 1)[-1].removesuffix(".py"), "Evil"]
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(InputError, match=f"^model: {re.escape(str(folder))} {message}.*never runs"):
-        generate(parse_spec(job(prompt_file(), model=str(folder))), str(tmp_path / "out"))
+        generate(parse_spec(job(prompt_file(), model=str(folder))), output=str(tmp_path / "out"))
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 

@@ -20,10 +20,12 @@ from PIL import Image
 
 from sdbatch.cli import main as cli_main
 from sdbatch.errors import InputError
-from sdbatch.eval import evaluate
-from sdbatch.generate import generate
-from sdbatch.report import pareto_front, write_report
-from sdbatch.spec import parse_spec, parse_suite
+from sdbatch.evaluation.run import evaluate
+from sdbatch.evaluation.suite import parse_suite
+from sdbatch.generation import generate
+from sdbatch.reporting.summary import pareto_front
+from sdbatch.reporting.write import write_report
+from sdbatch.spec import parse_spec
 
 CHROMIUM = shutil.which("chromium")
 MATPLOTLIB_BLUE = (31, 119, 180)  # the first line of every plot
@@ -48,9 +50,9 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def reported(world, tmp_path_factory):
+def reported(evaluated_output, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "out"
-    shutil.copytree(world["out"], out)
+    shutil.copytree(evaluated_output["out"], out)
     path = write_report([str(out)])
     return out, path
 
@@ -114,10 +116,10 @@ def test_page_renders_in_headless_chromium_without_console_errors(reported, tmp_
     assert len(rows) > 3 * 128
 
 
-def test_two_runs_are_compared_per_configuration(world, tmp_path):
+def test_two_runs_are_compared_per_configuration(evaluated_output, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(world["out"], a)
-    shutil.copytree(world["out"], b)
+    shutil.copytree(evaluated_output["out"], a)
+    shutil.copytree(evaluated_output["out"], b)
     # B: a model whose FID is 1000 worse everywhere and CLIP score the same
     table = pq.read_table(b / "metrics" / "configs.parquet").to_pandas()
     for column in ("fid", "fid_low", "fid_high"):
@@ -141,10 +143,10 @@ def test_missing_fid_and_a_single_configuration(tmp_path, prompt_file, ray_addre
     data = job(prompt_file(["a red circle", "a blue square"]))
     data["sweep"] = {**data["sweep"], "scheduler": ["ddim"], "guidance_scale": [7.5]}
     out = tmp_path / "out"
-    generate(parse_spec(data), str(out), ray_address)
+    generate(parse_spec(data), output=str(out), address=ray_address)
     suite = suite_data(tmp_path / "unused", tmp_path / "cache", metrics=["clip_score"])
     del suite["reference"]
-    evaluate(str(out), parse_suite(suite), ray_address)
+    evaluate(str(out), parse_suite(suite), address=ray_address)
 
     path = write_report([str(out)])
     markdown = (out / "report" / "report.md").read_text()
@@ -156,8 +158,10 @@ def test_missing_fid_and_a_single_configuration(tmp_path, prompt_file, ray_addre
     assert len(page.images) == 2  # no plots; one grid per prompt
 
 
-def test_report_needs_metrics(tmp_path, world):
-    shutil.copytree(world["out"], tmp_path / "out", ignore=shutil.ignore_patterns("metrics"))
+def test_report_needs_metrics(tmp_path, evaluated_output):
+    shutil.copytree(
+        evaluated_output["out"], tmp_path / "out", ignore=shutil.ignore_patterns("metrics")
+    )
     with pytest.raises(InputError, match="run sdbatch eval first"):
         write_report([str(tmp_path / "out")])
     assert cli_main(["report", str(tmp_path / "out")]) == 2

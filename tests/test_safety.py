@@ -22,15 +22,17 @@ import torch
 from conftest import PROMPTS, job, suite_data
 from PIL import Image
 
-from sdbatch.builtin import builtin_path, save_sd_pipeline
-from sdbatch.eval import evaluate
-from sdbatch.features import read_npz
-from sdbatch.generate import generate
-from sdbatch.metrics import FeatureStats, FrechetReference, fid
-from sdbatch.reference import load_stats
-from sdbatch.report import write_report
-from sdbatch.spec import parse_spec, parse_suite
-from sdbatch.world import write_reference
+from sdbatch.builtin import builtin_path
+from sdbatch.evaluation.metric_math import FeatureStats, FrechetReference, fid
+from sdbatch.evaluation.reference import load_stats
+from sdbatch.evaluation.run import evaluate
+from sdbatch.evaluation.shards import read_npz
+from sdbatch.evaluation.suite import parse_suite
+from sdbatch.generation import generate
+from sdbatch.reporting.write import write_report
+from sdbatch.spec import parse_spec
+from sdbatch.toy.components import save_sd_pipeline
+from sdbatch.toy.world import write_reference
 
 KEY = ["prompt_id", "sample_index", "config_id"]
 NEVER = 2.0  # a cosine is at most 1
@@ -96,7 +98,7 @@ def flagged(tmp_path_factory, ray_address):
 
     def run(name: str):
         data = job(prompts, name=name, model=str(root / name), sweep=sweep)
-        return generate(parse_spec(data), str(root / f"out-{name}"), ray_address)
+        return generate(parse_spec(data), output=str(root / f"out-{name}"), address=ray_address)
 
     checker, extractor = build_checked_model(root / "never", NEVER)
     run("never")
@@ -145,9 +147,11 @@ def evaluated(flagged, ray_address):
     root = flagged["root"]
     write_reference(str(root / "reference.parquet"), count=40, size=32)
     data = suite_data(root / "reference.parquet", root / "cache")
-    include = evaluate(str(flagged["out"]), parse_suite({**data, "safety": "include"}), ray_address)
+    include = evaluate(
+        str(flagged["out"]), parse_suite({**data, "safety": "include"}), address=ray_address
+    )
     shards = {p: p.stat().st_mtime_ns for p in (flagged["out"] / "metrics").rglob("*.npz")}
-    exclude = evaluate(str(flagged["out"]), parse_suite(data), ray_address)
+    exclude = evaluate(str(flagged["out"]), parse_suite(data), address=ray_address)
     return {"include": include.configs, "exclude": exclude.configs, "shards": shards}
 
 

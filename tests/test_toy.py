@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from sdbatch.eval import evaluate
-from sdbatch.generate import generate
-from sdbatch.spec import parse_spec, parse_suite
+from sdbatch.evaluation.run import evaluate
+from sdbatch.evaluation.suite import parse_suite
+from sdbatch.generation import generate
+from sdbatch.spec import parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def toy(tmp_path_factory, ray_address):
         }
     )
     out = root / "out"
-    generate(spec, str(out), ray_address)
+    generate(spec, output=str(out), address=ray_address)
     suite = parse_suite(
         {
             "name": "toy",
@@ -50,7 +51,7 @@ def toy(tmp_path_factory, ray_address):
             "runtime": {"actors": 2},
         }
     )
-    configs = evaluate(str(out), suite, ray_address).configs
+    configs = evaluate(str(out), suite, address=ray_address).configs
     return configs.set_index(["num_inference_steps", "guidance_scale"])
 
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from sdbatch.dataset import Output
-from sdbatch.pipeline import resolve_model
+from sdbatch.models import resolve_model
+from sdbatch.output import Output
 from sdbatch.schedulers import SCHEDULERS
 from sdbatch.sweep import Config, plan_units
-from sdbatch.worker import Worker, WorkerSettings
+from sdbatch.worker import GenerationSetup, Worker
 
 TINY = resolve_model("builtin:tiny")
 
 
-def settings(output, batch_size=4) -> WorkerSettings:
-    return WorkerSettings(TINY, "fp32", str(output), batch_size, png_compress_level=1)
+def setup(output, batch_size=4) -> GenerationSetup:
+    return GenerationSetup(TINY, "fp32", str(output), batch_size, png_compress_level=1)
 
 
 def one_unit(config: Config, texts=("a red circle",), images_per_prompt=1, negatives=None):
@@ -50,7 +50,7 @@ def pixels(png: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    return Worker(settings(tmp_path_factory.mktemp("out")))
+    return Worker(setup(tmp_path_factory.mktemp("out")))
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
@@ -61,7 +61,7 @@ def test_every_scheduler_runs_without_reloading_weights(worker, name):
     assert progress == [1]
     assert type(worker.pipe.scheduler).__name__ == SCHEDULERS[name][0]
     assert worker.pipe.unet is unet and unet.conv_in.weight.data_ptr() == weights
-    table = pq.read_table(Output(worker.settings.output).path(marker["file"]))
+    table = pq.read_table(Output(worker.setup.output).path(marker.file))
     assert table.column("scheduler").to_pylist() == [name]
 
 
@@ -78,7 +78,7 @@ def test_a_row_is_reproduced_by_plain_diffusers_from_its_recorded_parameters(
 ):
     unit = one_unit(Config(scheduler, 3, guidance, 32, 32, ""), negatives=["grainy"])
     _, marker = run(worker, unit)
-    row = pq.read_table(Output(worker.settings.output).path(marker["file"])).to_pylist()[0]
+    row = pq.read_table(Output(worker.setup.output).path(marker.file)).to_pylist()[0]
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(TINY.location)
     pipe.scheduler = diffusers_class.from_config(pipe.scheduler.config)
@@ -103,9 +103,9 @@ def test_images_do_not_depend_on_batch_size(tmp_path):
     tables = []
     for size in (1, 4):
         output = tmp_path / f"batch{size}"
-        progress, marker = run(Worker(settings(output, batch_size=size)), unit)
+        progress, marker = run(Worker(setup(output, batch_size=size)), unit)
         assert sum(progress) == 6 and max(progress) == size
-        tables.append(pq.read_table(Output(str(output)).path(marker["file"])).to_pylist())
+        tables.append(pq.read_table(Output(str(output)).path(marker.file)).to_pylist())
     for one, four in zip(*tables, strict=True):
         assert (one["prompt_id"], one["sample_index"]) == (four["prompt_id"], four["sample_index"])
         assert np.abs(pixels(one["image"]["bytes"]) - pixels(four["image"]["bytes"])).max() <= 2
@@ -117,10 +117,11 @@ def test_images_do_not_depend_on_batch_size(tmp_path):
 
 def test_a_unit_commits_its_file_then_its_marker(tmp_path):
     unit = one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a", "b"), images_per_prompt=2)
-    _, marker = run(Worker(settings(tmp_path)), unit)
-    assert json.loads((tmp_path / "_units" / f"{unit.unit_id}.json").read_text()) == marker
-    assert marker["images"] == 4 and marker["prompt_ids"] == ["p0", "p1"]
-    table = pq.read_table(tmp_path / marker["file"])
+    _, marker = run(Worker(setup(tmp_path)), unit)
+    on_disk = json.loads((tmp_path / "_units" / f"{unit.unit_id}.json").read_text())
+    assert on_disk == json.loads(marker.to_json())
+    assert marker.images == 4 and list(marker.prompt_ids) == ["p0", "p1"]
+    table = pq.read_table(tmp_path / marker.file)
     assert table.num_rows == 4
     assert not list((tmp_path / "_tmp").iterdir())  # nothing left half-written
     row = table.slice(0, 1).to_pylist()[0]
@@ -128,23 +129,23 @@ def test_a_unit_commits_its_file_then_its_marker(tmp_path):
     assert Image.open(io.BytesIO(row["image"]["bytes"])).format == "PNG"
     assert row["generation_seconds"] > 0 and row["batch_size"] == 4
     # builtin:tiny has no safety checker: the flag is null, not False
-    assert row["nsfw_flagged"] is None and marker["nsfw_flagged"] == 0
+    assert row["nsfw_flagged"] is None and marker.nsfw_flagged == 0
 
 
 def test_commits_work_on_a_non_local_fsspec_filesystem():
     """Nothing in the output layer assumes a local disk: the same unit on fsspec's memory://."""
     unit = one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a", "b"))
-    _, marker = run(Worker(settings("memory://sdbatch-test/out")), unit)
+    _, marker = run(Worker(setup("memory://sdbatch-test/out")), unit)
     output = Output("memory://sdbatch-test/out")
     # workers rebuild the output from its location: it must name the same place
     assert output.location.startswith("memory://")
     assert Output(output.location).root == output.root
     assert output.done_units() == [marker]
-    with output.fs.open(output.path(marker["file"]), "rb") as f:
+    with output.fs.open(output.path(marker.file), "rb") as f:
         assert pq.read_table(f).num_rows == 2
     output.fs.pipe_file(output.path("images", "orphan.parquet"), b"never marked done")
     assert output.remove_orphans(output.done_units()) == 1
-    assert output.fs.ls(output.path("images"), detail=False) == [output.path(marker["file"])]
+    assert output.fs.ls(output.path("images"), detail=False) == [output.path(marker.file)]
 
 
 class OutOfMemoryAbove:
@@ -174,16 +175,16 @@ def test_out_of_memory_halves_the_batch_and_the_images_stay_the_same(tmp_path):
     unit = one_unit(
         Config("ddim", 2, 7.5, 32, 32, ""), texts=("a cat", "a dog", "a cow"), images_per_prompt=2
     )
-    whole = Worker(settings(tmp_path / "whole", batch_size=6))
+    whole = Worker(setup(tmp_path / "whole", batch_size=6))
     _, marker = run(whole, unit)
-    expected = pq.read_table(tmp_path / "whole" / marker["file"]).to_pylist()
+    expected = pq.read_table(tmp_path / "whole" / marker.file).to_pylist()
 
-    worker = Worker(settings(tmp_path / "split", batch_size=6))
+    worker = Worker(setup(tmp_path / "split", batch_size=6))
     worker.pipe = OutOfMemoryAbove(worker.pipe, limit=2)
     progress, marker = run(worker, unit)
     assert worker.pipe.sizes == [6, 3, 2, 2, 2]  # 6 and 3 fail; the worker then keeps 2
     assert progress == [2, 2, 2] and worker.batch_size == 2
-    rows = pq.read_table(tmp_path / "split" / marker["file"]).to_pylist()
+    rows = pq.read_table(tmp_path / "split" / marker.file).to_pylist()
     assert [r["batch_size"] for r in rows] == [2] * 6
     assert [(r["prompt_id"], r["sample_index"], r["seed"]) for r in rows] == [
         (r["prompt_id"], r["sample_index"], r["seed"]) for r in expected
@@ -199,7 +200,7 @@ def test_out_of_memory_halves_the_batch_and_the_images_stay_the_same(tmp_path):
 
 def test_out_of_memory_at_batch_one_and_other_errors_are_not_split(tmp_path):
     unit = one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a cat", "a dog"))
-    worker = Worker(settings(tmp_path, batch_size=2))
+    worker = Worker(setup(tmp_path, batch_size=2))
     worker.pipe = OutOfMemoryAbove(worker.pipe, limit=0)
     with pytest.raises(torch.OutOfMemoryError):
         run(worker, unit)
@@ -213,7 +214,7 @@ def test_out_of_memory_at_batch_one_and_other_errors_are_not_split(tmp_path):
 
 def test_a_write_that_fails_half_way_leaves_nothing_a_reader_sees(tmp_path, monkeypatch):
     unit = one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a", "b"))
-    worker = Worker(settings(tmp_path))
+    worker = Worker(setup(tmp_path))
 
     def dies_half_way(table, where, **kwargs):
         with Path(where).open("wb") as f:
@@ -228,4 +229,4 @@ def test_a_write_that_fails_half_way_leaves_nothing_a_reader_sees(tmp_path, monk
     assert Output(str(tmp_path)).done_units() == []
     # and the next attempt commits normally, leaving _tmp/ clean for readers
     _, marker = run(worker, unit)
-    assert pq.read_table(tmp_path / marker["file"]).num_rows == 2
+    assert pq.read_table(tmp_path / marker.file).num_rows == 2

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from sdbatch.builtin import builtin_path
-from sdbatch.pipeline import load_pipeline, resolve_model
-from sdbatch.train import train_toy, train_toy_clip, zero_shot_accuracy
-from sdbatch.world import ATTRIBUTES_OF, SCENES, Scene, judge, render, samples
+from sdbatch.models import load_pipeline, resolve_model
+from sdbatch.toy.train import train_toy, train_toy_clip, zero_shot_accuracy
+from sdbatch.toy.world import ATTRIBUTES_OF, SCENES, Scene, judge, render, samples
 
 
 def test_captions_name_their_scene():

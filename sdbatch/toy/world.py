@@ -8,7 +8,7 @@ caption from the pixels alone (the object's hue, its centroid, its area and how 
 box it fills), which needs no model and so can grade one.
 
 Write a reference set (the demo suite's `eval/demo-reference.parquet`):
-    python -m sdbatch.world eval/demo-reference.parquet --count 256
+    python -m sdbatch.toy.world eval/demo-reference.parquet --count 1024
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from sdbatch.dataset import publish_beside
+from sdbatch.publish import publish_beside
 
 SIZE = 32  # pixels: small enough to train on 2 CPU cores, large enough for three shapes
 BACKGROUND = (235, 235, 230)

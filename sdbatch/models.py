@@ -1,4 +1,5 @@
-"""Models: resolve a spec's `model` to something loadable with an identity, and load it once.
+"""Models: resolve a reference (a job's diffusers pipeline, a suite's CLIP) to something loadable
+with an identity, and load a pipeline once.
 
 `resolve_model` runs on the driver before any work starts: it checks the reference and records what
 exactly will be used (a hash of local weights, or the hub commit). `load_pipeline` runs in each
@@ -9,7 +10,6 @@ or a local one with pickled weights, is refused by `resolve_model`, before Ray s
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from sdbatch.builtin import PREFIX, builtin_path
+from sdbatch.digests import IDENTITY_SUFFIXES, folder_digest
 from sdbatch.errors import InputError, first_line
 
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# What makes up a pipeline: weights, configs and tokenizer files. Other files (READMEs, images,
-# duplicate .bin/.ckpt copies) do not change images and would only slow the hash down.
-IDENTITY_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 # Weights that torch.load unpickles: unlike safetensors, loading them can run code.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Libraries a model_index.json may load components from, besides diffusers' own pipeline packages
@@ -75,7 +73,7 @@ def resolve_model(
     """
     if ref.startswith(PREFIX):
         folder = builtin_path(ref.removeprefix(PREFIX), kind.field)
-        return ModelSource(ref, str(folder), None, weights_digest(folder))
+        return ModelSource(ref, str(folder), None, folder_digest(folder))
     folder = Path(ref).expanduser()
     if folder.is_dir():
         if not (folder / kind.marker).is_file():
@@ -90,7 +88,7 @@ def resolve_model(
                 suffixes += PICKLE_SUFFIXES
             else:
                 _refuse_pickles(folder, components, ref)
-        identity = weights_digest(folder, suffixes)
+        identity = folder_digest(folder, suffixes)
         return ModelSource(ref, str(folder.resolve()), None, identity, allow_pickle)
     if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
         raise InputError(f"{kind.field}: no folder {ref!r}, and it is not a hub id like org/name")
@@ -250,28 +248,6 @@ def longer_than_context(source: ModelSource, texts: list[str]) -> set[str]:
             t for t, i in zip(distinct, ids, strict=True) if len(i) > tokenizer.model_max_length
         )
     return long
-
-
-def weights_digest(folder: Path, suffixes: tuple[str, ...] = IDENTITY_SUFFIXES) -> str:
-    """sha256 over a pipeline folder's weight, config and tokenizer files (names and bytes)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
-    for path in files:
-        h.update(path.relative_to(folder).as_posix().encode() + b"\x00")
-        _hash_file(h, path)
-    return f"sha256:{h.hexdigest()}"
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of one file's bytes (a weights file)."""
-    return f"sha256:{_hash_file(hashlib.sha256(), path).hexdigest()}"
-
-
-def _hash_file(h: Any, path: Path) -> Any:
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h
 
 
 def load_pipeline(source: ModelSource, dtype: str, device: str) -> Any:

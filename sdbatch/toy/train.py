@@ -10,10 +10,10 @@ the same `from_pretrained` path as real checkpoints:
   through cross-attention on toy-clip's frozen text encoder, with 10% of captions dropped (empty)
   so that classifier-free guidance works; the scheduler is Stable Diffusion 1.x's.
 
-Reproduce the shipped weights (from a fixed seed; about 21 minutes on
-2 CPU cores, see the README):
-    python -m sdbatch.train toy-clip
-    python -m sdbatch.train toy
+Reproduce the shipped weights (from a fixed seed; about 21 minutes on 2 CPU cores, see the
+README):
+    python -m sdbatch.toy.train toy-clip
+    python -m sdbatch.toy.train toy
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sdbatch import world
-from sdbatch.builtin import MODELS_DIR, make_clip, save_sd_pipeline
+from sdbatch.builtin import builtin_path
+from sdbatch.toy import world
+from sdbatch.toy.components import make_clip, save_sd_pipeline
 
 CAPTION_DROPOUT = 0.1
 
@@ -129,7 +130,7 @@ def train_toy(
     )
     from transformers import AutoTokenizer, CLIPTextModel
 
-    clip = clip or MODELS_DIR / "toy-clip"
+    clip = clip or builtin_path("toy-clip")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images, captions = _images(samples, seed + 1)
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=800, help="toy: autoencoder steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    destination = args.dest or MODELS_DIR / args.name
+    destination = args.dest or builtin_path(args.name)
     began = time.perf_counter()
     if args.name == "toy-clip":
         train_toy_clip(destination, args.steps or 3000, args.seed)

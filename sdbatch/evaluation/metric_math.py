@@ -1,4 +1,4 @@
-"""Metric math on feature arrays: pure functions, no models and no I/O.
+"""Metric math on arrays: pure functions, no models and no I/O.
 
 Feature sets are summarised by `FeatureStats` (count, sum, sum of outer products, in float64),
 which add up across shards and workers: FID from merged statistics equals FID from one pass.

@@ -1,30 +1,38 @@
 """`sdbatch generate`: spec in, committed image dataset out; resumable and safe to rerun.
 
-Example:
-    >>> from sdbatch.spec import load_spec
-    >>> summary = generate(load_spec("jobs/demo.yaml"), output="out/demo")
+Example (a dry run checks everything and plans the work without starting Ray):
+    >>> import sdbatch
+    >>> spec = sdbatch.load_spec("jobs/demo.yaml")
+    >>> plan = sdbatch.generate(spec, output="out/doctest-demo", dry_run=True)
+    >>> plan.total_images, plan.new_images
+    (2304, 0)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
 
 import pandas as pd
 
 from sdbatch import distribute, schedulers
-from sdbatch.dataset import Output, versions
 from sdbatch.errors import InputError, first_line
-from sdbatch.pipeline import ModelSource, longer_than_context, resolve_model
+from sdbatch.models import ModelSource, longer_than_context, resolve_model
+from sdbatch.output import Output
 from sdbatch.prompts import PromptSet, load_prompts, prompt_set_digest
+from sdbatch.records import (
+    FailedUnit,
+    HistoryEntry,
+    PromptCounts,
+    RunRecord,
+    library_versions,
+)
 from sdbatch.spec import JobSpec
 from sdbatch.sweep import Config, configurations, negative_prompts, plan_units, split_unit
-from sdbatch.worker import Worker, WorkerSettings
+from sdbatch.worker import GenerationSetup, Worker
 
 log = logging.getLogger("sdbatch")
 # Larger jobs need `confirmed` (--yes): a slip in images_per_prompt or a sweep list must not
@@ -51,17 +59,17 @@ class GenerateSummary:
     seconds: float  # the whole call, Ray start and model loading included
     generation_seconds: float = 0.0  # from the first loaded worker to the last commit
     flagged: int = 0  # new images the model's safety checker flagged (black, as it made them)
-    # Units that failed every attempt (unit_id, config_id, prompt_ids, images, attempts, error);
-    # a rerun retries exactly these.
-    failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Units that failed every attempt; a rerun retries exactly these.
+    failed: tuple[FailedUnit, ...] = ()
 
     @property
     def failed_images(self) -> int:
-        return sum(f["images"] for f in self.failed)
+        return sum(f.images for f in self.failed)
 
 
 def generate(
     spec: JobSpec,
+    *,
     output: str | None = None,
     address: str | None = None,
     overwrite: bool = False,
@@ -71,10 +79,10 @@ def generate(
     """Generate every image of `spec` that `output` does not hold yet.
 
     Args:
-        output: where to write (default: the spec's `output`).
+        output: where to write (default: the spec's `output`, else out/NAME).
         address: a Ray cluster address; None joins $RAY_ADDRESS or starts a local instance.
         overwrite: delete what sdbatch wrote at `output` and start over.
-        dry_run: check everything and print the plan, but generate nothing.
+        dry_run: check everything and log the plan, but generate nothing.
         confirmed: allow a job of more than `MAX_UNCONFIRMED_IMAGES` images (--yes).
 
     Raises:
@@ -121,7 +129,7 @@ def generate(
 
     # 3. plan the work units that are not done yet
     markers = [] if overwrite else out.done_units()
-    done = {(m["config_id"], pid) for m in markers for pid in m["prompt_ids"]}
+    done = {(m.config_id, pid) for m in markers for pid in m.prompt_ids}
     units = plan_units(
         prompts, configs, spec.sweep.images_per_prompt, spec.seed, spec.runtime.shard_size, done
     )
@@ -140,70 +148,58 @@ def generate(
     if not overwrite and (orphans := out.remove_orphans(markers)):
         log.info("removed %d image files of units that never finished", orphans)
 
-    # 4. start Ray and the actors' plan; the dtype follows the hardware
-    connected = distribute.connect(address)
-    try:
-        plan = distribute.plan_actors(spec.runtime)
+    with distribute.session(address):
+        # 4. plan the actors; the dtype follows the hardware
+        plan = distribute.plan_actors(spec.runtime.actors)
         dtype = distribute.resolve_dtype(spec.runtime.dtype, plan)
-        if previous is not None and previous["dtype"] != dtype:
+        if previous is not None and previous.dtype != dtype:
             raise InputError(
-                f"runtime.dtype: {out.uri} was generated in {previous['dtype']}, this run "
-                f"would use {dtype}; set runtime.dtype: {previous['dtype']} or choose another --out"
+                f"runtime.dtype: {out.uri} was generated in {previous.dtype}, this run would use "
+                f"{dtype}; set runtime.dtype: {previous.dtype} or choose another --out"
             )
         log.info("model %s (%s), %s, %s", model.ref, model.identity[:19], plan.describe(), dtype)
 
         # 5. record the run, then generate
-        record["dtype"] = dtype
-        record["history"] = (previous or {}).get("history", [])
+        record = dataclasses.replace(
+            record, dtype=dtype, history=previous.history if previous else ()
+        )
         out.write_prompts(prompts)
         out.write_run(record)
-        settings = WorkerSettings(
+        setup = GenerationSetup(
             model=model,
             dtype=dtype,
             output=out.location,
             batch_size=spec.runtime.batch_size,
             png_compress_level=spec.runtime.png_compress_level,
         )
+        progress = (total, total - left, "generating")
         result = distribute.run_units(
-            Worker,
-            settings,
-            units,
-            plan,
-            (total, total - left, "generating"),
-            spec.runtime.retries,
-            split_unit,
+            Worker, setup, units, plan, progress, spec.runtime.retries, split_unit
         )
-    finally:
-        if connected:
-            import ray
-
-            ray.shutdown()
 
     # 6. record what this call did, failures included: the run's stats live in run.json
-    failed = [
-        {
-            "unit_id": f.unit.unit_id,
-            "config_id": f.unit.config.config_id,
-            "prompt_ids": list(f.unit.prompt_ids),
-            "images": f.unit.num_images,
-            "attempts": f.attempts,
-            "error": f.error,
-        }
+    failed = tuple(
+        FailedUnit(
+            unit_id=f.unit.unit_id,
+            config_id=f.unit.config.config_id,
+            prompt_ids=f.unit.prompt_ids,
+            images=f.unit.num_images,
+            attempts=f.attempts,
+            error=f.error,
+        )
         for f in result.failed.values()
-    ]
-    new = left - sum(f["images"] for f in failed)
-    flagged = sum(marker["nsfw_flagged"] for marker in result.results.values())
-    record["history"].append(
-        {
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "new_images": new,
-            "nsfw_flagged": flagged,
-            "seconds": round(result.seconds, 3),
-            "workers": result.workers,
-            "failed_units": failed,
-        }
     )
-    out.write_run(record)
+    new = left - sum(f.images for f in failed)
+    flagged = sum(marker.nsfw_flagged for marker in result.results.values())
+    entry = HistoryEntry(
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        new_images=new,
+        seconds=round(result.seconds, 3),
+        workers=tuple(result.workers),
+        nsfw_flagged=flagged,
+        failed_units=failed,
+    )
+    out.write_run(dataclasses.replace(record, history=(*record.history, entry)))
     log.info(
         "done: %d new images in %.1f s (%.2f images/s); %d of %d images in %s/images",
         new, result.seconds, new / max(result.seconds, 1e-9), total - left + new, total,
@@ -241,28 +237,25 @@ def _run_record(
     configs: list[Config],
     model: ModelSource,
     truncated: int,
-) -> dict[str, Any]:
-    record = {
-        "format": 1,
-        "spec": spec.to_dict(),
-        "model": dataclasses.asdict(model),
-        "prompts": {
-            "count": len(prompts.frame),
-            "sha256": prompt_set_digest(prompts.frame),
-            "skipped_blank": prompts.skipped_blank,
-            "truncated": truncated,
-        },
-        "configs": [{"config_id": c.config_id, **dataclasses.asdict(c)} for c in configs],
-        "schedulers": schedulers.describe(list(spec.sweep.scheduler)),
-        "versions": versions(),
-    }
-    # As it reads back from JSON, so a stored record and a new one compare equal.
-    return json.loads(json.dumps(record))
+) -> RunRecord:
+    return RunRecord(
+        spec=spec,
+        model=model,
+        prompts=PromptCounts(
+            count=len(prompts.frame),
+            sha256=prompt_set_digest(prompts.frame),
+            skipped_blank=prompts.skipped_blank,
+            truncated=truncated,
+        ),
+        configs=tuple(configs),
+        schedulers=schedulers.describe(list(spec.sweep.scheduler)),
+        versions=library_versions(),
+    )
 
 
 def _check_same_job(
-    previous: dict[str, Any],
-    record: dict[str, Any],
+    previous: RunRecord,
+    record: RunRecord,
     old_prompts: pd.DataFrame,
     prompts: pd.DataFrame,
     uri: str,
@@ -275,9 +268,7 @@ def _check_same_job(
             changes.append(
                 f"{'.'.join(path[1:] if path[0] == 'spec' else path)}: {old!r} -> {new!r}"
             )
-    missing = {c["config_id"] for c in previous["configs"]} - {
-        c["config_id"] for c in record["configs"]
-    }
+    missing = {c.config_id for c in previous.configs} - {c.config_id for c in record.configs}
     if missing:
         changes.append(f"configurations removed: {', '.join(sorted(missing))}")
     merged = old_prompts.merge(prompts, on="prompt_id", how="left", suffixes=("", "_new"))
@@ -298,7 +289,8 @@ def _check_same_job(
         )
 
 
-def _lookup(record: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        record = record[key]
-    return record
+def _lookup(record: RunRecord, path: tuple[str, ...]) -> object:
+    value: object = record
+    for name in path:
+        value = getattr(value, name)
+    return value

@@ -24,12 +24,35 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sdbatch.errors import InputError
-from sdbatch.features import ExtractorInfo, FeatureUnit, read_npz, shard_stats, write_npz
-from sdbatch.metrics import merge_stats
-from sdbatch.spec import ReferenceSource
+from sdbatch.evaluation.extractors import ExtractorInfo
+from sdbatch.evaluation.metric_math import merge_stats
+from sdbatch.evaluation.shards import FeatureUnit, read_npz, shard_stats, write_npz
+from sdbatch.typed_data import conform, require
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGES_PER_UNIT = 256
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    """The real images FID compares against, or their precomputed statistics (`reference:`)."""
+
+    images: str | None = None  # a Parquet file/folder with an `image` column, or an image folder
+    stats: str | None = None  # a .npz with mu and sigma (pytorch-fid / clean-fid format)
+    # Reference images are resized (short side, bicubic) and center-cropped to this many pixels
+    # before feature extraction; null keeps them as stored.
+    resolution: int | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        conform(self)
+        require(
+            (self.images is None) != (self.stats is None),
+            "images",
+            "give exactly one of images (real images) or stats (a .npz with mu and sigma)",
+        )
+        require(self.resolution is None or self.resolution >= 8, "resolution", "must be >= 8")
+        require(self.limit is None or self.limit >= 2, "limit", "must be >= 2 or null")
 
 
 @dataclass
@@ -84,7 +107,8 @@ def load_stats(location: str, field_name: str = "reference.stats") -> ReferenceS
 
 @dataclass
 class ReferencePlan:
-    """Where a suite's reference statistics come from: ready, or units still to extract."""
+    """Where a suite's reference statistics come from: ready, or units to extract first (on the
+    actors, like generated shards), which `statistics` then merges and caches."""
 
     label: str
     stats: ReferenceStats | None  # loaded from the cache or a given .npz
@@ -99,6 +123,24 @@ class ReferencePlan:
         # Every shard sits in one folder; a few hundred images per unit makes one check each cheap.
         fs, _ = fsspec.core.url_to_fs(self.units[0].destination)
         return [u for u in self.units if not fs.exists(u.destination)]
+
+    def statistics(self) -> ReferenceStats:
+        """The statistics: as given or cached, else merged from the extracted shards (every unit
+        extracted by now), then cached, and the shards dropped."""
+        if self.stats is None:
+            shards = [read_npz(u.destination) for u in self.units]
+            merged = merge_stats([shard_stats(s)[""] for s in shards])
+            self.stats = ReferenceStats(
+                merged.mean(),
+                merged.covariance(),
+                merged.count,
+                np.concatenate([s["features"] for s in shards]),
+                {**self.meta, "count": merged.count},
+            )
+            save_stats(self.cache, self.stats)
+            fs, folder = fsspec.core.url_to_fs(self.units[0].destination.rsplit("/", 1)[0])
+            fs.rm(folder, recursive=True)
+        return self.stats
 
 
 def plan_reference(source: ReferenceSource, extractor: ExtractorInfo, cache: str) -> ReferencePlan:
@@ -156,20 +198,6 @@ def plan_reference(source: ReferenceSource, extractor: ExtractorInfo, cache: str
     if sum(u.num_images for u in units) < 2:
         raise InputError(f"reference.images: {source.images} has fewer than 2 images")
     return ReferencePlan(label, None, units, cache_path, meta)
-
-
-def finish_reference(plan: ReferencePlan) -> ReferenceStats:
-    """Merge the extracted shards into statistics, cache them, and drop the shards."""
-    shards = [read_npz(u.destination) for u in plan.units]
-    stats = merge_stats([shard_stats(s)[""] for s in shards])
-    features = np.concatenate([s["features"] for s in shards])
-    reference = ReferenceStats(
-        stats.mean(), stats.covariance(), stats.count, features, {**plan.meta, "count": stats.count}
-    )
-    save_stats(plan.cache, reference)
-    fs, folder = fsspec.core.url_to_fs(plan.units[0].destination.rsplit("/", 1)[0])
-    fs.rm(folder, recursive=True)
-    return reference
 
 
 def _plan_units(

@@ -8,7 +8,7 @@ Layout of an output location (a local folder or any fsspec URI such as s3://buck
     prompts.parquet       the prompt set the run used
     _units/UNIT.json      done markers: a unit is done only once its marker exists
     _tmp/                 files being written; readers never look here
-    metrics/              the evaluation stage's tables (see sdbatch.eval)
+    metrics/              the evaluation stage's tables (see sdbatch.evaluation)
 
 A unit commits in three steps: write under _tmp/, move into images/, then write its marker. A crash
 at any point leaves either nothing visible or a complete file; files without a marker are removed
@@ -17,59 +17,28 @@ before the next run plans its work, so no row is ever duplicated.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import posixpath
 import uuid
 from collections.abc import Callable
-from importlib import metadata
-from typing import Any
 
 import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdbatch.errors import InputError
+from sdbatch.publish import publish
+from sdbatch.records import RunRecord, UnitMarker
+
 IMAGES = "images"
 UNITS = "_units"
 TMP = "_tmp"
 RUN = "run.json"
 PROMPTS = "prompts.parquet"
-METRICS = "metrics"
-OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS, METRICS)
+METRICS_DIR = "metrics"
+OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS, METRICS_DIR)
 ROWS_PER_ROW_GROUP = 64  # ~25 MB of 512x512 PNGs: small enough for readers to stream
-
-# `datasets` reads this schema metadata and decodes the struct column to PIL images.
-HF_FEATURES = {"info": {"features": {"image": {"_type": "Image"}}}}
-IMAGE_SCHEMA = pa.schema(
-    [
-        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("sample_index", pa.int32()),
-        ("seed", pa.int64()),
-        ("config_id", pa.string()),
-        ("scheduler", pa.string()),
-        ("num_inference_steps", pa.int32()),
-        ("guidance_scale", pa.float64()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("model", pa.string()),
-        ("dtype", pa.string()),
-        ("batch_size", pa.int32()),
-        ("generation_seconds", pa.float64()),
-        # The model's safety checker flagged the image (diffusers blacks such images out);
-        # null where the model has no checker.
-        ("nsfw_flagged", pa.bool_()),
-    ],
-    metadata={"huggingface": json.dumps(HF_FEATURES)},
-)
-VERSIONED = ("sdbatch", "torch", "diffusers", "transformers", "ray", "pyarrow")
-
-
-def versions() -> dict[str, str]:
-    """Installed versions of the libraries an image depends on (read without importing them)."""
-    return {name: metadata.version(name) for name in VERSIONED}
 
 
 class Output:
@@ -106,13 +75,22 @@ class Output:
             if made is not None and self.fs.exists(made):
                 self.fs.rm(made, recursive=True)
 
-    def read_run(self) -> dict[str, Any] | None:
-        """The run record, or None for a location sdbatch has not written to."""
-        path = self.path(RUN)
-        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+    def read_run(self) -> RunRecord | None:
+        """The run record, or None for a location sdbatch has not written to.
 
-    def write_run(self, run: dict[str, Any]) -> None:
-        body = json.dumps(run, indent=2, sort_keys=True).encode()
+        Raises:
+            InputError: run.json is there but is not a run record sdbatch can read.
+        """
+        path = self.path(RUN)
+        if not self.fs.exists(path):
+            return None
+        try:
+            return RunRecord.from_json(self.fs.cat_file(path))
+        except (InputError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"OUT: {path} is not a run record sdbatch reads ({e})") from None
+
+    def write_run(self, run: RunRecord) -> None:
+        body = run.to_json()
         self._publish(lambda tmp: self.fs.pipe_file(tmp, body), self.path(RUN))
 
     def read_prompts(self) -> pd.DataFrame:
@@ -125,7 +103,7 @@ class Output:
             lambda tmp: pq.write_table(table, tmp, filesystem=self.fs), self.path(PROMPTS)
         )
 
-    def done_units(self) -> list[dict[str, Any]]:
+    def done_units(self) -> list[UnitMarker]:
         """The markers of committed units (one small JSON read each, fetched together)."""
         folder = self.path(UNITS)
         if not self.fs.exists(folder):
@@ -134,14 +112,14 @@ class Output:
         markers = []
         for body in self.fs.cat(paths, on_error="omit").values():
             try:
-                markers.append(json.loads(body))
-            except json.JSONDecodeError:
+                markers.append(UnitMarker.from_json(body))
+            except (InputError, ValueError, TypeError):
                 continue  # never written whole; the unit is simply redone
         return markers
 
-    def remove_orphans(self, markers: list[dict[str, Any]]) -> int:
+    def remove_orphans(self, markers: list[UnitMarker]) -> int:
         """Delete image files no marker claims (a crash between publish and mark) and _tmp/."""
-        claimed = {_basename(m["file"]) for m in markers}
+        claimed = {_basename(m.file) for m in markers}
         images = self.path(IMAGES)
         present = self.fs.ls(images, detail=False) if self.fs.exists(images) else []
         orphans = [p for p in present if _basename(p) not in claimed]
@@ -157,18 +135,21 @@ class Output:
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name), recursive=True)
 
-    def commit_unit(self, unit_id: str, table: pa.Table, marker: dict[str, Any]) -> dict[str, Any]:
-        """Publish a unit's images, then mark it done (the marker is the commit); returns it."""
-        file = f"{IMAGES}/{unit_id}.parquet"
+    def commit_unit(self, table: pa.Table, marker: UnitMarker) -> UnitMarker:
+        """Publish a unit's images, then mark it done (the marker is the commit); returns the
+        marker with its file."""
+        file = f"{IMAGES}/{marker.unit_id}.parquet"
         self._publish(
             lambda tmp: pq.write_table(
                 table, tmp, filesystem=self.fs, row_group_size=ROWS_PER_ROW_GROUP
             ),
             self.path(file),
         )
-        marker = {**marker, "file": file}
-        body = json.dumps(marker).encode()
-        self._publish(lambda tmp: self.fs.pipe_file(tmp, body), self.path(UNITS, f"{unit_id}.json"))
+        marker = dataclasses.replace(marker, file=file)
+        body = marker.to_json()
+        self._publish(
+            lambda tmp: self.fs.pipe_file(tmp, body), self.path(UNITS, f"{marker.unit_id}.json")
+        )
         return marker
 
     def put(self, relative: str, write: Callable[[str], None]) -> None:
@@ -178,29 +159,6 @@ class Output:
     def _publish(self, write: Callable[[str], None], final: str) -> None:
         self.fs.makedirs(self.path(TMP), exist_ok=True)
         publish(self.fs, write, final, self.path(TMP, f"{uuid.uuid4().hex}-{_basename(final)}"))
-
-
-def publish(fs: Any, write: Callable[[str], None], final: str, tmp: str) -> None:
-    """Write through the temporary name `tmp`, then move it to `final`: readers never see half."""
-    # Made first: `tmp` may sit beside `final` (a converted prompt file into a new folder).
-    fs.makedirs(final.rsplit("/", 1)[0] if "/" in final else ".", exist_ok=True)
-    try:
-        write(tmp)
-    except BaseException:
-        # A failed write must not leave its partial file behind for the next reader or run.
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
-    fs.mv(tmp, final)
-
-
-def publish_beside(destination: str, write: Callable[[Any, str], None]) -> None:
-    """Publish the file `write(fs, path)` writes at `destination` (any fsspec URI) through a
-    temporary beside it, whose leading dot hides it from pyarrow's folder reads and globs."""
-    fs, path = fsspec.core.url_to_fs(destination)
-    folder, _, name = path.rpartition("/")
-    tmp = f"{folder or '.'}/.{name}.{uuid.uuid4().hex[:8]}.partial"
-    publish(fs, lambda tmp: write(fs, tmp), path, tmp)
 
 
 def _basename(path: str) -> str:

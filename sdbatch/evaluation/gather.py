@@ -1,0 +1,95 @@
+"""Gathering the shards of an output: per-image rows, per-configuration statistics merged over
+shards, and each unit's features, with the suite's `safety` policy applied where they merge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from sdbatch.evaluation.metric_math import FeatureStats, merge_stats
+from sdbatch.evaluation.shards import read_npz, shard_stats
+from sdbatch.image_rows import KEY_COLUMNS
+from sdbatch.output import Output
+from sdbatch.records import UnitMarker
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """Every shard of an output, read back.
+
+    `images` has one row per image: its key, `nsfw_flagged`, the per-image metric columns, and,
+    for internal use, `_excluded` (left out under the safety policy), `_unit` and `_row` (where
+    its features are in `features`).
+    """
+
+    images: pd.DataFrame
+    stats: dict[str, FeatureStats]  # per config, over the images that count
+    features: dict[str, np.ndarray]  # per unit
+
+    def features_of(self, images: pd.DataFrame, dim: int) -> np.ndarray:
+        """The feature vectors of these rows of `images`, unit by unit."""
+        groups = images.groupby("_unit", sort=False)
+        parts = [self.features[unit][group["_row"].to_numpy()] for unit, group in groups]
+        # (0, dim) when every image of the configuration was excluded
+        return np.concatenate(parts) if parts else np.empty((0, dim))
+
+
+def gather(
+    out: Output,
+    shard_dir: str,
+    markers: list[UnitMarker],
+    results: dict[str, Any],
+    image_columns: tuple[str, ...],
+    safety: str,
+) -> Gathered:
+    """Read every marked unit's shard.
+
+    Units extracted by this call bring their statistics from the actors; earlier ones are
+    recomputed from their shard's features, which is what the actor computed from them. Under
+    `safety: exclude` the images the safety checker flagged are left out here, where statistics
+    merge: shards hold every image, so changing the policy extracts nothing again.
+    """
+    frames, per_config, features = [], {}, {}
+    for marker in markers:
+        shard = read_npz(f"{out.location}/{shard_dir}/{marker.unit_id}.npz")
+        flagged = _flags(out, marker)
+        if safety == "exclude":
+            excluded = flagged.fillna(False).to_numpy(bool)
+        else:
+            excluded = np.zeros(len(flagged), bool)
+        unit_stats = (results.get(marker.unit_id) or {}).get("stats")
+        if unit_stats is None or excluded.any():
+            unit_stats = shard_stats({k: v[~excluded] for k, v in shard.items()})
+        for config_id, s in unit_stats.items():
+            per_config.setdefault(config_id, []).append(s)
+        frame = pd.DataFrame({k: shard[k] for k in KEY_COLUMNS}).astype(
+            {"prompt_id": str, "config_id": str, "sample_index": "int32"}
+        )
+        # The shard lists the unit's images in the order of its Parquet file.
+        frame["nsfw_flagged"] = flagged
+        frame["_excluded"] = excluded
+        for name in image_columns:
+            if name in shard:
+                frame[name] = shard[name]
+        if "features" in shard:
+            frame["_row"] = range(len(frame))
+            features[marker.unit_id] = shard["features"]
+        frame["_unit"] = marker.unit_id
+        frames.append(frame)
+    images = pd.concat(frames, ignore_index=True)
+    return Gathered(images, {c: merge_stats(s) for c, s in per_config.items()}, features)
+
+
+def _flags(out: Output, marker: UnitMarker) -> pd.Series:
+    """A unit's nsfw_flagged column; all null for images generated before sdbatch recorded it
+    (their model is treated as having no safety checker)."""
+    with out.fs.open(out.path(marker.file), "rb") as f:
+        parquet = pq.ParquetFile(f)
+        if "nsfw_flagged" not in parquet.schema_arrow.names:
+            return pd.Series([None] * marker.images, dtype="boolean")
+        column = parquet.read(columns=["nsfw_flagged"]).column(0)
+    return pd.Series(column.to_pylist(), dtype="boolean")

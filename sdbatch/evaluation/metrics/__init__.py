@@ -1,0 +1,1 @@
+"""One module per metric, each declaring its `Metric`; `sdbatch.evaluation.registry` lists them."""

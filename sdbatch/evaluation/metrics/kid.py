@@ -1,0 +1,53 @@
+"""KID (Binkowski et al. 2018): torchmetrics' KernelInceptionDistance on the extractor's features
+(polynomial kernel, unbiased MMD², mean and std over random subsets, seeded). It needs the
+reference's features, which sdbatch's cached statistics keep; a .npz of mu and sigma alone gives
+NaN."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sdbatch.evaluation.metric import ConfigGroup, Interval, Metric, Need, Score
+from sdbatch.evaluation.metric_math import kid
+from sdbatch.typed_data import conform, require
+
+
+@dataclass(frozen=True)
+class KidSettings:
+    """KID's subset sampling (a suite's `kid:`)."""
+
+    subsets: int = 100
+    # Lowered to the smaller set's size when needed (KID is unbiased at any size); recorded.
+    subset_size: int = 1000
+
+    def __post_init__(self) -> None:
+        conform(self)
+        require(self.subsets >= 1, "subsets", "must be >= 1")
+        require(self.subset_size >= 2, "subset_size", "must be >= 2")
+
+
+def aggregate(group: ConfigGroup, settings: KidSettings) -> dict[str, Any]:
+    if group.reference.features is None:
+        return {"kid_mean": math.nan, "kid_std": math.nan}
+    mean, std, size = kid(
+        group.features,
+        group.reference.features,
+        settings.subsets,
+        settings.subset_size,
+        group.bootstrap.seed,
+    )
+    return {"kid_mean": mean, "kid_std": std, "kid_subset_size": size}
+
+
+KID = Metric(
+    name="kid",
+    label="KID",
+    higher_is_better=False,
+    needs=frozenset({Need.FEATURES, Need.REFERENCE}),
+    interval=Interval.NONE,
+    aggregate=aggregate,
+    scores=(Score("kid_mean", "KID", interval=False, spread="kid_std", digits=4),),
+    settings="kid",
+)

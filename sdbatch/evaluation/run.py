@@ -1,0 +1,244 @@
+"""`sdbatch eval`: the suite's metrics for every sweep configuration of a generated output.
+
+Writes OUT/metrics/:
+    configs.parquet, configs.csv   one row per configuration: its parameters, n_images, how many
+                                   the safety checker flagged and the suite's `safety` excluded,
+                                   seconds per image, and every metric's columns with intervals
+    images.parquet                 one row per image: its flag and per-image scores, joinable to
+                                   the images on (prompt_id, sample_index, config_id)
+    metrics.json                   provenance (evaluation.record), written last
+    _shards/KEY/UNIT.npz           per-image features and scores of each generated unit; a rerun
+                                   (after a crash, or once more images exist) extracts only what
+                                   is missing. KEY changes with the CLIP model, the extractor or
+                                   the per-image metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdbatch import distribute
+from sdbatch.errors import InputError, JobFailed
+from sdbatch.evaluation.gather import gather
+from sdbatch.evaluation.inputs import EvalInputs, resolve_suite
+from sdbatch.evaluation.record import MetricsRecord, ReferenceProvenance, write_metrics_record
+from sdbatch.evaluation.reference import ReferenceStats
+from sdbatch.evaluation.shards import FeatureUnit
+from sdbatch.evaluation.suite import Suite, load_suite
+from sdbatch.evaluation.table import config_table
+from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
+from sdbatch.output import METRICS_DIR, Output
+from sdbatch.records import library_versions
+
+log = logging.getLogger("sdbatch")
+SHARDS = "_shards"
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """What an eval call produced."""
+
+    metrics: str  # the metrics folder
+    configs: pd.DataFrame  # the per-configuration table
+    seconds: float  # the whole call
+    extraction_seconds: float = 0.0  # from the first loaded actor to the last shard written
+
+
+def evaluate(
+    output: str,
+    suite: Suite | None = None,
+    *,
+    address: str | None = None,
+    inputs: EvalInputs | None = None,
+) -> EvalSummary:
+    """Compute the suite's metrics for every configuration in `output`; resumable.
+
+    Args:
+        suite: default: the suite the output's job spec names (its `suite:`).
+        address: a Ray cluster address; None joins $RAY_ADDRESS or starts a local instance.
+        inputs: the suite already resolved (`resolve_suite`), when the caller checked it early.
+
+    Raises:
+        InputError: no generated images, no suite, or a bad suite, model or reference; before
+            any work.
+        JobFailed: feature extraction broke; finished shards are kept and a rerun resumes.
+    """
+    began = time.perf_counter()
+    # 1. check every input before anything expensive starts
+    out = Output(output)
+    run = out.read_run()
+    if run is None:
+        raise InputError(f"OUT: {output} holds no sdbatch run (no run.json); generate first")
+    markers = sorted(out.done_units(), key=lambda m: m.unit_id)
+    if not markers or sum(m.images for m in markers) == 0:
+        raise InputError(f"OUT: {output} has no generated images yet")
+    if suite is None:
+        if run.spec.suite is None:
+            raise InputError("suite: required; the job spec of this output names no suite")
+        suite = load_suite(run.spec.suite)
+    inputs = inputs or resolve_suite(suite)
+
+    # 2. plan: the reference (unless cached) and every generated unit without a shard file
+    shard_dir = f"{METRICS_DIR}/{SHARDS}/{inputs.shard_key}"
+    existing = _existing_shards(out, shard_dir)
+    units = [
+        FeatureUnit(
+            unit_id=m.unit_id,
+            files=(f"{out.location}/{m.file}",),
+            destination=f"{out.location}/{shard_dir}/{m.unit_id}.npz",
+            num_images=m.images,
+        )
+        for m in markers
+        if f"{m.unit_id}.npz" not in existing
+    ]
+    reference_units = inputs.reference.missing_units() if inputs.reference else []
+    reference_images = sum(u.num_images for u in inputs.reference.units) if inputs.reference else 0
+    generated = sum(m.images for m in markers)
+    todo = reference_units + units
+    log.info(
+        "evaluating %s: %d images in %d configurations (%s); %d units to extract",
+        out.location, generated, len({m.config_id for m in markers}), ", ".join(suite.metrics),
+        len(todo),
+    )  # fmt: skip
+
+    # 3. extract features on Ray actors: reference shards first, then generated ones
+    results, workers, extraction = {}, [], 0.0
+    if todo:
+        total = generated + reference_images
+        progress = (total, total - sum(u.num_images for u in todo), "evaluating")
+        result = _extract(_setup(inputs, suite, todo), todo, suite, address, progress)
+        results, workers, extraction = result.results, result.workers, result.seconds
+    reference = inputs.reference.statistics() if inputs.reference is not None else None
+
+    # 4. merge every shard's statistics per configuration, and compute the metrics
+    image_columns = tuple(c for m in inputs.image_metrics for c in m.image_columns)
+    gathered = gather(out, shard_dir, markers, results, image_columns, suite.safety)
+    images = gathered.images
+    if excluded := int(images["_excluded"].sum()):
+        log.info("%d images the safety checker flagged are left out of the metrics", excluded)
+    feature_dim = inputs.extractor.dim if inputs.extractor else None
+    table = config_table(run, markers, gathered, reference, feature_dim, suite)
+
+    # 5. write the tables, then metrics.json last: it says the set is complete
+    _write_tables(out, table, images)
+    record = _metrics_record(suite, inputs, reference, images, workers, time.perf_counter() - began)
+    write_metrics_record(out, record)
+    log.info("metrics of %d configurations in %s/%s", len(table), out.location, METRICS_DIR)
+    seconds = time.perf_counter() - began
+    return EvalSummary(f"{out.location}/{METRICS_DIR}", table, seconds, extraction)
+
+
+def compute_reference(suite: Suite, *, address: str | None = None) -> str:
+    """Compute and cache the suite's reference statistics (if not cached yet); returns the file.
+
+    Raises:
+        InputError: the suite has no metric that needs a reference, or a bad reference.
+    """
+    inputs = resolve_suite(suite)
+    if inputs.reference is None:
+        raise InputError("reference: this suite has no FID or KID metric, so no reference")
+    plan = inputs.reference
+    if todo := plan.missing_units():
+        total = sum(u.num_images for u in plan.units)
+        progress = (total, total - sum(u.num_images for u in todo), "reference")
+        _extract(_setup(inputs, suite, todo), todo, suite, address, progress)
+    plan.statistics()
+    return plan.cache or plan.label
+
+
+def _setup(inputs: EvalInputs, suite: Suite, units: list[FeatureUnit]) -> ExtractionSetup:
+    # Reference images have no prompts to score: they need CLIP only as the feature extractor.
+    scoring = any(u.generated for u in units)
+    clip_features = inputs.extractor is not None and inputs.extractor.name == "clip"
+    return ExtractionSetup(
+        clip=inputs.clip if scoring or clip_features else None,
+        extractor=inputs.extractor,
+        batch_size=suite.runtime.batch_size,
+        image_metrics=tuple(m.name for m in inputs.image_metrics),
+    )
+
+
+def _extract(
+    setup: ExtractionSetup,
+    units: list[FeatureUnit],
+    suite: Suite,
+    address: str | None,
+    progress: tuple[int, int, str],
+) -> distribute.RunResult:
+    with distribute.session(address):
+        plan = distribute.plan_actors(suite.runtime.actors)
+        result = distribute.run_units(
+            FeatureWorker, setup, units, plan, progress, suite.runtime.retries
+        )
+    if result.failed:
+        # Metrics over a configuration with missing shards would be silently biased.
+        unit_id, failure = next(iter(result.failed.items()))
+        raise JobFailed(
+            f"{len(result.failed)} unit(s) could not be extracted after "
+            f"{failure.attempts} attempts, first {unit_id}: {failure.error}"
+        )
+    return result
+
+
+def _existing_shards(out: Output, shard_dir: str) -> set[str]:
+    folder = out.path(shard_dir)
+    if not out.fs.exists(folder):
+        return set()
+    return {p.rsplit("/", 1)[-1] for p in out.fs.ls(folder, detail=False) if p.endswith(".npz")}
+
+
+def _write_tables(out: Output, table: pd.DataFrame, images: pd.DataFrame) -> None:
+    per_image = images.drop(columns=[c for c in images.columns if c.startswith("_")])
+    for name, frame in (("configs", table), ("images", per_image)):
+        arrow = pa.Table.from_pandas(frame, preserve_index=False)
+        out.put(
+            f"{METRICS_DIR}/{name}.parquet",
+            lambda tmp, arrow=arrow: pq.write_table(arrow, tmp, filesystem=out.fs),
+        )
+    csv = table.to_csv(index=False).encode()
+    out.put(f"{METRICS_DIR}/configs.csv", lambda tmp: out.fs.pipe_file(tmp, csv))
+
+
+def _metrics_record(
+    suite: Suite,
+    inputs: EvalInputs,
+    reference: ReferenceStats | None,
+    images: pd.DataFrame,
+    workers: list[dict],
+    seconds: float,
+) -> MetricsRecord:
+    truncated = images.get("clip_truncated")
+    return MetricsRecord(
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        suite=suite,
+        clip=inputs.clip,
+        extractor=inputs.extractor,
+        reference=None
+        if reference is None
+        else ReferenceProvenance(
+            source=inputs.reference.label,
+            cache=inputs.reference.cache,
+            sha256=reference.digest,
+            count=reference.count,
+            has_features=reference.features is not None,
+            meta=reference.meta,
+        ),
+        images=len(images),
+        versions={**library_versions(), "torchmetrics": metadata.version("torchmetrics")},
+        workers=tuple(workers),
+        seconds=round(seconds, 3),
+        flagged_images=int(images["nsfw_flagged"].sum()),
+        excluded_images=int(images["_excluded"].sum()),
+        truncated_prompts=int(images.loc[truncated, "prompt_id"].nunique())
+        if truncated is not None
+        else 0,
+        intervals={m.name: m.interval.value for m in suite.chosen_metrics},
+    )

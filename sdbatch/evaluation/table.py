@@ -1,0 +1,65 @@
+"""The per-configuration table (configs.parquet): each configuration's parameters, how many images
+it has and how many count, its cost, and the columns of every metric of the suite."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import pandas as pd
+
+from sdbatch.evaluation.gather import Gathered
+from sdbatch.evaluation.metric import ConfigGroup
+from sdbatch.evaluation.metric_math import FrechetReference
+from sdbatch.evaluation.reference import ReferenceStats
+from sdbatch.evaluation.suite import Suite
+from sdbatch.records import RunRecord, UnitMarker
+
+CONFIG_COLUMNS = ("config_id", "scheduler", "num_inference_steps", "guidance_scale")
+
+
+def config_table(
+    run: RunRecord,
+    markers: list[UnitMarker],
+    gathered: Gathered,
+    reference: ReferenceStats | None,
+    feature_dim: int | None,
+    suite: Suite,
+) -> pd.DataFrame:
+    """One row per configuration with generated images, in the order of the run's sweep."""
+    frechet = FrechetReference(reference.mu, reference.sigma) if reference is not None else None
+    seconds: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for m in markers:
+        seconds[m.config_id] += m.generation_seconds
+        counts[m.config_id] += m.images
+    images = gathered.images
+    rows = []
+    for config in run.configs:
+        config_id = config.config_id
+        generated = images[images["config_id"] == config_id]
+        if generated.empty:
+            continue  # configured but not generated yet
+        counted = generated[~generated["_excluded"]]  # the images the metrics are computed on
+        row: dict[str, Any] = {"config_id": config_id}
+        row.update({c: getattr(config, c) for c in CONFIG_COLUMNS[1:]})
+        row["n_images"] = len(generated)
+        checked = generated["nsfw_flagged"].dropna()
+        # null where no image went through a safety checker, so "none flagged" means checked
+        row["n_flagged"] = int(checked.sum()) if len(checked) else None
+        row["n_excluded"] = len(generated) - len(counted)
+        row["seconds_per_image"] = seconds[config_id] / counts[config_id]
+        group = ConfigGroup(
+            config_id=config_id,
+            images=counted,
+            stats=gathered.stats.get(config_id),
+            reference=reference,
+            frechet=frechet,
+            feature_dim=feature_dim,
+            bootstrap=suite.bootstrap,
+            load_features=lambda counted=counted: gathered.features_of(counted, feature_dim),
+        )
+        for metric in suite.chosen_metrics:
+            row.update(metric.aggregate(group, suite.settings_of(metric)))
+        rows.append(row)
+    return pd.DataFrame(rows).astype({"n_flagged": "Int64"})

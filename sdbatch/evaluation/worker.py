@@ -1,0 +1,95 @@
+"""The feature worker: CLIP and the extractor loaded once, turning shards of images into shard
+files of per-image features and scores, and their sufficient statistics per configuration.
+
+A plain class, so tests run it in-process; distribute.py wraps it, unchanged, in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sdbatch.evaluation.clip import ClipEncoder
+from sdbatch.evaluation.extractors import ExtractorInfo, build_extractor
+from sdbatch.evaluation.images import read_images
+from sdbatch.evaluation.metric import UnitImages
+from sdbatch.evaluation.registry import REGISTRY
+from sdbatch.evaluation.shards import FeatureUnit, shard_stats, write_npz
+from sdbatch.image_rows import KEY_COLUMNS
+from sdbatch.models import ModelSource
+
+
+@dataclass(frozen=True)
+class ExtractionSetup:
+    """What every feature actor loads; plain values, so Ray ships them as they are."""
+
+    clip: ModelSource | None  # None when no metric needs CLIP
+    extractor: ExtractorInfo | None  # None when no metric needs features
+    batch_size: int = 32
+    image_metrics: tuple[str, ...] = ()  # the metrics whose per-image columns it writes
+    threads: int | None = None
+
+
+class FeatureWorker:
+    """Loads CLIP and the extractor once; each `run` turns one unit into one shard file."""
+
+    def __init__(self, setup: ExtractionSetup):
+        import torch
+        import transformers
+
+        if setup.threads:
+            torch.set_num_threads(setup.threads)
+        # Loading bars of every worker would interleave with the driver's own progress bar.
+        transformers.utils.logging.disable_progress_bar()
+        self.setup = setup
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.clip = ClipEncoder(setup.clip, self.device) if setup.clip else None
+        self.extract = None
+        if setup.extractor is not None:
+            self.extract = build_extractor(setup.extractor, self.device, self.clip)
+
+    def describe(self) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
+
+    def run(self, unit: FeatureUnit) -> Iterator[int | dict[str, Any]]:
+        """Extract `unit`, yielding each batch's image count, then its statistics per config."""
+        import torch
+
+        # 1. read and decode the images (and, for generated ones, what made them)
+        images, columns = read_images(unit)
+        # 2. embed and extract, batch by batch
+        embeddings, features = [], []
+        size = self.setup.batch_size
+        with torch.inference_mode():
+            for start in range(0, len(images), size):
+                batch = images[start : start + size]
+                embedded = None
+                if self.clip is not None and unit.generated:
+                    embedded = self.clip.embed_images(batch)
+                    embeddings.append(embedded)
+                if self.extract is not None:
+                    features.append(self.extract(batch, embedded))
+                yield len(batch)
+        # 3. score each generated image, then write the shard and hand back its statistics
+        shard: dict[str, np.ndarray] = {}
+        if features:
+            shard["features"] = np.concatenate(features).astype(np.float32)
+        if unit.generated:
+            scored = UnitImages(
+                images=images,
+                prompts=list(columns["prompt"]),
+                clip=self.clip,
+                image_embeddings=np.concatenate(embeddings) if embeddings else None,
+            )
+            with torch.inference_mode():
+                for name in self.setup.image_metrics:
+                    shard.update(REGISTRY[name].score_images(scored))
+            for name in KEY_COLUMNS:
+                shard[name] = np.asarray(columns[name])
+        write_npz(unit.destination, shard)
+        yield {"unit_id": unit.unit_id, "stats": shard_stats(shard)}

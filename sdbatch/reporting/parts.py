@@ -1,0 +1,21 @@
+"""What a report is made of: sections (sentences and a table) and figures (PNGs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass
+class Section:
+    title: str
+    lines: list[str]  # sentences (Markdown-ish: `code` and **bold** only)
+    table: pd.DataFrame | None = None
+
+
+@dataclass
+class Figure:
+    name: str  # file name, e.g. fid_vs_guidance.png
+    title: str
+    png: bytes

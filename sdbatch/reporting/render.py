@@ -1,0 +1,91 @@
+"""The report's two renderings of the same sections, figures and grids: one self-contained HTML
+page (images inlined as data: URIs, no script, nothing fetched) and Markdown that links the PNGs
+written beside it, for a PR or a wiki."""
+
+from __future__ import annotations
+
+import base64
+import html
+
+import pandas as pd
+
+from sdbatch.reporting.parts import Figure, Section
+from sdbatch.reporting.runs import Run
+
+
+def markdown(
+    runs: list[Run], sections: list[Section], figures: list[Figure], grids: list[Figure]
+) -> str:
+    parts = [f"# sdbatch report: {' vs '.join(run.name for run in runs)}", ""]
+    for section in sections:
+        parts += [f"## {section.title}", ""]
+        parts += [f"- {line}" for line in section.lines]
+        if section.table is not None:
+            parts += ["", _markdown_table(section.table)]
+        parts.append("")
+    parts += ["## Plots", ""] + [f"![{f.title}]({f.name})" for f in figures]
+    parts += ["", "## Images (same seed across configurations)", ""]
+    for grid in grids:
+        parts += [f"**{grid.title}**", "", f"![{grid.title}]({grid.name})", ""]
+    return "\n".join(parts) + "\n"
+
+
+def _markdown_table(table: pd.DataFrame) -> str:
+    cells = lambda row: "| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |"  # noqa: E731
+    lines = [cells(table.columns), "|" + "---|" * len(table.columns)]
+    return "\n".join(lines + [cells(row) for row in table.itertuples(index=False)])
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; font-size: 13px; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+th { background: #f3f3f3; }
+figure { margin: 1em 0; }
+figcaption { font-size: 13px; color: #555; }
+img { max-width: 100%; }
+.grid img { image-rendering: pixelated; }
+"""
+
+
+def page(
+    runs: list[Run], sections: list[Section], figures: list[Figure], grids: list[Figure]
+) -> str:
+    title = f"sdbatch report: {' vs '.join(run.name for run in runs)}"
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        body.append(f"<h2>{html.escape(section.title)}</h2>")
+        if section.lines:
+            items = "".join(f"<li>{_inline(line)}</li>" for line in section.lines)
+            body.append(f"<ul>{items}</ul>")
+        if section.table is not None:
+            body.append(section.table.to_html(index=False, border=0, escape=True))
+    body.append("<h2>Plots</h2>")
+    body += [_figure(f, "plot") for f in figures]
+    body.append("<h2>Images (same seed across configurations)</h2>")
+    body += [_figure(g, "grid") for g in grids]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )
+
+
+def _figure(figure: Figure, kind: str) -> str:
+    data = base64.b64encode(figure.png).decode()
+    caption = html.escape(figure.title)
+    return (
+        f'<figure class="{kind}"><img alt="{caption}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+def _inline(line: str) -> str:
+    """Escape a sentence, then render its `code` and **bold** spans."""
+    text = html.escape(line)
+    for mark, tag in (("**", "strong"), ("`", "code")):
+        pieces = text.split(mark)
+        text = "".join(
+            piece if i % 2 == 0 else f"<{tag}>{piece}</{tag}>" for i, piece in enumerate(pieces)
+        )
+    return text

@@ -1,0 +1,200 @@
+"""The report's words and tables: which configuration is best by each ranked metric and by how much,
+the trade-off's Pareto front, every configuration, two runs side by side, and provenance.
+
+Every metric's label, direction and formatting come from its declaration in the registry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from sdbatch.evaluation.metric import Metric
+from sdbatch.evaluation.registry import REGISTRY, TRADEOFF
+from sdbatch.reporting.parts import Section
+from sdbatch.reporting.runs import PARAMS, Run
+
+
+def sections(runs: list[Run], missing: list[str]) -> list[Section]:
+    """Summaries, the comparison of two runs, every configuration, and provenance."""
+    parts = [_summary(run) for run in runs]
+    if missing:
+        parts[0].lines += missing
+    if len(runs) == 2:
+        parts.append(_comparison(*runs))
+    for run in runs:
+        parts.append(Section(f"All configurations: {run.name}", [], _every_configuration(run)))
+    return parts + [_provenance(run) for run in runs]
+
+
+def pareto_front(configs: pd.DataFrame, objectives: tuple[Metric, ...] = TRADEOFF) -> pd.Series:
+    """True for configurations no other one beats on every objective (each metric's first score,
+    in its direction): by default the FID-CLIP score trade-off."""
+    signs = [1 if m.higher_is_better else -1 for m in objectives]
+    values = np.column_stack(
+        [s * configs[m.scores[0].column].to_numpy() for m, s in zip(objectives, signs, strict=True)]
+    )
+    dominated = [bool(np.any((values >= v).all(axis=1) & (values > v).any(axis=1))) for v in values]
+    return pd.Series(~np.array(dominated), index=configs.index)
+
+
+def label(row: pd.Series) -> str:
+    steps, guidance = row["num_inference_steps"], row["guidance_scale"]
+    return f"{row['scheduler']}, {steps} steps, guidance {guidance:g}"
+
+
+def _ranked() -> list[Metric]:
+    return [m for m in REGISTRY.values() if m.ranked]
+
+
+def _best(ranked: pd.DataFrame, metric: Metric) -> pd.Series:
+    column = ranked[metric.scores[0].column]
+    return ranked.loc[column.idxmax() if metric.higher_is_better else column.idxmin()]
+
+
+def _overlap(a: pd.Series, b: pd.Series, column: str) -> bool | None:
+    low, high = f"{column}_low", f"{column}_high"
+    if any(pd.isna(x.get(k)) for x in (a, b) for k in (low, high)):
+        return None
+    return bool(a[low] <= b[high] and b[low] <= a[high])
+
+
+def _summary(run: Run) -> Section:
+    configs = run.configs
+    lines = []
+    for metric in _ranked():
+        if not run.has_metric(metric):
+            continue
+        score = metric.scores[0]
+        ranked = configs.dropna(subset=[score.column])
+        best = _best(ranked, metric)
+        line = (
+            f"Best by {metric.label}: **{label(best)}** (`{best['config_id']}`), "
+            f"{score.cell(best)}, {best['seconds_per_image']:.3f} s/image."
+        )
+        others = ranked.drop(index=best.name)
+        if len(others):
+            second = _best(others, metric)
+            overlap = _overlap(best, second, score.column)
+            if overlap is not None:
+                verdict = "overlap: not clearly better" if overlap else "do not overlap"
+                line += (
+                    f" Runner-up {label(second)}: {score.cell(second)}; the intervals {verdict}."
+                )
+        lines.append(line)
+    metrics = run.metrics
+    if metrics.flagged_images:
+        policy = metrics.suite.safety
+        where = {"exclude": "excluded from", "include": "included in"}[policy]
+        lines.append(
+            f"The model's safety checker flagged {metrics.flagged_images} of {metrics.images} "
+            f"images (it makes them black); they are **{where}** every metric "
+            f"(suite `safety: {policy}`)."
+        )
+    if all(run.has_metric(m) for m in TRADEOFF) and len(configs) > 1:
+        x, y = TRADEOFF
+        front = configs[pareto_front(configs)].sort_values(
+            y.scores[0].column, ascending=not y.higher_is_better
+        )
+        picks = "; ".join(
+            f"{label(r)} ({y.label} {r[y.scores[0].column]:.2f}, "
+            f"{x.label} {r[x.scores[0].column]:.2f}, {r['seconds_per_image']:.3f} s/image)"
+            for _, r in front.iterrows()
+        )
+        lines.append(
+            f"{y.label}-{x.label} trade-off (Pareto front, no configuration beats these on "
+            f"both): {picks}."
+        )
+    return Section(f"Summary: {run.name}", lines)
+
+
+def _every_configuration(run: Run) -> pd.DataFrame:
+    table = pd.DataFrame(
+        {
+            "configuration": run.configs["config_id"],
+            "scheduler": run.configs["scheduler"],
+            "steps": run.configs["num_inference_steps"],
+            "guidance": run.configs["guidance_scale"].map("{:g}".format),
+            "images": run.configs["n_images"],
+            "s/image": run.configs["seconds_per_image"].map("{:.3f}".format),
+        }
+    )
+    if run.has("n_flagged"):  # the model has a safety checker
+        policy = run.metrics.suite.safety
+        counts = run.configs["n_flagged"].map(lambda n: "n/a" if pd.isna(n) else f"{n:.0f}")
+        table.insert(5, f"flagged ({policy}d)", counts)
+    for metric in REGISTRY.values():
+        for score in metric.scores:
+            if run.has(score.column):
+                table[score.header] = [score.cell(r) for _, r in run.configs.iterrows()]
+    return table
+
+
+def _comparison(a: Run, b: Run) -> Section:
+    joined = a.configs.merge(b.configs, on=PARAMS, suffixes=("_a", "_b"))
+    rows = []
+    for _, r in joined.iterrows():
+        row = {"configuration": label(r)}
+        for metric in _ranked():
+            if not (a.has_metric(metric) and b.has_metric(metric)):
+                continue
+            score, name = metric.scores[0], metric.label
+            ra, rb = _side(r, "_a"), _side(r, "_b")
+            row[f"{name} {a.name}"] = score.cell(ra)
+            row[f"{name} {b.name}"] = score.cell(rb)
+            row[f"{name} diff"] = f"{rb[score.column] - ra[score.column]:+.{score.digits}f}"
+            overlap = _overlap(ra, rb, score.column)
+            row[f"{name} intervals"] = {None: "n/a", True: "overlap", False: "differ"}[overlap]
+        rows.append(row)
+    lines = [
+        f"Differences are {b.name} minus {a.name}, over the {len(joined)} configurations both "
+        "runs have; `differ` means the confidence intervals do not overlap."
+    ]
+    return Section(f"Comparison: {a.name} vs {b.name}", lines, pd.DataFrame(rows))
+
+
+def _side(row: pd.Series, suffix: str) -> pd.Series:
+    """One run's half of a joined row, under the plain column names."""
+    return pd.Series(
+        {
+            k.removesuffix(suffix): v
+            for k, v in row.items()
+            if not k.endswith(("_a", "_b")) or k.endswith(suffix)
+        }
+    )
+
+
+def _provenance(run: Run) -> Section:
+    m, r = run.metrics, run.record
+    clip = m.clip
+    lines = [
+        f"Output `{run.out.location}`; model `{r.model.ref}` ({r.model.identity}), "
+        f"dtype {r.dtype or 'n/a'}, seed {r.spec.seed}, "
+        f"{r.prompts.count} prompts (sha256 {r.prompts.sha256[:16]}).",
+        f"CLIP `{clip.ref if clip else 'n/a'}` ({clip.identity if clip else 'n/a'}); "
+        f"{m.truncated_prompts} prompts longer than CLIP's context were truncated "
+        "(keeping end-of-text).",
+    ]
+    if m.extractor:
+        e = m.extractor
+        lines.append(
+            f"FID features: `{e.name}`, {e.dim}-d, weights {e.weights}, resize `{e.resize}`."
+        )
+    if m.reference:
+        lines.append(
+            f"Reference: `{m.reference.source}`, {m.reference.count} images, statistics "
+            f"{m.reference.sha256}."
+        )
+    if m.intervals:
+        b = m.suite.bootstrap
+        methods = "; ".join(
+            f"{REGISTRY[name].label if name in REGISTRY else name}: {method}"
+            for name, method in m.intervals.items()
+        )
+        lines.append(
+            f"Intervals ({b.confidence:.0%}, {b.samples} bootstrap resamples, seed {b.seed}): "
+            f"{methods}."
+        )
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items()))
+    lines.append(f"Versions: {versions}. Evaluated {m.finished}.")
+    return Section(f"Provenance: {run.name}", lines)
