@@ -13,6 +13,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from sdbatch.evaluation.reference import ReferenceSource
 from sdbatch.evaluation.run import evaluate
 from sdbatch.evaluation.suite import load_suite
 from sdbatch.generation import generate
@@ -31,10 +32,10 @@ def old(tmp_path):
 
 
 def test_an_old_output_reports_from_its_own_metrics(old):
-    path = write_report([str(old / "out")])
-    markdown = (old / "out" / "report" / "report.md").read_text()
-    configs = pd.read_parquet(old / "out" / "metrics" / "configs.parquet")
-    assert path == f"{old / 'out'}/report/index.html"
+    path = write_report([str(old / "output")])
+    markdown = (old / "output" / "report" / "report.md").read_text()
+    configs = pd.read_parquet(old / "output" / "metrics" / "configs.parquet")
+    assert path == f"{old / 'output'}/report/index.html"
     for config_id in configs["config_id"]:
         assert f"| {config_id} |" in markdown
     best = configs.loc[configs["fid"].idxmin()]
@@ -43,7 +44,7 @@ def test_an_old_output_reports_from_its_own_metrics(old):
 
 
 def test_an_old_output_resumes_and_extends(old, ray_address):
-    out = old / "out"
+    out = old / "output"
     markers = {p.name: p.read_bytes() for p in (out / "_units").iterdir()}
     summary = generate(load_spec(old / "job.yaml"), output=str(out), address=ray_address)
     assert summary.new_images == 0 and summary.total_images == 8
@@ -61,10 +62,13 @@ def test_an_old_output_resumes_and_extends(old, ray_address):
 
 
 def test_an_old_output_evaluates_from_its_shards_to_the_same_numbers(old, ray_address):
-    out = old / "out"
+    """With the reference statistics 0.1.0 cached, against the same images: nothing needs
+    extracting, and today's code must turn the old shards into the old numbers."""
+    out = old / "output"
     before = pd.read_parquet(out / "metrics" / "configs.parquet").set_index("config_id")
     shards = {p: p.stat().st_mtime_ns for p in (out / "metrics" / "_shards").rglob("*.npz")}
-    suite = dataclasses.replace(load_suite(old / "suite.yaml"), cache=str(old / "cache"))
+    cached = ReferenceSource(stats=str(old / "reference-statistics.npz"))
+    suite = dataclasses.replace(load_suite(old / "suite.yaml"), reference=cached)
 
     after = evaluate(str(out), suite, address=ray_address).configs.set_index("config_id")
 
