@@ -33,7 +33,7 @@ from sdbatch.evaluation.reference import (
 )
 from sdbatch.evaluation.run import evaluate
 from sdbatch.evaluation.shards import FeatureUnit, read_npz
-from sdbatch.evaluation.suite import parse_suite
+from sdbatch.evaluation.suite import Suite, parse_suite
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
 from sdbatch.models import CLIP, resolve_model
 from sdbatch.toy.world import write_reference
@@ -291,6 +291,26 @@ def test_bad_suites_are_one_line_errors(evaluated_output, change, message):
             suite_data(evaluated_output["reference"], evaluated_output["root"] / "cache", **change)
         )
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"metrics": ["clip_score", "fidd"]},
+        {"fid": {"features": "clip", "weights": "/nonexistent.pth"}},
+        {"reference": None},
+        {"bootstrap": {"confidence": 95}},
+    ],
+)
+def test_a_suite_built_in_python_is_checked_like_yaml(evaluated_output, change, ray_address):
+    """Suite(...) raises what parse_suite raises; a file it names is checked, the same way,
+    when evaluation resolves it, before any work."""
+    data = suite_data(evaluated_output["reference"], evaluated_output["root"] / "cache", **change)
+    with pytest.raises(InputError) as from_yaml:
+        parse_suite(data)
+    with pytest.raises(InputError) as from_python:
+        evaluate(str(evaluated_output["out"]), Suite(**data), address=ray_address)
+    assert str(from_python.value) == str(from_yaml.value)
 
 
 def test_bad_inputs_fail_before_any_work(evaluated_output, tmp_path, ray_address):

@@ -10,7 +10,7 @@ from conftest import REPO, job
 from sdbatch.cli import main
 from sdbatch.errors import InputError
 from sdbatch.schedulers import SCHEDULERS
-from sdbatch.spec import load_spec, parse_spec
+from sdbatch.spec import JobSpec, PromptSource, Sweep, load_spec, parse_spec
 
 
 def test_valid_spec_resolves_paths_and_defaults(tmp_path, prompt_file, spec_file):
@@ -74,6 +74,44 @@ def test_bad_field_is_one_line_naming_it(override, field, message, prompt_file, 
     assert err.startswith(f"sdbatch: error: {field}: "), err
     assert message in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "message"), [b for b in BAD_FIELDS if b[1] != "colour"]
+)
+def test_a_spec_built_in_python_is_checked_like_yaml(override, field, message, prompt_file):
+    """JobSpec(...) with the same data raises the same one-line error as the YAML path (an
+    unknown top-level field is Python's own TypeError instead)."""
+    data = job(prompt_file(), **override)
+    with pytest.raises(InputError) as from_yaml:
+        parse_spec(data)
+    with pytest.raises(InputError) as from_python:
+        JobSpec(**data)
+    assert str(from_python.value) == str(from_yaml.value)
+    assert str(from_python.value).startswith(f"{field}: ")
+
+
+def test_a_spec_built_in_python_equals_the_one_read_from_yaml(prompt_file):
+    data = job(prompt_file(), sweep={"scheduler": "pndm", "guidance_scale": [3, 7.5]})
+    python = JobSpec(
+        name="test",
+        model="builtin:tiny",
+        prompts=PromptSource(str(prompt_file())),
+        sweep=Sweep(
+            scheduler=["pndm"],
+            num_inference_steps=[2],
+            guidance_scale=[3, 7.5],
+            images_per_prompt=2,
+            height=32,
+            width=32,
+        ),
+        seed=7,
+        runtime={"batch_size": 4, "shard_size": 2},
+    )
+    assert python == parse_spec(data)
+    assert python.sweep.guidance_scale == (3.0, 7.5) and python.sweep.scheduler == ("pndm",)
+    with pytest.raises(InputError, match=r"^num_inference_steps\[1\]: must be >= 1, got 0$"):
+        Sweep(num_inference_steps=[2, 0])
 
 
 def test_unknown_scheduler_lists_the_known_ones(prompt_file):
