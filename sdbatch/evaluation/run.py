@@ -162,7 +162,7 @@ def _setup(inputs: EvalInputs, suite: Suite, units: list[FeatureUnit]) -> Extrac
         clip=inputs.clip if scoring or clip_features else None,
         extractor=inputs.extractor,
         batch_size=suite.runtime.batch_size,
-        image_metrics=tuple(m.name for m in inputs.image_metrics),
+        image_metrics=inputs.image_metrics,
     )
 
 

@@ -17,8 +17,7 @@ import numpy as np
 from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.extractors import ExtractorInfo, build_extractor
 from sdbatch.evaluation.images import read_images
-from sdbatch.evaluation.metric import UnitImages
-from sdbatch.evaluation.registry import REGISTRY
+from sdbatch.evaluation.metric import Metric, UnitImages
 from sdbatch.evaluation.shards import FeatureUnit, shard_stats, write_npz
 from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.models import ModelSource
@@ -31,7 +30,7 @@ class ExtractionSetup:
     clip: ModelSource | None  # None when no metric needs CLIP
     extractor: ExtractorInfo | None  # None when no metric needs features
     batch_size: int = 32
-    image_metrics: tuple[str, ...] = ()  # the metrics whose per-image columns it writes
+    image_metrics: tuple[Metric, ...] = ()  # the metrics whose per-image columns it writes
     threads: int | None = None
 
 
@@ -87,8 +86,8 @@ class FeatureWorker:
                 image_embeddings=np.concatenate(embeddings) if embeddings else None,
             )
             with torch.inference_mode():
-                for name in self.setup.image_metrics:
-                    shard.update(REGISTRY[name].score_images(scored))
+                for metric in self.setup.image_metrics:
+                    shard.update(metric.score_images(scored))
             for name in KEY_COLUMNS:
                 shard[name] = np.asarray(columns[name])
         write_npz(unit.destination, shard)
