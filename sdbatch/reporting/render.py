@@ -16,6 +16,7 @@ from sdbatch.reporting.runs import Run
 def markdown(
     runs: list[Run], sections: list[Section], figures: list[Figure], grids: list[Figure]
 ) -> str:
+    """report.md: the sections, then the figures and grids as links to the PNGs beside it."""
     parts = [f"# sdbatch report: {' vs '.join(run.name for run in runs)}", ""]
     for section in sections:
         parts += [f"## {section.title}", ""]
@@ -51,6 +52,7 @@ img { max-width: 100%; }
 def page(
     runs: list[Run], sections: list[Section], figures: list[Figure], grids: list[Figure]
 ) -> str:
+    """index.html: the same, one self-contained file."""
     title = f"sdbatch report: {' vs '.join(run.name for run in runs)}"
     body = [f"<h1>{html.escape(title)}</h1>"]
     for section in sections:
