@@ -4,6 +4,7 @@ and each imports only modules listed below it (so there are no import circles)."
 from __future__ import annotations
 
 import ast
+import functools
 import re
 
 from conftest import REPO
@@ -19,15 +20,17 @@ def listed_modules() -> list[str]:
     return re.findall(r"^    ([a-z_][a-z_.]*) {2,}", block, flags=re.MULTILINE)
 
 
-def modules_in_the_package() -> set[str]:
-    names = set()
-    for path in PACKAGE.rglob("*.py"):
-        if path.name != "__init__.py":
-            names.add(".".join(path.relative_to(PACKAGE).with_suffix("").parts))
-    return names
+@functools.cache
+def modules_in_the_package() -> frozenset[str]:
+    return frozenset(
+        ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "__init__.py"
+    )
 
 
-def imported(module: str) -> set[str]:
+@functools.cache
+def imported(module: str) -> frozenset[str]:
     """The sdbatch modules `module` imports when it runs (not those named only for type hints)."""
     tree = ast.parse((PACKAGE / (module.replace(".", "/") + ".py")).read_text())
     found = set()
@@ -42,7 +45,7 @@ def imported(module: str) -> set[str]:
                 found.add(base)
         elif isinstance(node, ast.Import):
             found.update(a.name.removeprefix("sdbatch.") for a in node.names if a.name != "sdbatch")
-    return {name for name in found if name in modules_in_the_package()}
+    return frozenset(name for name in found if name in modules_in_the_package())
 
 
 def test_every_module_is_in_the_note_once():
