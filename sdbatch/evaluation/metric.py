@@ -147,6 +147,11 @@ class Metric:
     # models already in the key, so a worker computes them whenever those models are loaded.
     shard_token: str | None = None
     settings: str | None = None  # the suite section `aggregate` reads, e.g. "kid"
-    # The report names the best configuration by this metric's first score and plots it against
-    # guidance and steps.
+    # The report names the best configuration by this metric's headline score and plots it
+    # against guidance and steps.
     ranked: bool = False
+
+    @property
+    def headline(self) -> Score:
+        """The score the report ranks, plots and compares configurations by: its first."""
+        return self.scores[0]

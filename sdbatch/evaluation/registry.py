@@ -21,3 +21,8 @@ TRADEOFF = (CLIP_SCORE, FID)
 def metrics_named(names: tuple[str, ...]) -> list[Metric]:
     """The metrics with these names, in the registry's order."""
     return [m for m in REGISTRY.values() if m.name in names]
+
+
+def ranked_metrics() -> list[Metric]:
+    """The metrics the report ranks configurations by and plots, in the registry's order."""
+    return [m for m in REGISTRY.values() if m.ranked]

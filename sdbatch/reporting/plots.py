@@ -8,7 +8,7 @@ import io
 from typing import Any
 
 from sdbatch.evaluation.metric import Metric
-from sdbatch.evaluation.registry import REGISTRY, TRADEOFF
+from sdbatch.evaluation.registry import TRADEOFF, ranked_metrics
 from sdbatch.reporting.parts import Figure
 from sdbatch.reporting.runs import Run
 from sdbatch.reporting.summary import pareto_front
@@ -20,7 +20,7 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
 
     matplotlib.use("Agg")
     figures, missing = [], []
-    for metric in (m for m in REGISTRY.values() if m.ranked):
+    for metric in ranked_metrics():
         if not any(run.has_metric(metric) for run in runs):
             missing.append(f"{metric.label} was not computed for this run, so it has no plots.")
             continue
@@ -44,7 +44,7 @@ def _versus(runs: list[Run], metric: Metric, x: str, x_name: str) -> Figure:
     """`metric` against `x`, one line per (scheduler, the other parameter), intervals as bands."""
     import matplotlib.pyplot as plt
 
-    column = metric.scores[0].column
+    column = metric.headline.column
     other = "num_inference_steps" if x == "guidance_scale" else "guidance_scale"
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     for style, run in zip(("-", "--"), runs, strict=False):
@@ -73,7 +73,7 @@ def _tradeoff(runs: list[Run]) -> Figure:
     import matplotlib.pyplot as plt
 
     x_metric, y_metric = TRADEOFF
-    x, y = x_metric.scores[0].column, y_metric.scores[0].column
+    x, y = x_metric.headline.column, y_metric.headline.column
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     for marker, run in zip(("o", "s"), runs, strict=False):
         if not (run.has(x) and run.has(y)):

@@ -30,7 +30,7 @@ class Run:
         return column in self.configs and self.configs[column].notna().any()
 
     def has_metric(self, metric: Metric) -> bool:
-        return self.has(metric.scores[0].column)
+        return self.has(metric.headline.column)
 
 
 def load_run(location: str) -> Run:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from sdbatch.evaluation.metric import Metric
-from sdbatch.evaluation.registry import REGISTRY, TRADEOFF
+from sdbatch.evaluation.registry import REGISTRY, TRADEOFF, ranked_metrics
 from sdbatch.reporting.parts import Section
 from sdbatch.reporting.runs import PARAMS, Run
 
@@ -28,11 +28,11 @@ def sections(runs: list[Run], missing: list[str]) -> list[Section]:
 
 
 def pareto_front(configs: pd.DataFrame, objectives: tuple[Metric, ...] = TRADEOFF) -> pd.Series:
-    """True for configurations no other one beats on every objective (each metric's first score,
+    """True for configurations no other one beats on every objective (each metric's headline score,
     in its direction): by default the FID-CLIP score trade-off."""
     signs = [1 if m.higher_is_better else -1 for m in objectives]
     values = np.column_stack(
-        [s * configs[m.scores[0].column].to_numpy() for m, s in zip(objectives, signs, strict=True)]
+        [s * configs[m.headline.column].to_numpy() for m, s in zip(objectives, signs, strict=True)]
     )
     dominated = [bool(np.any((values >= v).all(axis=1) & (values > v).any(axis=1))) for v in values]
     return pd.Series(~np.array(dominated), index=configs.index)
@@ -43,12 +43,8 @@ def label(row: pd.Series) -> str:
     return f"{row['scheduler']}, {steps} steps, guidance {guidance:g}"
 
 
-def _ranked() -> list[Metric]:
-    return [m for m in REGISTRY.values() if m.ranked]
-
-
 def _best(ranked: pd.DataFrame, metric: Metric) -> pd.Series:
-    column = ranked[metric.scores[0].column]
+    column = ranked[metric.headline.column]
     return ranked.loc[column.idxmax() if metric.higher_is_better else column.idxmin()]
 
 
@@ -62,10 +58,10 @@ def _overlap(a: pd.Series, b: pd.Series, column: str) -> bool | None:
 def _summary(run: Run) -> Section:
     configs = run.configs
     lines = []
-    for metric in _ranked():
+    for metric in ranked_metrics():
         if not run.has_metric(metric):
             continue
-        score = metric.scores[0]
+        score = metric.headline
         ranked = configs.dropna(subset=[score.column])
         best = _best(ranked, metric)
         line = (
@@ -94,11 +90,11 @@ def _summary(run: Run) -> Section:
     if all(run.has_metric(m) for m in TRADEOFF) and len(configs) > 1:
         x, y = TRADEOFF
         front = configs[pareto_front(configs)].sort_values(
-            y.scores[0].column, ascending=not y.higher_is_better
+            y.headline.column, ascending=not y.higher_is_better
         )
         picks = "; ".join(
-            f"{label(r)} ({y.label} {r[y.scores[0].column]:.2f}, "
-            f"{x.label} {r[x.scores[0].column]:.2f}, {r['seconds_per_image']:.3f} s/image)"
+            f"{label(r)} ({y.label} {r[y.headline.column]:.2f}, "
+            f"{x.label} {r[x.headline.column]:.2f}, {r['seconds_per_image']:.3f} s/image)"
             for _, r in front.iterrows()
         )
         lines.append(
@@ -135,10 +131,10 @@ def _comparison(a: Run, b: Run) -> Section:
     rows = []
     for _, r in joined.iterrows():
         row = {"configuration": label(r)}
-        for metric in _ranked():
+        for metric in ranked_metrics():
             if not (a.has_metric(metric) and b.has_metric(metric)):
                 continue
-            score, name = metric.scores[0], metric.label
+            score, name = metric.headline, metric.label
             ra, rb = _side(r, "_a"), _side(r, "_b")
             row[f"{name} {a.name}"] = score.cell(ra)
             row[f"{name} {b.name}"] = score.cell(rb)
