@@ -10,7 +10,19 @@ class InputError(Exception):
 
 
 class JobFailed(Exception):
-    """Generation started and could not finish; committed work units are kept for a rerun."""
+    """Generation started and could not finish; committed work units are kept for a rerun.
+
+    A worker raises it (or a subclass) for what is no unit's fault, so that the job stops at once
+    instead of retrying and bisecting its units.
+    """
+
+
+class StoreFailed(JobFailed):
+    """The output store refused a write: no space, over quota, no permission, unreachable."""
+
+
+class LeaseLost(JobFailed):
+    """Another driver took the output over; this run must not write to it any more."""
 
 
 def first_line(error: BaseException) -> str:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -134,3 +138,40 @@ def evaluated_output(tmp_path_factory, ray_address):
     suite = parse_suite(suite_data(reference, root / "cache"))
     summary = evaluate(str(out), suite, address=ray_address)
     return {"root": root, "out": out, "reference": reference, "suite": suite, "summary": summary}
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1; yields the environment that reaches it."""
+    pytest.importorskip("s3fs")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "moto_server"),
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # fsspec passes FSSPEC_<PROTOCOL>_<ARG> to the filesystem: here s3fs's endpoint_url.
+        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    deadline = time.time() + 30
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert time.time() < deadline and server.poll() is None, "moto did not start"
+        time.sleep(0.2)
+    yield env
+    server.terminate()
+    server.wait()
