@@ -142,8 +142,8 @@ _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfr
 
 def _key(key: Any) -> str:
     """A field name as the user wrote it, or quoted and cut when it is odd or long."""
-    plain = isinstance(key, str) and len(key) <= 60 and key.isprintable() and key.strip() == key
-    return key if plain and key else shown(key)
+    plain = isinstance(key, str) and 0 < len(key) <= 60 and key.isprintable() and key.strip() == key
+    return key if plain else shown(key)
 
 
 def known(values: tuple[str, ...], allowed: Iterable[str], where: str, what: str) -> None:
@@ -229,25 +229,25 @@ class _BoundedComposer(yaml.composer.Composer):
         return super().compose_document()
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
             self._aliases += 1
-            self._bound(self._aliases <= MAX_YAML_ALIASES, f"has over {MAX_YAML_ALIASES} aliases")
+            _bound(self._aliases <= MAX_YAML_ALIASES, f"has over {MAX_YAML_ALIASES} aliases", mark)
             node = super().compose_node(parent, index)
             # an alias to an anchor still being composed makes a value that contains itself
-            self._bound(id(node) in self._sizes, "has an alias inside its own anchor")
-            self._count(self._sizes[id(node)])
+            _bound(id(node) in self._sizes, "has an alias inside its own anchor", mark)
+            self._count(self._sizes[id(node)], mark)
             return node
         self._depth += 1
-        self._bound(self._depth <= MAX_YAML_DEPTH, f"nests deeper than {MAX_YAML_DEPTH} levels")
-        self._count(1)
+        _bound(self._depth <= MAX_YAML_DEPTH, f"nests deeper than {MAX_YAML_DEPTH} levels", mark)
+        self._count(1, mark)
         node = super().compose_node(parent, index)
         self._depth -= 1
         if isinstance(node, yaml.ScalarNode):
-            self._bound(
+            _bound(
                 node.tag != "tag:yaml.org,2002:int" or len(node.value) <= MAX_YAML_DIGITS,
                 f"has an integer of over {MAX_YAML_DIGITS} digits",
-                node.start_mark,
+                mark,
             )
             children = []
         elif isinstance(node, yaml.MappingNode):
@@ -257,17 +257,18 @@ class _BoundedComposer(yaml.composer.Composer):
         self._sizes[id(node)] = 1 + sum(self._sizes[id(child)] for child in children)
         return node
 
-    def _count(self, nodes: int) -> None:
+    def _count(self, nodes: int, mark: Any) -> None:
         self._nodes += nodes
-        self._bound(
+        _bound(
             self._nodes <= MAX_YAML_NODES,
             f"expands to over {MAX_YAML_NODES:,} values (aliases counted as copies)",
+            mark,
         )
 
-    def _bound(self, condition: bool, problem: str, mark: Any = None) -> None:
-        if not condition:
-            mark = mark or self.peek_event().start_mark
-            raise _TooCostly(problem=problem, problem_mark=mark)
+
+def _bound(condition: bool, problem: str, mark: Any) -> None:
+    if not condition:
+        raise _TooCostly(problem=problem, problem_mark=mark)
 
 
 try:
