@@ -16,7 +16,7 @@ import pytest
 import scipy.linalg
 import torch
 import yaml
-from conftest import LONG_PROMPT, suite_data
+from conftest import LONG_PROMPT, job, suite_data
 from PIL import Image
 
 from sdbatch.builtin import builtin_path
@@ -350,12 +350,30 @@ def test_hostile_suites_are_one_line_errors(case, tmp_path, refused):
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_suite_is_read_within_the_same_yaml_bounds(tmp_path, refused):
+@pytest.mark.parametrize(
+    ("suite", "message"),
+    [
+        ("name: &a [x, *a]\n", "suite: {path} has an alias inside its own anchor (line 1)"),
+        (
+            "metrics: [fid]\nfid: {features: 'module:math:pi'}\nreference: {stats: ref.npz}\n",
+            "fid.features: module:math:pi is a float, not a module class or a function "
+            "returning one",
+        ),
+    ],
+    ids=["yaml-bounds", "extractor"],
+)
+@pytest.mark.parametrize("command", ["reference", "run"])
+def test_a_hostile_suite_is_refused_before_any_work(
+    suite, message, command, tmp_path, prompt_file, spec_file, refused
+):
+    """By `sdbatch reference`, and by `sdbatch run` before it generates anything."""
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(12), sigma=np.eye(12))
     path = tmp_path / "suite.yaml"
-    path.write_text("name: &a [x, *a]\n")
-    assert (
-        refused("reference", path) == f"suite: {path} has an alias inside its own anchor (line 1)"
-    )
+    path.write_text(suite)
+    spec = spec_file(job(prompt_file(), suite="suite.yaml"))
+    args = [path] if command == "reference" else [spec, "--out", tmp_path / "out"]
+    assert refused(command, *args) == message.format(path=path)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
