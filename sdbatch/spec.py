@@ -47,6 +47,7 @@ MAX_GUIDANCE = 100
 # Sides are multiples of 8, the VAE's downsampling; SD 1.5 is trained at 512 px and SDXL at
 # 1,024 px, and 4,096 px is already 64 times the pixels of SD 1.5's images.
 MAX_SIDE = 4096
+# Counts far above any real job's and far below what would stall planning or fill memory.
 MAX_CONFIGURATIONS = 10_000
 MAX_IMAGES_PER_PROMPT = 10_000
 MAX_ACTORS = 1024  # explicit actors; `auto` places one per GPU, however many
@@ -95,7 +96,7 @@ class Sweep:
                 1,
                 MAX_STEPS,
                 f"num_inference_steps[{i}]",
-                "diffusers schedulers train on 1,000 timesteps",
+                f"diffusers schedulers train on {MAX_STEPS:,} timesteps",
             )
         unique(self.guidance_scale, "guidance_scale")
         for i, g in enumerate(self.guidance_scale):
