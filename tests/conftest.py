@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -97,6 +98,42 @@ def spec_file(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def refused(monkeypatch, capsys):
+    """Run the CLI on bad input; returns its error text after checking the promise made for
+    every bad input: exit 2, one short line, in well under 5 s and 200 MB, and Ray never
+    started (starting it fails the command with a traceback and exit 1)."""
+    from importlib import import_module
+
+    from sdbatch import distribute
+    from sdbatch.cli import main
+
+    def ray_started(address):
+        raise AssertionError("bad input reached distribute.session: Ray was started")
+
+    monkeypatch.setattr(distribute, "session", ray_started)
+    # imported up front, so that their time and memory are not counted against the input
+    for module in ("sdbatch.generation", "sdbatch.evaluation.run"):
+        import_module(module)
+
+    def run(*argv) -> str:
+        capsys.readouterr()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        began = time.perf_counter()
+        code = main([str(a) for a in argv])
+        seconds = time.perf_counter() - began
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith("sdbatch: error: ") and err.count("\n") == 1, err
+        assert len(err) < 300, err
+        assert seconds < 5, f"{seconds:.1f} s: {err}"
+        assert grown < 200_000, f"peak memory grew {grown / 1024:.0f} MiB: {err}"
+        return err.removeprefix("sdbatch: error: ").rstrip("\n")
+
+    return run
 
 
 LONG_PROMPT = "a very detailed painting of " + "a tall tree, " * 10  # > 77 byte tokens

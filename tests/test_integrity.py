@@ -82,7 +82,7 @@ def keys(found: list[dict]) -> list[tuple]:
 
 def pictures(images) -> list[tuple]:
     """Each image's key and PNG bytes (timings differ from run to run; pixels never do)."""
-    return [(*key, r["image"]["bytes"]) for key, r in zip(keys(rows(images)), rows(images))]
+    return [(tuple(r[k] for k in KEY), r["image"]["bytes"]) for r in rows(images)]
 
 
 def wait_for(condition, what: str, process: subprocess.Popen | None = None) -> None:
