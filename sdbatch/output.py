@@ -26,6 +26,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import fsspec
 import pandas as pd
@@ -84,10 +85,11 @@ class Output:
         """Write `size` bytes (about one unit's) to a probe under _tmp/ and delete them, so that a
         location that cannot take the work fails before any; raises the OSError. The location is
         left as it was found."""
-        made = None  # the outermost folder the probe creates
+        made = []  # the folders the probe creates, deepest first
         folder = self.path(TMP)
         while folder and not self.fs.exists(folder):
-            made, folder = folder, posixpath.dirname(folder)
+            made.append(folder)
+            folder = posixpath.dirname(folder)
         probe = self.path(TMP, f"{uuid.uuid4().hex}-probe")
         try:
             self.fs.makedirs(self.path(TMP), exist_ok=True)
@@ -96,8 +98,14 @@ class Output:
         finally:
             if self.fs.exists(probe):
                 self.fs.rm(probe)
-            if made is not None and self.fs.exists(made):
-                self.fs.rm(made, recursive=True)
+            # Object stores have no folders to leave behind. Local ones are removed only while
+            # empty: another driver may have started writing into them meanwhile.
+            if "file" in _protocols(self.fs):
+                for folder in made:
+                    try:
+                        Path(folder).rmdir()
+                    except OSError:
+                        break
 
     def read_run(self) -> RunRecord | None:
         """The run record, or None for a location sdbatch has not written to.

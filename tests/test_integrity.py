@@ -377,3 +377,18 @@ def test_a_disk_full_at_start_is_refused_before_work_and_leaves_nothing(
     assert "No space left on device" in err
     assert not out.exists()
     filler.unlink()
+
+
+def test_the_start_up_probe_never_removes_what_another_driver_wrote_meanwhile(
+    tmp_path, monkeypatch
+):
+    out = Output(str(tmp_path / "out"))  # not there yet: the probe makes it
+    write = out.fs.pipe_file
+
+    def another_driver_starts(path, value, **kwargs):
+        write(path, value, **kwargs)
+        (tmp_path / "out" / LEASE).write_bytes(b"{}")  # its lease lands while the probe runs
+
+    monkeypatch.setattr(out.fs, "pipe_file", another_driver_starts)
+    out.check_writable(1000)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LEASE]
