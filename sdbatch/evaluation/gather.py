@@ -63,7 +63,7 @@ def gather(
             excluded = np.zeros(len(flagged), bool)
         unit_stats = (results.get(marker.unit_id) or {}).get("stats")
         if unit_stats is None or excluded.any():
-            unit_stats = shard_stats({k: v[~excluded] for k, v in shard.items()})
+            unit_stats = shard_stats(shard, ~excluded)
         for config_id, s in unit_stats.items():
             per_config.setdefault(config_id, []).append(s)
         frame = pd.DataFrame({k: shard[k] for k in KEY_COLUMNS}).astype(

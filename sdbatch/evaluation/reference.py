@@ -26,7 +26,13 @@ import pyarrow.parquet as pq
 from sdbatch.errors import InputError
 from sdbatch.evaluation.extractors import ExtractorInfo
 from sdbatch.evaluation.metric_math import merge_stats
-from sdbatch.evaluation.shards import FeatureUnit, read_npz, shard_stats, write_npz
+from sdbatch.evaluation.shards import (
+    FeatureUnit,
+    pending_units,
+    read_npz,
+    shard_stats,
+    write_npz,
+)
 from sdbatch.typed_data import conform, require
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -117,12 +123,9 @@ class ReferencePlan:
     meta: dict[str, Any]
 
     def missing_units(self) -> list[FeatureUnit]:
-        """The units whose shard file is not written yet: a crashed extraction resumes."""
-        if not self.units:
-            return []
-        # Every shard sits in one folder; a few hundred images per unit makes one check each cheap.
-        fs, _ = fsspec.core.url_to_fs(self.units[0].destination)
-        return [u for u in self.units if not fs.exists(u.destination)]
+        """The units whose shard is not written yet (a crashed extraction resumes), or is not
+        theirs (see shards.pending_units)."""
+        return pending_units(self.units, ("features",))
 
     def statistics(self) -> ReferenceStats:
         """The statistics: as given or cached, else merged from the extracted shards (every unit

@@ -1,0 +1,142 @@
+"""Evaluation shards that are not their unit's (truncated, empty, random bytes, another unit's
+valid file under the name) are named in one warning line, deleted and extracted again, on a real
+Ray: the numbers are those of an evaluation that never saw them."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import suite_data
+
+from sdbatch.evaluation.inputs import resolve_suite
+from sdbatch.evaluation.run import evaluate
+from sdbatch.evaluation.shards import UNIT_ID, read_npz
+from sdbatch.evaluation.suite import parse_suite
+from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
+from sdbatch.toy.world import write_reference
+
+
+def truncate(shard: Path, other: Path) -> None:
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def empty(shard: Path, other: Path) -> None:
+    shard.write_bytes(b"")
+
+
+def random_bytes(shard: Path, other: Path) -> None:
+    shard.write_bytes(np.random.default_rng(0).bytes(shard.stat().st_size))
+
+
+def drop_features(shard: Path, other: Path) -> None:
+    arrays = read_npz(str(shard))
+    del arrays["features"]
+    np.savez(shard, **arrays)
+
+
+def another_units(shard: Path, other: Path) -> None:
+    shutil.copyfile(other, shard)
+
+
+def another_units_without_its_id(shard: Path, other: Path) -> None:
+    """Another unit's shard as sdbatch 0.1.0 wrote it, before shards named their unit."""
+    arrays = read_npz(str(other))
+    del arrays[UNIT_ID]
+    np.savez(shard, **arrays)
+
+
+# What the one warning line must say, besides the file's name.
+DAMAGES = {
+    truncate: "cannot be read (BadZipFile",
+    empty: "cannot be read (EOFError",
+    random_bytes: "cannot be read (",
+    drop_features: "lacks the arrays features",
+    another_units: "holds unit ",
+    another_units_without_its_id: "holds other images than the unit's (",
+}
+
+
+def comparable(configs: pd.DataFrame) -> pd.DataFrame:
+    return configs.drop(columns="seconds_per_image").set_index("config_id").sort_index()
+
+
+def shard_warnings(caplog) -> list[str]:
+    """What was said about shards (FID warns about small samples here too)."""
+    records = caplog.records
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING and "shard" in r.msg]
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__)
+def test_a_shard_that_is_not_its_units_is_named_and_extracted_again(
+    damage, evaluated_output, tmp_path, ray_address, caplog
+):
+    out = tmp_path / "out"
+    shutil.copytree(evaluated_output["out"], out)
+    shards = sorted((out / "metrics" / "_shards").rglob("*.npz"))
+    mtimes = {p: p.stat().st_mtime_ns for p in shards}
+    # the first unit, and a unit of as many images from another configuration
+    configs = {p: read_npz(str(p))["config_id"] for p in shards}
+    bad = shards[0]
+    other = next(
+        p for p, c in configs.items() if len(c) == len(configs[bad]) and c[0] != configs[bad][0]
+    )
+    damage(bad, other)
+    caplog.set_level(logging.INFO, logger="sdbatch")
+
+    summary = evaluate(str(out), evaluated_output["suite"], address=ray_address)
+
+    (line,) = shard_warnings(caplog)
+    assert str(bad) in line and DAMAGES[damage] in line, line
+    assert "; 1 units to extract" in caplog.text
+    assert read_npz(str(bad))[UNIT_ID] == bad.stem
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in shards if p != bad)
+    expected = comparable(evaluated_output["summary"].configs)
+    pd.testing.assert_frame_equal(comparable(summary.configs), expected, rtol=1e-6)
+
+    # the shard extracted again is trusted by the next run
+    caplog.clear()
+    again = evaluate(str(out), evaluated_output["suite"], address=ray_address)
+    assert not shard_warnings(caplog) and "; 0 units to extract" in caplog.text
+    pd.testing.assert_frame_equal(comparable(again.configs), expected, rtol=1e-6)
+
+
+def test_a_reference_shard_of_another_unit_is_extracted_again(
+    evaluated_output, tmp_path, ray_address, caplog
+):
+    # 1. a reference of three files: three units, extracted here by the plain worker, as an
+    #    evaluation that stopped before it merged them would have left them
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for seed in range(3):
+        write_reference(str(reference / f"part{seed}.parquet"), count=12, size=32, seed=seed)
+    data = suite_data(reference, tmp_path / "cache")
+    inputs = resolve_suite(parse_suite(data))
+    units = inputs.reference.units
+    # the suite's features are CLIP's
+    worker = FeatureWorker(ExtractionSetup(inputs.clip, inputs.extractor, 8, threads=1))
+    for unit in units:
+        list(worker.run(unit))
+    bad = Path(units[1].destination)
+    shutil.copyfile(units[0].destination, bad)
+
+    # 2. an output whose generated shards exist: only the damaged reference unit is left
+    outputs = {}
+    for name in ("damaged", "clean"):
+        outputs[name] = tmp_path / name
+        shutil.copytree(evaluated_output["out"], outputs[name])
+    caplog.set_level(logging.INFO, logger="sdbatch")
+    damaged = evaluate(str(outputs["damaged"]), parse_suite(data), address=ray_address)
+
+    (line,) = shard_warnings(caplog)
+    assert str(bad) in line and f"holds unit {units[0].unit_id}" in line, line
+    assert "; 1 units to extract" in caplog.text
+
+    # 3. the same numbers as a reference computed in one go
+    clean_suite = parse_suite({**data, "cache": str(tmp_path / "clean-cache")})
+    clean = evaluate(str(outputs["clean"]), clean_suite, address=ray_address)
+    pd.testing.assert_frame_equal(comparable(damaged.configs), comparable(clean.configs), rtol=1e-6)
