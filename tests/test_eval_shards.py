@@ -1,21 +1,33 @@
-"""Evaluation shards that are not their unit's (truncated, empty, random bytes, another unit's
-valid file under the name) are named in one warning line, deleted and extracted again, on a real
-Ray: the numbers are those of an evaluation that never saw them."""
+"""Evaluation shards that are not their unit's (truncated, empty, random bytes, missing an array,
+another unit's valid file under the name) are named in one warning line, deleted and extracted
+again, on a real Ray: the numbers are those of an evaluation that never saw them."""
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import suite_data
 
+from sdbatch.errors import JobFailed
 from sdbatch.evaluation.inputs import resolve_suite
 from sdbatch.evaluation.run import evaluate
-from sdbatch.evaluation.shards import UNIT_ID, read_npz
+from sdbatch.evaluation.shards import (
+    UNIT_ID,
+    FeatureUnit,
+    pending_units,
+    read_npz,
+    read_shard,
+    write_npz,
+)
 from sdbatch.evaluation.suite import parse_suite
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
 from sdbatch.toy.world import write_reference
@@ -103,6 +115,31 @@ def test_a_shard_that_is_not_its_units_is_named_and_extracted_again(
     again = evaluate(str(out), evaluated_output["suite"], address=ray_address)
     assert not shard_warnings(caplog) and "; 0 units to extract" in caplog.text
     pd.testing.assert_frame_equal(comparable(again.configs), expected, rtol=1e-6)
+
+
+def test_changed_feature_bytes_are_found_where_they_are_read_and_the_shard_deleted(tmp_path):
+    """Planning reads a shard's keys and its arrays' headers, not the features (the bulk of it):
+    a change inside them fails its checksum when they are read, naming the shard, which is
+    deleted so that the rerun extracts it again."""
+    keys = {
+        "prompt_id": ["000000-0a"] * 64,
+        "sample_index": list(range(64)),
+        "config_id": ["c"] * 64,
+    }
+    pq.write_table(pa.table(keys), tmp_path / "u.parquet")
+    unit = FeatureUnit("u", (str(tmp_path / "u.parquet"),), str(tmp_path / "u.npz"), 64)
+    features = np.random.default_rng(0).normal(size=(64, 512)).astype(np.float32)
+    write_npz(unit.destination, {"features": features, **keys, UNIT_ID: np.asarray("u")})
+    raw = bytearray(Path(unit.destination).read_bytes())
+    with zipfile.ZipFile(unit.destination) as npz:
+        member = npz.getinfo("features.npy")
+    raw[raw.index(b"\x93NUMPY", member.header_offset) + member.file_size - 1] ^= 0xFF
+    Path(unit.destination).write_bytes(raw)
+
+    assert pending_units([unit], ("features",)) == []
+    with pytest.raises(JobFailed, match=f"^shard {re.escape(unit.destination)} is damaged .*CRC"):
+        read_shard(unit.destination)
+    assert pending_units([unit], ("features",)) == [unit]
 
 
 def test_a_reference_shard_of_another_unit_is_extracted_again(

@@ -30,6 +30,7 @@ from sdbatch.evaluation.shards import (
     FeatureUnit,
     pending_units,
     read_npz,
+    read_shard,
     shard_stats,
     write_npz,
 )
@@ -131,7 +132,7 @@ class ReferencePlan:
         """The statistics: as given or cached, else merged from the extracted shards (every unit
         extracted by now), then cached, and the shards dropped."""
         if self.stats is None:
-            shards = [read_npz(u.destination) for u in self.units]
+            shards = [read_shard(u.destination) for u in self.units]
             merged = merge_stats([shard_stats(s)[""] for s in shards])
             self.stats = ReferenceStats(
                 merged.mean(),

@@ -70,7 +70,8 @@ def evaluate(
     Raises:
         InputError: no generated images, no suite, or a bad suite, model or reference; before
             any work.
-        JobFailed: feature extraction broke; finished shards are kept and a rerun resumes.
+        JobFailed: feature extraction broke, or a shard's bytes were damaged (and it was
+            deleted); finished shards are kept and a rerun resumes.
     """
     began = time.perf_counter()
     # 1. check every input before anything expensive starts
@@ -87,7 +88,7 @@ def evaluate(
         suite = load_suite(run.spec.suite)
     inputs = inputs or resolve_suite(suite)
 
-    # 2. plan: the reference (unless cached) and every generated unit without its shard
+    # 2. plan: the reference (unless cached) and every generated unit without a shard of its own
     shard_dir = f"{METRICS_DIR}/{SHARDS}/{inputs.shard_key}"
     image_columns = tuple(c for m in inputs.image_metrics for c in m.image_columns)
     features = ("features",) if inputs.extractor else ()

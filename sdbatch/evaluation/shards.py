@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from sdbatch.errors import JobFailed, first_line
 from sdbatch.evaluation.metric_math import FeatureStats
 from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.publish import publish_beside
@@ -98,7 +100,7 @@ def _shard_problem(fs: Any, path: str, unit: FeatureUnit, arrays: tuple[str, ...
                 if (rows := _rows(shard, name)) != count:
                     return f"holds {rows} rows of {name} for {count} images"
     except Exception as e:  # whatever fails to read is not a shard that was written whole
-        return f"cannot be read ({type(e).__name__}: {e})"
+        return f"cannot be read ({type(e).__name__}: {first_line(e)})"
     return None
 
 
@@ -134,6 +136,19 @@ def read_npz(location: str) -> dict[str, np.ndarray]:
     """Every array of an .npz (no pickles) at any fsspec location."""
     with fsspec.open(location, "rb") as f:
         return dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
+
+
+def read_shard(location: str) -> dict[str, np.ndarray]:
+    """A shard's arrays. Raises JobFailed for bytes that do not match their checksum (which
+    `pending_units` leaves unread), after deleting the file so that a rerun extracts it again."""
+    try:
+        return read_npz(location)
+    except zipfile.BadZipFile as e:
+        fs, path = fsspec.core.url_to_fs(location)
+        fs.rm(path)
+        raise JobFailed(
+            f"shard {location} is damaged ({first_line(e)}): deleted, a rerun extracts it again"
+        ) from None
 
 
 def shard_stats(
