@@ -4,6 +4,7 @@ again, on a real Ray: the numbers are those of an evaluation that never saw them
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -19,7 +20,8 @@ from conftest import suite_data
 
 from sdbatch.errors import JobFailed
 from sdbatch.evaluation.inputs import resolve_suite
-from sdbatch.evaluation.run import evaluate
+from sdbatch.evaluation.reference import ReferenceSource
+from sdbatch.evaluation.run import compute_reference, evaluate
 from sdbatch.evaluation.shards import (
     UNIT_ID,
     FeatureUnit,
@@ -77,10 +79,14 @@ def comparable(configs: pd.DataFrame) -> pd.DataFrame:
     return configs.drop(columns="seconds_per_image").set_index("config_id").sort_index()
 
 
-def shard_warnings(caplog) -> list[str]:
-    """What was said about shards (FID warns about small samples here too)."""
+def fault_warnings(caplog) -> list[str]:
+    """What was said about shards and caches (FID warns about small samples here too)."""
     records = caplog.records
-    return [r.getMessage() for r in records if r.levelno >= logging.WARNING and "shard" in r.msg]
+    return [
+        r.getMessage()
+        for r in records
+        if r.levelno >= logging.WARNING and r.module in ("shards", "reference")
+    ]
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__)
@@ -102,7 +108,7 @@ def test_a_shard_that_is_not_its_units_is_named_and_extracted_again(
 
     summary = evaluate(str(out), evaluated_output["suite"], address=ray_address)
 
-    (line,) = shard_warnings(caplog)
+    (line,) = fault_warnings(caplog)
     assert str(bad) in line and DAMAGES[damage] in line, line
     assert "; 1 units to extract" in caplog.text
     assert read_npz(str(bad))[UNIT_ID] == bad.stem
@@ -113,7 +119,7 @@ def test_a_shard_that_is_not_its_units_is_named_and_extracted_again(
     # the shard extracted again is trusted by the next run
     caplog.clear()
     again = evaluate(str(out), evaluated_output["suite"], address=ray_address)
-    assert not shard_warnings(caplog) and "; 0 units to extract" in caplog.text
+    assert not fault_warnings(caplog) and "; 0 units to extract" in caplog.text
     pd.testing.assert_frame_equal(comparable(again.configs), expected, rtol=1e-6)
 
 
@@ -169,7 +175,7 @@ def test_a_reference_shard_of_another_unit_is_extracted_again(
     caplog.set_level(logging.INFO, logger="sdbatch")
     damaged = evaluate(str(outputs["damaged"]), parse_suite(data), address=ray_address)
 
-    (line,) = shard_warnings(caplog)
+    (line,) = fault_warnings(caplog)
     assert str(bad) in line and f"holds unit {units[0].unit_id}" in line, line
     assert "; 1 units to extract" in caplog.text
 
@@ -177,3 +183,39 @@ def test_a_reference_shard_of_another_unit_is_extracted_again(
     clean_suite = parse_suite({**data, "cache": str(tmp_path / "clean-cache")})
     clean = evaluate(str(outputs["clean"]), clean_suite, address=ray_address)
     pd.testing.assert_frame_equal(comparable(damaged.configs), comparable(clean.configs), rtol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another reference's"])
+def test_a_reference_cache_that_is_not_its_references_is_computed_again(
+    damage, evaluated_output, tmp_path, ray_address, caplog
+):
+    cache = tmp_path / "cache"
+    shutil.copytree(evaluated_output["root"] / "cache", cache)
+    (cached,) = cache.glob("*.npz")
+    if damage == "truncated":
+        truncate(cached, cached)
+    else:
+        other = tmp_path / "other.parquet"
+        write_reference(str(other), count=12, size=32, seed=1)
+        elsewhere = dataclasses.replace(
+            evaluated_output["suite"],
+            reference=ReferenceSource(images=str(other)),
+            cache=str(tmp_path / "other-cache"),
+        )
+        shutil.copyfile(compute_reference(elsewhere, address=ray_address), cached)
+    out = tmp_path / "out"
+    shutil.copytree(evaluated_output["out"], out)
+    suite = dataclasses.replace(evaluated_output["suite"], cache=str(cache))
+    caplog.set_level(logging.INFO, logger="sdbatch")
+
+    summary = evaluate(str(out), suite, address=ray_address)
+
+    (line,) = fault_warnings(caplog)
+    expected = {"truncated": "cannot read", "another reference's": "another dataset_sha256"}
+    assert str(cached) in line and expected[damage] in line, line
+    assert "; 1 units to extract" in caplog.text  # the reference's one row group
+    configs = comparable(evaluated_output["summary"].configs)
+    pd.testing.assert_frame_equal(comparable(summary.configs), configs, rtol=1e-6)
+    caplog.clear()
+    evaluate(str(out), suite, address=ray_address)
+    assert not fault_warnings(caplog) and "; 0 units to extract" in caplog.text
