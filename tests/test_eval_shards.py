@@ -1,6 +1,8 @@
 """Evaluation shards that are not their unit's (truncated, empty, random bytes, missing an array,
-another unit's valid file under the name) are named in one warning line, deleted and extracted
-again, on a real Ray: the numbers are those of an evaluation that never saw them."""
+another unit's valid file under the name), generated or reference, and reference caches that are
+not their reference's, are named in one warning line, deleted and extracted again, on a real Ray:
+the numbers are those of an evaluation that never saw them. Feature bytes changed inside a shard
+fail by name where they are read, and the shard is deleted for the rerun."""
 
 from __future__ import annotations
 
