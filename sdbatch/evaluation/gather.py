@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from sdbatch.evaluation.metric_math import FeatureStats, merge_stats
-from sdbatch.evaluation.shards import read_npz, shard_stats
+from sdbatch.evaluation.shards import read_shard, shard_stats
 from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.output import Output
 from sdbatch.records import UnitMarker
@@ -55,7 +55,7 @@ def gather(
     """
     frames, per_config, features = [], {}, {}
     for marker in markers:
-        shard = read_npz(f"{out.location}/{shard_dir}/{marker.unit_id}.npz")
+        shard = read_shard(f"{out.location}/{shard_dir}/{marker.unit_id}.npz")
         flagged = _flags(out, marker)
         if safety == "exclude":
             excluded = flagged.fillna(False).to_numpy(bool)
@@ -63,7 +63,7 @@ def gather(
             excluded = np.zeros(len(flagged), bool)
         unit_stats = (results.get(marker.unit_id) or {}).get("stats")
         if unit_stats is None or excluded.any():
-            unit_stats = shard_stats({k: v[~excluded] for k, v in shard.items()})
+            unit_stats = shard_stats(shard, ~excluded)
         for config_id, s in unit_stats.items():
             per_config.setdefault(config_id, []).append(s)
         frame = pd.DataFrame({k: shard[k] for k in KEY_COLUMNS}).astype(

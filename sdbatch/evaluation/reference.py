@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,13 +25,21 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from sdbatch.errors import InputError
+from sdbatch.errors import InputError, first_line
 from sdbatch.evaluation.extractors import ExtractorInfo
 from sdbatch.evaluation.metric_math import merge_stats
-from sdbatch.evaluation.shards import FeatureUnit, read_npz, shard_stats, write_npz
+from sdbatch.evaluation.shards import (
+    FeatureUnit,
+    pending_units,
+    read_npz,
+    read_shard,
+    shard_stats,
+    write_npz,
+)
 from sdbatch.spec import MAX_SIDE
 from sdbatch.typed_data import conform, require, within
 
+log = logging.getLogger("sdbatch")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGES_PER_UNIT = 256
 
@@ -92,8 +102,9 @@ def load_stats(location: str, field_name: str = "reference.stats") -> ReferenceS
     """Read a .npz with `mu` and `sigma` (sdbatch's, pytorch-fid's or clean-fid's)."""
     try:
         arrays = read_npz(location)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{field_name}: cannot read {location} as .npz ({e})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = first_line(e)
+        raise InputError(f"{field_name}: cannot read {location} as .npz ({reason})") from None
     if "mu" not in arrays or "sigma" not in arrays:
         raise InputError(f"{field_name}: {location} has no mu and sigma arrays")
     mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
@@ -119,18 +130,15 @@ class ReferencePlan:
     meta: dict[str, Any]
 
     def missing_units(self) -> list[FeatureUnit]:
-        """The units whose shard file is not written yet: a crashed extraction resumes."""
-        if not self.units:
-            return []
-        # Every shard sits in one folder; a few hundred images per unit makes one check each cheap.
-        fs, _ = fsspec.core.url_to_fs(self.units[0].destination)
-        return [u for u in self.units if not fs.exists(u.destination)]
+        """The units whose shard is not written yet (a crashed extraction resumes), or is not
+        theirs (see shards.pending_units)."""
+        return pending_units(self.units, ("features",))
 
     def statistics(self) -> ReferenceStats:
         """The statistics: as given or cached, else merged from the extracted shards (every unit
         extracted by now), then cached, and the shards dropped."""
         if self.stats is None:
-            shards = [read_npz(u.destination) for u in self.units]
+            shards = [read_shard(u.destination) for u in self.units]
             merged = merge_stats([shard_stats(s)[""] for s in shards])
             self.stats = ReferenceStats(
                 merged.mean(),
@@ -193,7 +201,9 @@ def plan_reference(source: ReferenceSource, extractor: ExtractorInfo, cache: str
     }
     cache_fs, cache_file = fsspec.core.url_to_fs(cache_path)
     if cache_fs.exists(cache_file):
-        return ReferencePlan(label, load_stats(cache_path), [], cache_path, meta)
+        if (cached := _read_cache(cache_path, meta, extractor)) is not None:
+            return ReferencePlan(label, cached, [], cache_path, meta)
+        cache_fs.rm(cache_file)
 
     # 3. not cached: plan the extraction, one unit per Parquet row group or per 256 image files
     units = _plan_units(fs, chosen, bool(parquet), source, f"{cache.rstrip('/')}/{name}.shards")
@@ -236,6 +246,27 @@ def _plan_units(
         )
         for i, (unit_files, groups, count) in enumerate(units)
     ]
+
+
+def _read_cache(
+    location: str, meta: dict[str, Any], extractor: ExtractorInfo
+) -> ReferenceStats | None:
+    """The cached statistics, or None for a file that cannot be read or holds the statistics of
+    other images or settings (which is logged in one line)."""
+    try:
+        stats = load_stats(location, "reference cache")
+    except InputError as e:
+        problem = str(e)
+    else:
+        # "dataset" is the path as given; the images behind it are dataset_sha256.
+        other = [k for k in meta if k != "dataset" and stats.meta.get(k) != meta[k]]
+        if stats.dim != extractor.dim:
+            other.append("dimension")
+        if not other:
+            return stats
+        problem = f"reference cache: {location} holds statistics of another {', '.join(other)}"
+    log.warning("%s: deleted, computing the reference statistics again", problem)
+    return None
 
 
 def _check_compatible(stats: ReferenceStats, extractor: ExtractorInfo, location: str) -> None:

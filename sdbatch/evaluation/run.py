@@ -7,10 +7,11 @@ Writes OUT/metrics/:
     images.parquet                 one row per image: its flag and per-image scores, joinable to
                                    the images on (prompt_id, sample_index, config_id)
     metrics.json                   provenance (evaluation.record), written last
-    _shards/KEY/UNIT.npz           per-image features and scores of each generated unit; a rerun
-                                   (after a crash, or once more images exist) extracts only what
-                                   is missing. KEY changes with the CLIP model, the extractor or
-                                   the per-image metrics.
+    _shards/KEY/UNIT.npz           per-image features and scores of each generated unit, with
+                                   its unit id and image keys; a rerun (after a crash, or once
+                                   more images exist) extracts only what is missing or does not
+                                   match its unit. KEY changes with the CLIP model, the extractor
+                                   or the per-image metrics.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sdbatch.evaluation.gather import gather
 from sdbatch.evaluation.inputs import EvalInputs, resolve_suite
 from sdbatch.evaluation.record import MetricsRecord, ReferenceProvenance, write_metrics_record
 from sdbatch.evaluation.reference import ReferenceStats
-from sdbatch.evaluation.shards import FeatureUnit
+from sdbatch.evaluation.shards import FeatureUnit, pending_units
 from sdbatch.evaluation.suite import Suite, load_suite
 from sdbatch.evaluation.table import config_table
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
@@ -70,7 +71,8 @@ def evaluate(
     Raises:
         InputError: no generated images, no suite, or a bad suite, model or reference; before
             any work.
-        JobFailed: feature extraction broke; finished shards are kept and a rerun resumes.
+        JobFailed: feature extraction broke, or a shard's bytes were damaged (and it was
+            deleted); finished shards are kept and a rerun resumes.
     """
     began = time.perf_counter()
     # 1. check every input before anything expensive starts
@@ -92,19 +94,22 @@ def evaluate(
         suite = load_suite(run.spec.suite)
     inputs = inputs or resolve_suite(suite)
 
-    # 2. plan: the reference (unless cached) and every generated unit without a shard file
+    # 2. plan: the reference (unless cached) and every generated unit without a shard of its own
     shard_dir = f"{METRICS_DIR}/{SHARDS}/{inputs.shard_key}"
-    existing = _existing_shards(out, shard_dir)
-    units = [
-        FeatureUnit(
-            unit_id=m.unit_id,
-            files=(f"{out.location}/{m.file}",),
-            destination=f"{out.location}/{shard_dir}/{m.unit_id}.npz",
-            num_images=m.images,
-        )
-        for m in markers
-        if f"{m.unit_id}.npz" not in existing
-    ]
+    image_columns = tuple(c for m in inputs.image_metrics for c in m.image_columns)
+    features = ("features",) if inputs.extractor else ()
+    units = pending_units(
+        [
+            FeatureUnit(
+                unit_id=m.unit_id,
+                files=(f"{out.location}/{m.file}",),
+                destination=f"{out.location}/{shard_dir}/{m.unit_id}.npz",
+                num_images=m.images,
+            )
+            for m in markers
+        ],
+        (*features, *image_columns),
+    )
     reference_units = inputs.reference.missing_units() if inputs.reference else []
     reference_images = sum(u.num_images for u in inputs.reference.units) if inputs.reference else 0
     generated = sum(m.images for m in markers)
@@ -125,7 +130,6 @@ def evaluate(
     reference = inputs.reference.statistics() if inputs.reference is not None else None
 
     # 4. merge every shard's statistics per configuration, and compute the metrics
-    image_columns = tuple(c for m in inputs.image_metrics for c in m.image_columns)
     gathered = gather(out, shard_dir, markers, results, image_columns, suite.safety)
     images = gathered.images
     if excluded := int(images["_excluded"].sum()):
@@ -192,13 +196,6 @@ def _extract(
             f"{failure.attempts} attempts, first {unit_id}: {failure.error}"
         )
     return result
-
-
-def _existing_shards(out: Output, shard_dir: str) -> set[str]:
-    folder = out.path(shard_dir)
-    if not out.fs.exists(folder):
-        return set()
-    return {p.rsplit("/", 1)[-1] for p in out.fs.ls(folder, detail=False) if p.endswith(".npz")}
 
 
 def _write_tables(out: Output, table: pd.DataFrame, images: pd.DataFrame) -> None:

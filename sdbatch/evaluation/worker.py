@@ -18,7 +18,13 @@ from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.extractors import ExtractorInfo, build_extractor
 from sdbatch.evaluation.images import read_images
 from sdbatch.evaluation.metric import Metric, UnitImages
-from sdbatch.evaluation.shards import FeatureUnit, shard_stats, write_npz
+from sdbatch.evaluation.shards import (
+    UNIT_ID,
+    FeatureUnit,
+    reference_keys,
+    shard_stats,
+    write_npz,
+)
 from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.models import ModelSource
 
@@ -74,7 +80,7 @@ class FeatureWorker:
                 if self.extract is not None:
                     features.append(self.extract(batch, embedded))
                 yield len(batch)
-        # 3. score each generated image, then write the shard and hand back its statistics
+        # 3. score each generated image, then write the shard, keyed, and hand back its statistics
         shard: dict[str, np.ndarray] = {}
         if features:
             shard["features"] = np.concatenate(features).astype(np.float32)
@@ -90,5 +96,9 @@ class FeatureWorker:
                     shard.update(metric.score_images(scored))
             for name in KEY_COLUMNS:
                 shard[name] = np.asarray(columns[name])
+        else:
+            shard.update(reference_keys(unit))
+        # What a rerun checks the shard against before it trusts it (shards.pending_units).
+        shard[UNIT_ID] = np.asarray(unit.unit_id)
         write_npz(unit.destination, shard)
         yield {"unit_id": unit.unit_id, "stats": shard_stats(shard)}
