@@ -94,8 +94,8 @@ def held(fs: Any, root: str, force: bool = False) -> Iterator[Holder]:
                     lost.set()
                     return
                 _write(fs, root, _renewed(holder), exclusive=False)
-            except OSError as e:  # a store that is down for a moment: try again next time
-                log.warning("could not renew the lease on %s: %s", root, e)
+            except Exception as e:  # a store that is down for a moment: try again next time
+                log.warning("could not renew the lease on %s: %s", root, first_line(e))
 
     renewer = threading.Thread(target=renew, name="sdbatch-lease", daemon=True)
     renewer.start()
@@ -104,9 +104,16 @@ def held(fs: Any, root: str, force: bool = False) -> Iterator[Holder]:
     finally:
         stop.set()
         renewer.join()
-        current = read_holder(fs, root)
-        if current is not None and current.run_id == holder.run_id:
-            fs.rm(_path(root))
+        try:
+            current = read_holder(fs, root)
+            if current is not None and current.run_id == holder.run_id:
+                fs.rm(_path(root))
+        except Exception as e:  # the store is down: the lease expires by itself
+            log.warning(
+                "could not release the lease on %s (%s); it expires %.0f s after its last renewal",
+                root, first_line(e), STALE_SECONDS,
+            )  # fmt: skip
+            current = holder
     if lost.is_set() or current is None or current.run_id != holder.run_id:
         now = current.describe() if current else "nobody"
         raise LeaseLost(f"another driver took {root} over during this run (now held by {now})")

@@ -24,8 +24,10 @@ import dataclasses
 import hashlib
 import os
 import posixpath
+import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -185,7 +187,8 @@ class Output:
         marker = dataclasses.replace(
             marker, file=file, bytes=len(body), sha256=hashlib.sha256(body).hexdigest()
         )
-        check_holder(self.fs, self.root, run_id)
+        with self._store():
+            check_holder(self.fs, self.root, run_id)
         try:
             self._publish(lambda tmp: self.fs.pipe_file(tmp, body), self.path(file))
             try:
@@ -194,12 +197,14 @@ class Output:
                     self.path(UNITS, f"{marker.unit_id}.json"),
                 )
             except BaseException:
-                self.fs.rm(self.path(file))  # a file without its marker is not done
+                with self._store():
+                    self.fs.rm(self.path(file))  # a file without its marker is not done
                 raise
         except StoreFailed:
             # A driver that took the output over may have cleared it under this write: then
             # that is the cause to report.
-            check_holder(self.fs, self.root, run_id)
+            with self._store():
+                check_holder(self.fs, self.root, run_id)
             raise
         return marker
 
@@ -226,11 +231,20 @@ class Output:
 
     def _publish(self, write: Callable[[str], None], final: str) -> None:
         """Raises: StoreFailed when the store refuses the write (the temporary file is gone)."""
-        try:
+        with self._store():
             self.fs.makedirs(self.path(TMP), exist_ok=True)
             tmp = self.path(TMP, f"{uuid.uuid4().hex}-{_basename(final)}")
             publish(self.fs, write, final, tmp)
-        except OSError as e:
+
+    @contextmanager
+    def _store(self) -> Iterator[None]:
+        """Turn the store's errors in the block into StoreFailed, which stops the job."""
+        # s3fs passes the S3 client's connection errors through untranslated.
+        botocore = sys.modules.get("botocore.exceptions")
+        errors = (OSError, botocore.BotoCoreError) if botocore else (OSError,)
+        try:
+            yield
+        except errors as e:
             raise StoreFailed(
                 f"the output store refused a write to {self.location} ({first_line(e)}); "
                 "free space or fix its quota, permissions or connection, then rerun to resume"

@@ -209,6 +209,14 @@ def s3_server():
                 break
         assert time.time() < deadline and server.poll() is None, "moto did not start"
         time.sleep(0.2)
-    yield env
+    yield S3Server(env, process=server)
     server.terminate()
     server.wait()
+
+
+class S3Server(dict):
+    """The environment that reaches a test's S3 server; `process` is the server itself."""
+
+    def __init__(self, env: dict, process: subprocess.Popen):
+        super().__init__(env)
+        self.process = process

@@ -134,6 +134,30 @@ def test_two_drivers_on_one_s3_output_one_is_refused(tmp_path, s3_server, monkey
     assert len(json.loads(fs.cat("runs/job/run.json"))["history"]) == 1
 
 
+def test_a_bucket_that_becomes_unreachable_stops_the_job_at_once(tmp_path, s3_server, monkeypatch):
+    import fsspec
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    fs = fsspec.filesystem("s3", endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"])
+    fs.mkdir("runs")
+    spec = write_spec(tmp_path)
+    env = {**s3_server, "RAY_ADDRESS": ""}
+    job = driver(0.5, "generate", spec, "--out", "s3://runs/job", env=env)
+    wait_for(lambda: fs.exists("runs/job/_units/") and fs.ls("runs/job/_units/", refresh=True),
+             "a first commit", job)  # fmt: skip
+    s3_server.process.terminate()
+    s3_server.process.wait()
+    gone_since = time.time()
+
+    _, err = job.communicate(timeout=240)
+    assert job.returncode == EXIT_FAILED, err
+    failed = [line for line in err.splitlines() if line.startswith("sdbatch: failed:")]
+    assert len(failed) == 1 and "refused a write to s3://runs/job" in failed[0], err
+    assert "will retry" not in err and "splitting" not in err and "Traceback" not in err
+    assert time.time() - gone_since < 90
+
+
 def test_an_overwrite_racing_a_running_job_leaves_no_row_of_the_old_run(tmp_path, ray_address):
     old_spec = write_spec(tmp_path, "old.yaml", seed=7)
     new_spec = write_spec(tmp_path, "new.yaml", seed=8)
