@@ -198,6 +198,7 @@ def generate(
         workers=tuple(result.workers),
         nsfw_flagged=flagged,
         failed_units=failed,
+        stalled_units=tuple(result.stalled),
     )
     out.write_run(dataclasses.replace(record, history=(*record.history, entry)))
     log.info(
