@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -36,6 +37,14 @@ log = logging.getLogger("sdbatch")
 ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
 # Joining a cluster: ray.init retries an address nobody answers at for about 14 minutes.
 CONNECT_SECONDS = 10
+ASK_CLUSTER_ID = """
+import sys
+from ray._raylet import GcsClient
+try:
+    GcsClient(address=sys.argv[1])
+except Exception as e:
+    print(f"{type(e).__name__}: {e}".splitlines()[0])
+"""
 # A unit whose actor reports nothing (a finished batch, or the unit's result) for STALL_FACTOR
 # times the longest wait for a report seen so far in the job, and at least STALL_MIN_SECONDS
 # (a replacement actor's first batch warms up), is given up on like a failed attempt; a warning
@@ -86,50 +95,41 @@ def _check_cluster(address: str | None) -> None:
     """Raise InputError within seconds when the cluster `address` (or $RAY_ADDRESS, or 'auto')
     names does not answer, or refuses us; ray.init would retry for minutes, then print a
     traceback."""
-    import ray
     from ray._private.services import canonicalize_bootstrap_address
-    from ray._raylet import GcsClient
 
     if "://" in (address or os.environ.get("RAY_ADDRESS", "")):
         return  # Ray Client (ray://): ray.init has its own time limit
+    field = "--address" if address else "RAY_ADDRESS"
     try:
         gcs = canonicalize_bootstrap_address(address)
     except (ConnectionError, ValueError) as e:
-        raise InputError(f"--address: {first_line(e)}") from None
+        raise InputError(f"{field}: {first_line(e)}") from None
     if gcs is None:
         return  # a local instance is started
     host, port = gcs.rsplit(":", 1)
     try:
         socket.create_connection((host.strip("[]"), int(port)), CONNECT_SECONDS).close()
     except OSError as e:
-        raise InputError(f"--address: no Ray cluster at {gcs} ({first_line(e)})") from None
-    # Something listens there: ask it for its cluster id, as ray.init would first.
-    answer: list[Exception | None] = []
-
-    def ask() -> None:
-        try:
-            GcsClient(address=gcs)
-            answer.append(None)
-        except Exception as e:  # the cluster's answer, reported below
-            answer.append(e)
-
-    asking = threading.Thread(target=ask, daemon=True)
-    asking.start()
-    asking.join(CONNECT_SECONDS)
-    if not answer:
+        raise InputError(f"{field}: no Ray cluster at {gcs} ({first_line(e)})") from None
+    # Something listens there: ask it for its cluster id, as ray.init would first. Ray's client
+    # retries for 40 s, logging to the process's stderr: a child process asks, and is cut short.
+    try:
+        asked = subprocess.run(
+            [sys.executable, "-c", ASK_CLUSTER_ID, gcs],
+            capture_output=True, text=True, timeout=CONNECT_SECONDS,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
         raise InputError(
-            f"--address: {gcs} does not answer as a Ray cluster within {CONNECT_SECONDS} s"
-        )
-    # Token authentication is newer than some of the Ray versions sdbatch runs on.
-    if isinstance(answer[0], getattr(ray.exceptions, "AuthenticationError", ())):
+            f"{field}: {gcs} does not answer as a Ray cluster within {CONNECT_SECONDS} s"
+        ) from None
+    answer = asked.stdout.strip()  # the error, if any
+    if answer.startswith("AuthenticationError"):
         raise InputError(
-            f"--address: the Ray cluster at {gcs} requires its authentication token; set "
+            f"{field}: the Ray cluster at {gcs} requires its authentication token; set "
             "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to it"
         )
-    if answer[0] is not None:
-        raise InputError(
-            f"--address: cannot join the Ray cluster at {gcs}: {first_line(answer[0])}"
-        )
+    if answer:
+        raise InputError(f"{field}: cannot join the Ray cluster at {gcs}: {answer}")
 
 
 def plan_actors(actors: int | Literal["auto"]) -> ActorPlan:

@@ -4,6 +4,7 @@ port nobody listens on or a cluster that wants a token."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -128,9 +129,14 @@ def wait_for_units(driver: subprocess.Popen, out: Path, count: int) -> int:
     return done
 
 
-def last_line(stderr: str) -> str:
+def last_line(stderr: str, only_ours: bool = True) -> str:
+    """What the command said last; it printed no traceback and (`only_ours`) nothing but its
+    own lines and progress bar."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert "Traceback" not in stderr, stderr
-    return stderr.replace("\r", "\n").strip().splitlines()[-1]
+    if only_ours:
+        assert all(line.startswith(("sdbatch: ", "generating: ")) for line in lines), stderr
+    return lines[-1]
 
 
 @pytest.mark.parametrize(
@@ -139,6 +145,7 @@ def last_line(stderr: str) -> str:
         (signal.SIGINT, EXIT_INTERRUPTED, "sdbatch: interrupted; "),
         (signal.SIGTERM, EXIT_TERMINATED, "sdbatch: terminated (SIGTERM); "),
     ],
+    ids=["SIGINT", "SIGTERM"],
 )
 def test_a_signal_stops_the_driver_and_a_rerun_completes_the_job(
     sent, code, says, tmp_path, ray_address, caplog
@@ -218,7 +225,8 @@ def test_the_driver_stops_when_its_ray_node_dies(tmp_path, ray_head, ray_address
 
     assert driver.returncode == EXIT_FAILED, stderr
     assert "sdbatch: failed: no live Ray node can take a worker (1 CPU)" in stderr
-    assert last_line(stderr).startswith("sdbatch: finished units are kept")
+    # Ray may forward its own lines about the dead raylet
+    assert last_line(stderr, only_ours=False).startswith("sdbatch: finished units are kept")
     assert took < 45, f"stopped {took:.0f} s after the raylet died"
     # the finished units stay, and a rerun elsewhere completes the job
     kept = len(list((out / "_units").glob("*.json")))
@@ -245,10 +253,27 @@ def test_an_address_nobody_listens_at_fails_in_one_line(tmp_path):
     done, took = run_cli("generate", str(spec), "--out", str(tmp_path / "out"),
                          "--address", f"127.0.0.1:{port}")  # fmt: skip
     assert done.returncode == EXIT_BAD_INPUT, done.stderr
-    assert last_line(done.stderr).startswith(f"sdbatch: error: --address: no Ray cluster at 127.")
-    assert "Connection refused" in done.stderr
+    assert last_line(done.stderr) == (
+        f"sdbatch: error: --address: no Ray cluster at 127.0.0.1:{port} "
+        f"([Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)})"
+    )
     assert not (tmp_path / "out" / "run.json").exists()
     assert took < 30  # the process's imports included; Ray alone would retry for minutes
+
+
+def test_an_address_where_no_ray_answers_fails_within_seconds(tmp_path):
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()  # the kernel accepts; nothing ever answers
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        done, took = run_cli("generate", str(write_job(tmp_path)), "--out", str(tmp_path / "out"),
+                             "--address", address)  # fmt: skip
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr
+    assert last_line(done.stderr) == (
+        f"sdbatch: error: --address: {address} does not answer as a Ray cluster within "
+        f"{distribute.CONNECT_SECONDS} s"
+    )
+    assert took < 30
 
 
 @pytest.mark.slow
