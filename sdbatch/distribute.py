@@ -72,7 +72,12 @@ class ActorPlan:
 @contextmanager
 def session(address: str | None) -> Iterator[None]:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one, for the `with`
-    block; a session already connected (a notebook, a test) is used and left as it was."""
+    block; a session already connected (a notebook, a test) is used and left as it was.
+
+    Raises:
+        InputError: no Ray cluster answers at the address within CONNECT_SECONDS, or it
+            refuses us (a token we lack).
+    """
     import ray
 
     if ray.is_initialized():
@@ -288,15 +293,6 @@ def run_units(
             ready, _ = ray.wait([*loading, *running], num_returns=1, timeout=1.0)
             if bar is not None:
                 bar.update(0)  # keeps elapsed time and ETA moving between batches
-            now = time.monotonic()
-            if loading and now - placement_checked > PLACEMENT_CHECK_SECONDS:
-                placement_checked = now
-                _check_placeable(plan)
-            for ref in _stalled(running, slowest, now):
-                job = running.pop(ref)
-                result.stalled.append(job.unit.unit_id)
-                _replace(job.actor, actors, start_actor)
-                give_back(job.unit, f"stalled: no progress for {now - job.heard:.0f} s")
             for ref in ready:
                 if ref in loading:
                     actor = loading.pop(ref)
@@ -344,6 +340,15 @@ def run_units(
                 else:
                     result.results[unit.unit_id] = item
                     counted.pop(unit.unit_id, None)
+            now = time.monotonic()
+            if loading and now - placement_checked > PLACEMENT_CHECK_SECONDS:
+                placement_checked = now
+                _check_placeable(plan)
+            for ref in _stalled(running, slowest, now):
+                job = running.pop(ref)
+                result.stalled.append(job.unit.unit_id)
+                _replace(job.actor, actors, start_actor)
+                give_back(job.unit, f"stalled: no progress for {now - job.heard:.0f} s")
     finally:
         if bar is not None:
             result.seconds = bar.format_dict["elapsed"]

@@ -74,9 +74,9 @@ def hangs_once(flag: Path) -> type:
 def test_a_worker_that_hangs_is_replaced_and_its_unit_redone(
     tmp_path, ray_address, monkeypatch, caplog
 ):
-    # The job's batches take well under a second here; a floor of minutes would only slow the
-    # test down, and the deadline still comes from the observed waits.
-    monkeypatch.setattr(distribute, "STALL_MIN_SECONDS", 3.0)
+    # The job's batches take well under a second here: a floor of a minute would only slow the
+    # test down.
+    monkeypatch.setattr(distribute, "STALL_MIN_SECONDS", 5.0)
     flag = tmp_path / "hung"
     monkeypatch.setattr("sdbatch.generation.Worker", hangs_once(flag))
     prompts = tmp_path / "prompts.parquet"
