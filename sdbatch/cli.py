@@ -42,8 +42,9 @@ A unit whose worker dies or that raises is retried (runtime.retries times) on
 any worker; one that fails every time is bisected to the prompts at fault,
 which are listed in run.json; the rest completes and the exit status is 3:
 rerun to retry just those. A unit that makes no progress for 10 times the
-longest wait for a batch seen so far (and at least 60 s) is retried the same
-way, on a fresh worker; a warning names it at half that time.
+longest wait for a batch seen so far (and at least 60 s; twice that on each
+later attempt) is retried the same way, on a fresh worker; a warning names it
+at half that time.
 
 A job of more than 100,000 images (prompts x configurations x images per
 prompt) is refused unless --yes confirms it; --dry-run shows its plan anyway.

@@ -48,7 +48,8 @@ except Exception as e:
 # A unit whose actor reports nothing (a finished batch, or the unit's result) for STALL_FACTOR
 # times the longest wait for a report seen so far in the job, and at least STALL_MIN_SECONDS
 # (a replacement actor's first batch warms up), is given up on like a failed attempt; a warning
-# names it at half that. Until the job's first report there is nothing to derive it from.
+# names it at half that, and a unit's deadline doubles each time it is given up on. Until the
+# job's first report there is nothing to derive a deadline from, and none applies.
 STALL_FACTOR = 10
 STALL_MIN_SECONDS = 60.0
 # How often, while a worker waits to be placed, the driver checks that a live node can take it.
@@ -182,14 +183,15 @@ class Failure:
 @dataclass
 class RunResult:
     """Where the actors ran, the seconds from the first one ready to the last unit's end, each
-    unit's result (the last item its `run` yielded) by unit id, and the units that failed every
-    attempt, with their last error."""
+    unit's result (the last item its `run` yielded) by unit id, the units that failed every
+    attempt, with their last error, and a unit's id for each attempt given up on because it
+    made no progress."""
 
     workers: list[dict[str, Any]]
     seconds: float
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
     failed: dict[str, Failure] = dataclasses.field(default_factory=dict)
-    stalled: list[str] = dataclasses.field(default_factory=list)  # a unit id per attempt given up
+    stalled: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -344,7 +346,7 @@ def run_units(
             if loading and now - placement_checked > PLACEMENT_CHECK_SECONDS:
                 placement_checked = now
                 _check_placeable(plan)
-            for ref in _stalled(running, slowest, now):
+            for ref in _stalled(running, slowest, now, result.stalled):
                 job = running.pop(ref)
                 result.stalled.append(job.unit.unit_id)
                 _replace(job.actor, actors, start_actor)
@@ -358,13 +360,20 @@ def run_units(
     return result
 
 
-def _stalled(running: dict[Any, _Running], slowest: float, now: float) -> list[Any]:
-    """The running units past their progress deadline; warns once of each at half of it."""
+def _stalled(
+    running: dict[Any, _Running], slowest: float, now: float, stalled: list[str]
+) -> list[Any]:
+    """The running units past their progress deadline; warns once of each at half of it.
+
+    A unit's deadline doubles each time it was given up on: one far heavier than every unit
+    seen so far (a larger size, many more steps) gets through on a later attempt.
+    """
     if not slowest:
         return []
-    deadline = max(STALL_MIN_SECONDS, STALL_FACTOR * slowest)
     late = []
     for ref, job in running.items():
+        deadline = max(STALL_MIN_SECONDS, STALL_FACTOR * slowest)
+        deadline *= 2 ** stalled.count(job.unit.unit_id)
         quiet = now - job.heard
         if quiet > deadline:
             log.warning(

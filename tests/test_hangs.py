@@ -103,6 +103,33 @@ def test_a_worker_that_hangs_is_replaced_and_its_unit_redone(
     assert took < 90, f"the hang held the job for {took:.0f} s"
 
 
+class SlowAtTarget(Worker):
+    """A worker that takes 7 s over TARGET's batch, every time: slow, not stuck."""
+
+    def _generate(self, unit, prompts, seeds):
+        if any(unit.prompts[p] == TARGET for p in prompts):
+            time.sleep(7)
+        return super()._generate(unit, prompts, seeds)
+
+
+def test_a_unit_slower_than_its_deadline_gets_through_on_a_later_attempt(
+    tmp_path, ray_address, monkeypatch, caplog
+):
+    # A deadline of 5 s, doubled on the unit's second attempt.
+    monkeypatch.setattr(distribute, "STALL_MIN_SECONDS", 5.0)
+    monkeypatch.setattr(distribute, "STALL_FACTOR", 1)
+    monkeypatch.setattr("sdbatch.generation.Worker", SlowAtTarget)
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": PROMPTS}), prompts)
+    spec = parse_spec(job(prompts, sweep=SMALL, runtime=RUNTIME))
+    summary = generate(spec, output=str(tmp_path / "out"), address=ray_address)
+
+    assert re.search(r"is given up on at 10 s", caplog.text), caplog.text
+    assert summary.new_images == 12 and not summary.failed
+    entry = json.loads((tmp_path / "out" / "run.json").read_text())["history"][-1]
+    assert len(entry["stalled_units"]) == 1
+
+
 def write_job(folder: Path, **runtime) -> Path:
     prompts = folder / "prompts.parquet"
     pq.write_table(pa.table({"prompt": MANY}), prompts)
@@ -169,6 +196,7 @@ def test_a_signal_stops_the_driver_and_a_rerun_completes_the_job(
     assert summary.new_images == 24 - 4 * len(kept) and not summary.failed
     got = [tuple(r[k] for k in KEY) for r in rows(out)]
     assert len(got) == len(set(got)) == 24
+    assert not list((out / "_tmp").iterdir())
 
 
 def free_port() -> int:
@@ -276,7 +304,6 @@ def test_an_address_where_no_ray_answers_fails_within_seconds(tmp_path):
     assert took < 30
 
 
-@pytest.mark.slow
 def test_a_cluster_that_wants_a_token_fails_in_one_line(tmp_path, ray_head):
     address, _ = ray_head(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0123456789abcdef" * 2)
     done, took = run_cli("generate", str(write_job(tmp_path)), "--out", str(tmp_path / "out"),
