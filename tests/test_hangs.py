@@ -1,6 +1,7 @@
-"""Hangs and stops injected for real: a worker that deadlocks mid-unit, the driver's Ray node
-losing its raylet, SIGINT and SIGTERM sent to a driver process mid-job, and --address naming a
-port nobody listens on or a cluster that wants a token."""
+"""Hangs and stops injected for real: a worker that deadlocks mid-unit (and one that is only
+slow), the driver's Ray node losing its raylet, SIGINT and SIGTERM sent to a driver process
+mid-job, and --address naming a port nobody listens at, one where nothing answers, or a cluster
+that wants a token."""
 
 from __future__ import annotations
 
@@ -146,14 +147,13 @@ def start_driver(spec: Path, out: Path, address: str, **env: str) -> subprocess.
     )  # fmt: skip
 
 
-def wait_for_units(driver: subprocess.Popen, out: Path, count: int) -> int:
-    """Wait until `count` units are committed; returns how many are."""
+def wait_for_units(driver: subprocess.Popen, out: Path, count: int) -> None:
+    """Wait until the driver has committed `count` units."""
     deadline = time.monotonic() + 240
-    while (done := len(list((out / "_units").glob("*.json")))) < count:
+    while len(list((out / "_units").glob("*.json"))) < count:
         assert driver.poll() is None, driver.communicate()
         assert time.monotonic() < deadline, "no unit was committed in time"
         time.sleep(0.05)
-    return done
 
 
 def last_line(stderr: str, only_ours: bool = True) -> str:
