@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -226,6 +227,7 @@ def ray_head():
     yield start
     for process in ray_processes(temp):
         process.kill()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def ray_processes(temp: str) -> list[psutil.Process]:
