@@ -43,9 +43,11 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.clip                 CLIP in a worker: image and text embeddings
     evaluation.metric_math          pure math: statistics that merge, FID, KID, intervals
     generation                      generate(): spec -> committed image dataset, resumable
+    integrity                       committed units checked against their markers; verify()
     worker                          plain class: loaded pipeline -> PNG rows -> unit commit
     distribute                      Ray: a session, one actor per GPU, units, retries, progress
     output                          the output's layout: run.json, unit commits, markers
+    lease                           one driver per output: the lease, its holder, takeover
     records                         run.json and unit markers, typed
     image_rows                      the image dataset's row and key columns
     prompts                         prompt files -> (prompt_id, prompt, negative_prompt)
@@ -90,6 +92,8 @@ _EXPORTS = {
     "run": "sdbatch.api",
     "RunSummary": "sdbatch.api",
     "convert_prompt_file": "sdbatch.prompts",
+    "verify": "sdbatch.integrity",
+    "VerifyReport": "sdbatch.integrity",
     "InputError": "sdbatch.errors",
     "JobFailed": "sdbatch.errors",
 }

@@ -40,12 +40,13 @@ def run(
     address: str | None = None,
     overwrite: bool = False,
     confirmed: bool = False,
+    force: bool = False,
 ) -> RunSummary:
     """Generate, evaluate and report; resumable like each of them.
 
     Args:
         suite: default: the suite the spec names (its `suite:`).
-        output, address, overwrite, confirmed: as for `generate`.
+        output, address, overwrite, confirmed, force: as for `generate`.
 
     Raises:
         InputError: a bad spec or suite, or none named; checked before generation starts.
@@ -62,7 +63,12 @@ def run(
     inputs = resolve_suite(suite)
     # 2. generate
     generated = generate(
-        spec, output=output, address=address, overwrite=overwrite, confirmed=confirmed
+        spec,
+        output=output,
+        address=address,
+        overwrite=overwrite,
+        confirmed=confirmed,
+        force=force,
     )
     if generated.failed:
         # Metrics of configurations with missing images would be silently biased.

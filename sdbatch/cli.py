@@ -46,6 +46,13 @@ longest wait for a batch seen so far (and at least 60 s; twice that on each
 later attempt) is retried the same way, on a fresh worker; a warning names it
 at half that time.
 
+One driver writes an output at a time: a second is refused, naming the
+first (host, pid); --force takes the output over at once, and a driver that
+stopped renewing its lease for 60 s (or whose process on this machine is
+gone) is taken over by itself. A rerun checks every committed file's size
+against its marker (--verify: its sha256 too) and redoes the units that do not
+match.
+
 A job of more than 100,000 images (prompts x configurations x images per
 prompt) is refused unless --yes confirms it; --dry-run shows its plan anyway.
 
@@ -91,6 +98,18 @@ dataset's hash; statistics are never reused when any of them changed.
 
 example:
   sdbatch reference eval/coco.yaml
+"""
+
+VERIFY_HELP = """\
+Check every committed unit of a generated output against its done marker:
+the file is there, of the recorded size and sha256 (--quick: size only), made
+by this run, and no image is held by two units. Prints what a rerun of
+generate would redo; changes nothing. Exit status 0 when everything matches,
+3 when a rerun has something to redo.
+
+examples:
+  sdbatch verify out/demo
+  sdbatch verify s3://bucket/run1 --quick
 """
 
 REPORT_HELP = """\
@@ -181,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("spec", help="job spec YAML, e.g. jobs/demo.yaml")
     _add_run_options(gen)
     gen.add_argument("--dry-run", action="store_true", help="check inputs and show the plan only")
+    gen.add_argument(
+        "--verify", action="store_true", help="check committed files' sha256, not only sizes"
+    )
     gen.set_defaults(handler=_generate)
 
     prompts = commands.add_parser(
@@ -216,6 +238,16 @@ def _parser() -> argparse.ArgumentParser:
     reference.add_argument("suite", help="evaluation suite YAML, e.g. eval/coco.yaml")
     _add_address(reference)
     reference.set_defaults(handler=_reference)
+
+    check = commands.add_parser(
+        "verify",
+        help="check an output's committed files against their markers",
+        description=VERIFY_HELP,
+        formatter_class=raw,
+    )
+    check.add_argument("output", metavar="OUT", help="a generated output folder or URI")
+    check.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
+    check.set_defaults(handler=_verify)
 
     report = commands.add_parser(
         "report",
@@ -257,6 +289,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--yes", action="store_true", help="confirm a job of more than 100,000 images"
     )
+    parser.add_argument(
+        "--force", action="store_true", help="take the output over from the driver holding it"
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -270,6 +305,8 @@ def _generate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dry_run=args.dry_run,
         confirmed=args.yes,
+        force=args.force,
+        verify=args.verify,
     )
     return _incomplete(summary) if summary.failed else EXIT_OK
 
@@ -324,11 +361,34 @@ def _run(args: argparse.Namespace) -> int:
         address=args.address,
         overwrite=args.overwrite,
         confirmed=args.yes,
+        force=args.force,
     )
     if not summary.complete:
         return _incomplete(summary.generation)
     print(summary.report)
     return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from sdbatch.integrity import verify
+
+    report = verify(args.output, full=not args.quick)
+    checked = "sizes" if args.quick else "sizes and sha256"
+    print(f"{report.output}: {report.units} units, {report.images} images; {checked} checked")
+    if report.holder is not None:
+        print(f"held by {report.holder.describe()}")
+    for problem in report.problems:
+        print(f"redo {problem.describe()}")
+    for file in report.unclaimed_files:
+        print(f"remove {file}: no marker claims it")
+    if report.clean:
+        print("every committed unit matches its marker")
+        return EXIT_OK
+    print(
+        f"a rerun of generate would redo {len(report.problems)} unit(s) and remove "
+        f"{len(report.unclaimed_files)} unclaimed file(s)"
+    )
+    return EXIT_INCOMPLETE
 
 
 def _report(args: argparse.Namespace) -> int:

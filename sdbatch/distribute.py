@@ -138,6 +138,19 @@ def _check_cluster(address: str | None) -> None:
         raise InputError(f"{field}: cannot join the Ray cluster at {gcs}: {answer}")
 
 
+def local_without_gpu(address: str | None) -> bool:
+    """Whether `session(address)` would start a Ray instance on this machine, which has no GPU:
+    known before Ray starts."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return False  # a session of a notebook or a test: its cluster decides
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def plan_actors(actors: int | Literal["auto"]) -> ActorPlan:
     """One actor per GPU when the cluster has GPUs; otherwise `actors` CPU actors (1 for auto)."""
     import ray
@@ -330,6 +343,10 @@ def run_units(
                     continue
                 except ray.exceptions.RayError as e:
                     del running[ref]
+                    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(
+                        e.cause, JobFailed
+                    ):
+                        raise e.cause from None  # no unit's fault: retrying would not help
                     idle.append(actor)
                     give_back(unit, _reason(e))
                     continue

@@ -1,16 +1,42 @@
 """The two kinds of failure a user sees: bad input (exit 2), and a job that broke (exit 1)."""
 
+# An error quotes values from files a user (or anyone) wrote; the message must stay one short
+# line whatever they hold. Values are cut where they are quoted (typed_data.shown); this is the
+# last guard, for a path or a name quoted whole.
+MAX_MESSAGE = 280
+
 
 class InputError(Exception):
     """Bad input: a spec field, a prompt file, a model reference or an argument.
 
     The message is one line that names the field and says what is allowed; it is raised before any
-    model or Ray worker starts, so nothing has been written.
+    model or Ray worker starts, so nothing has been written. A longer message keeps its start (the
+    field) and its end (what is allowed) around a cut.
     """
+
+    def __init__(self, message: str) -> None:
+        text = " ".join(line.strip() for line in str(message).splitlines())
+        if len(text) > MAX_MESSAGE:
+            cut = " [...] "
+            head = MAX_MESSAGE * 2 // 3
+            text = text[:head] + cut + text[len(text) - (MAX_MESSAGE - head - len(cut)) :]
+        super().__init__(text)
 
 
 class JobFailed(Exception):
-    """Generation started and could not finish; committed work units are kept for a rerun."""
+    """Generation started and could not finish; committed work units are kept for a rerun.
+
+    A worker raises it (or a subclass) for what is no unit's fault, so that the job stops at once
+    instead of retrying and bisecting its units.
+    """
+
+
+class StoreFailed(JobFailed):
+    """The output store refused a write: no space, over quota, no permission, unreachable."""
+
+
+class LeaseLost(JobFailed):
+    """Another driver took the output over; this run must not write to it any more."""
 
 
 def first_line(error: BaseException) -> str:

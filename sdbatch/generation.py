@@ -20,6 +20,8 @@ import pandas as pd
 
 from sdbatch import distribute, schedulers
 from sdbatch.errors import InputError, first_line
+from sdbatch.integrity import summarize, unit_problems
+from sdbatch.lease import check_holder, held
 from sdbatch.models import ModelSource, longer_than_context, resolve_model
 from sdbatch.output import Output
 from sdbatch.prompts import PromptSet, load_prompts, prompt_set_digest
@@ -31,7 +33,14 @@ from sdbatch.records import (
     library_versions,
 )
 from sdbatch.spec import JobSpec
-from sdbatch.sweep import Config, configurations, negative_prompts, plan_units, split_unit
+from sdbatch.sweep import (
+    Config,
+    WorkUnit,
+    configurations,
+    negative_prompts,
+    plan_units,
+    split_unit,
+)
 from sdbatch.worker import GenerationSetup, Worker
 
 log = logging.getLogger("sdbatch")
@@ -75,6 +84,8 @@ def generate(
     overwrite: bool = False,
     dry_run: bool = False,
     confirmed: bool = False,
+    force: bool = False,
+    verify: bool = False,
 ) -> GenerateSummary:
     """Generate every image of `spec` that `output` does not hold yet.
 
@@ -84,10 +95,14 @@ def generate(
         overwrite: delete what sdbatch wrote at `output` and start over.
         dry_run: check everything and log the plan, but generate nothing.
         confirmed: allow a job of more than `MAX_UNCONFIRMED_IMAGES` images (--yes).
+        force: take the output over from the driver holding it (see `sdbatch.lease`).
+        verify: check every committed file's sha256, not only its size, before planning.
 
     Raises:
-        InputError: bad spec, prompts, model or output; raised before any model loads.
-        JobFailed: generation broke; finished units are kept and a rerun resumes.
+        InputError: bad spec, prompts, model or output, or the output is held by another driver;
+            raised before any model loads.
+        JobFailed: generation broke, the output store refused a write (StoreFailed), or another
+            driver took the output over (LeaseLost); finished units are kept and a rerun resumes.
     """
     began = time.perf_counter()
     # 1. check every input before anything expensive starts
@@ -101,106 +116,85 @@ def generate(
             f"{len(configs)} configurations x {spec.sweep.images_per_prompt} images), more than "
             f"{MAX_UNCONFIRMED_IMAGES:,}; pass --yes to confirm"
         )
+    if spec.runtime.dtype == "fp16" and distribute.local_without_gpu(address):
+        raise InputError(
+            "runtime.dtype: fp16 needs GPUs and this machine has none; use fp32 or bf16"
+        )
     model = resolve_model(spec.model, spec.model_revision, allow_pickle=spec.model_allow_pickle)
     out = Output(output or spec.output or f"out/{spec.name}")
+    _check_output(out, spec)
     spec = dataclasses.replace(spec, output=out.location)
-    previous = out.read_run()
-    if previous is None and not out.is_empty():
-        raise InputError(
-            f"--out: {out.uri} is not empty and holds no sdbatch run.json; "
-            "choose an empty or new location"
-        )
-    try:
-        out.check_writable()
-    except OSError as e:
-        raise InputError(f"--out: cannot write to {out.uri} ({first_line(e)})") from None
     record = _run_record(spec, prompt_set, configs, model, _count_truncated(prompts, spec, model))
     log.info(
         "job %s: %d prompts x %d configurations x %d images = %d images -> %s",
         spec.name, len(prompts), len(configs), spec.sweep.images_per_prompt, total, out.location,
     )  # fmt: skip
-
-    # 2. reconcile with what the output already holds
-    previous = None if overwrite else previous
-    if previous is not None:
-        _check_same_job(previous, record, out.read_prompts(), prompts, out.uri)
-    if overwrite and not dry_run:
-        out.clear()
-
-    # 3. plan the work units that are not done yet
-    markers = [] if overwrite else out.done_units()
-    done = {(m.config_id, pid) for m in markers for pid in m.prompt_ids}
-    units = plan_units(
-        prompts, configs, spec.sweep.images_per_prompt, spec.seed, spec.runtime.shard_size, done
-    )
-    left = sum(u.num_images for u in units)
-    if markers:
-        log.info("resuming: %d images done, %d left in %d units", total - left, left, len(units))
     if dry_run:
-        for config in configs:
-            todo = sum(u.num_images for u in units if u.config == config)
-            log.info("  %s: %d images left", config.config_id, todo)
-        log.info("dry run: %d images left in %d units; nothing generated", left, len(units))
-    if dry_run or not units:
-        if not units:
-            log.info("nothing to generate")
+        _plan(out, record, prompts, overwrite, verify, dry_run=True)
         return GenerateSummary(out.location, total, 0, time.perf_counter() - began)
-    if not overwrite and (orphans := out.remove_orphans(markers)):
-        log.info("removed %d image files of units that never finished", orphans)
 
-    with distribute.session(address):
-        # 4. plan the actors; the dtype follows the hardware
-        plan = distribute.plan_actors(spec.runtime.actors)
-        dtype = distribute.resolve_dtype(spec.runtime.dtype, plan)
-        if previous is not None and previous.dtype != dtype:
-            raise InputError(
-                f"runtime.dtype: {out.uri} was generated in {previous.dtype}, this run would use "
-                f"{dtype}; set runtime.dtype: {previous.dtype} or choose another --out"
+    with held(out.fs, out.root, force) as holder:
+        previous, units = _plan(out, record, prompts, overwrite, verify, dry_run=False)
+        if not units:
+            return GenerateSummary(out.location, total, 0, time.perf_counter() - began)
+        left = sum(u.num_images for u in units)
+        with distribute.session(address):
+            # 4. plan the actors; the dtype follows the hardware
+            plan = distribute.plan_actors(spec.runtime.actors)
+            dtype = distribute.resolve_dtype(spec.runtime.dtype, plan)
+            if previous is not None and previous.dtype != dtype:
+                raise InputError(
+                    f"runtime.dtype: {out.uri} was generated in {previous.dtype}, this run would "
+                    f"use {dtype}; set runtime.dtype: {previous.dtype} or choose another --out"
+                )
+            log.info(
+                "model %s (%s), %s, %s", model.ref, model.identity[:19], plan.describe(), dtype
             )
-        log.info("model %s (%s), %s, %s", model.ref, model.identity[:19], plan.describe(), dtype)
 
-        # 5. record the run, then generate
-        record = dataclasses.replace(
-            record, dtype=dtype, history=previous.history if previous else ()
-        )
-        out.write_prompts(prompts)
-        out.write_run(record)
-        setup = GenerationSetup(
-            model=model,
-            dtype=dtype,
-            output=out.location,
-            batch_size=spec.runtime.batch_size,
-            png_compress_level=spec.runtime.png_compress_level,
-        )
-        progress = (total, total - left, "generating")
-        result = distribute.run_units(
-            Worker, setup, units, plan, progress, spec.runtime.retries, split_unit
-        )
+            # 5. record the run, then generate
+            record = dataclasses.replace(
+                record, dtype=dtype, history=previous.history if previous else ()
+            )
+            out.write_prompts(prompts)
+            out.write_run(record)
+            setup = GenerationSetup(
+                model=model,
+                dtype=dtype,
+                output=out.location,
+                run_id=holder.run_id,
+                batch_size=spec.runtime.batch_size,
+                png_compress_level=spec.runtime.png_compress_level,
+            )
+            progress = (total, total - left, "generating")
+            result = distribute.run_units(
+                Worker, setup, units, plan, progress, spec.runtime.retries, split_unit
+            )
 
-    # 6. record what this call did, failures included: the run's stats live in run.json
-    failed = tuple(
-        FailedUnit(
-            unit_id=f.unit.unit_id,
-            config_id=f.unit.config.config_id,
-            prompt_ids=f.unit.prompt_ids,
-            images=f.unit.num_images,
-            attempts=f.attempts,
-            error=f.error,
+        # 6. record what this call did, failures included: the run's stats live in run.json
+        failed = tuple(
+            FailedUnit(
+                unit_id=f.unit.unit_id,
+                config_id=f.unit.config.config_id,
+                prompt_ids=f.unit.prompt_ids,
+                images=f.unit.num_images,
+                attempts=f.attempts,
+                error=f.error,
+            )
+            for f in result.failed.values()
         )
-        for f in result.failed.values()
-    )
-    new = left - sum(f.images for f in failed)
-    flagged = sum(marker.nsfw_flagged for marker in result.results.values())
-    entry = HistoryEntry(
-        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        new_images=new,
-        seconds=round(result.seconds, 3),
-        workers=tuple(result.workers),
-        nsfw_flagged=flagged,
-        failed_units=failed,
-        stalled_units=tuple(result.stalled),
-    )
-    out.write_run(dataclasses.replace(record, history=(*record.history, entry)))
+        new = left - sum(f.images for f in failed)
+        flagged = sum(marker.nsfw_flagged for marker in result.results.values())
+        entry = HistoryEntry(
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            new_images=new,
+            seconds=round(result.seconds, 3),
+            workers=tuple(result.workers),
+            nsfw_flagged=flagged,
+            failed_units=failed,
+            stalled_units=tuple(result.stalled),
+        )
+        check_holder(out.fs, out.root, holder.run_id)
+        out.write_run(dataclasses.replace(record, history=(*record.history, entry)))
     log.info(
         "done: %d new images in %.1f s (%.2f images/s); %d of %d images in %s/images",
         new, result.seconds, new / max(result.seconds, 1e-9), total - left + new, total,
@@ -214,6 +208,91 @@ def generate(
         )  # fmt: skip
     seconds = time.perf_counter() - began
     return GenerateSummary(out.location, total, new, seconds, result.seconds, flagged, failed)
+
+
+def _check_output(out: Output, spec: JobSpec) -> None:
+    """Raise InputError unless every worker can share the output, it holds nothing sdbatch did
+    not write (its own leftovers are fine) and it takes one unit's worth of bytes."""
+    out.check_shared()
+    if out.read_run() is None and (foreign := out.foreign_entries()):
+        raise InputError(
+            f"--out: {out.uri} holds files sdbatch did not write ({', '.join(foreign[:3])}) and "
+            "no sdbatch run.json; choose an empty or new location"
+        )
+    unit_bytes = _unit_bytes(spec)
+    try:
+        out.check_writable(unit_bytes)
+    except OSError as e:
+        size = f"{unit_bytes / 1e3:.0f} kB" if unit_bytes < 1e6 else f"{unit_bytes / 1e6:.0f} MB"
+        raise InputError(
+            f"--out: cannot write one unit's worth ({size}) to {out.uri} ({first_line(e)})"
+        ) from None
+
+
+def _plan(
+    out: Output,
+    record: RunRecord,
+    prompts: pd.DataFrame,
+    overwrite: bool,
+    verify: bool,
+    dry_run: bool,
+) -> tuple[RunRecord | None, list[WorkUnit]]:
+    """Steps 2 and 3: the run the output holds (None: a new one) and the units left to do.
+
+    Unless it is a dry run, units that do not match their markers are undone and files of
+    unfinished units removed, so that the plan and the output agree.
+    """
+    spec = record.spec
+    # 2. reconcile with what the output already holds
+    previous = None if overwrite else out.read_run()
+    if previous is not None:
+        _check_same_job(previous, record, out.read_prompts(), prompts, out.uri)
+    if overwrite and not dry_run:
+        out.clear()
+
+    # 3. plan the work units that are not done yet; units that fail their check are redone
+    markers = [] if overwrite else out.done_units()
+    if problems := unit_problems(out, markers, record.identity, full=verify):
+        log.warning(
+            "%s %d unit(s) whose files do not match their markers: %s",
+            "would redo" if dry_run else "redoing", len(problems), summarize(problems),
+        )  # fmt: skip
+        bad = {p.marker.unit_id for p in problems}
+        if not dry_run:
+            out.forget([p.marker for p in problems])
+        markers = [m for m in markers if m.unit_id not in bad]
+    done = {(m.config_id, pid) for m in markers for pid in m.prompt_ids}
+    units = plan_units(
+        prompts,
+        list(record.configs),
+        spec.sweep.images_per_prompt,
+        spec.seed,
+        spec.runtime.shard_size,
+        done,
+        record.identity,
+    )
+    left = sum(u.num_images for u in units)
+    total = len(prompts) * len(record.configs) * spec.sweep.images_per_prompt
+    if markers:
+        log.info("resuming: %d images done, %d left in %d units", total - left, left, len(units))
+    if dry_run:
+        for config in record.configs:
+            todo = sum(u.num_images for u in units if u.config == config)
+            log.info("  %s: %d images left", config.config_id, todo)
+        log.info("dry run: %d images left in %d units; nothing generated", left, len(units))
+    elif not units:
+        log.info("nothing to generate")
+    elif not overwrite and (orphans := out.remove_orphans(markers)):
+        log.info("removed %d image files of units that never finished", orphans)
+    return previous, units
+
+
+def _unit_bytes(spec: JobSpec) -> int:
+    """About what one unit's Parquet file takes (PNGs of SD images run near 1.5 bytes a pixel),
+    up to 64 MB: what the start-up probe writes."""
+    sweep = spec.sweep
+    pixels = sweep.height * sweep.width * sweep.images_per_prompt * spec.runtime.shard_size
+    return min(int(pixels * 1.5), 64 << 20)
 
 
 def _count_truncated(prompts: pd.DataFrame, spec: JobSpec, model: ModelSource) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,8 @@ def resolve_model(
         folder = builtin_path(ref.removeprefix(PREFIX), kind.field)
         return ModelSource(ref, str(folder), None, folder_digest(folder))
     folder = Path(ref).expanduser()
-    if folder.is_dir():
+    # os.path.isdir, unlike Path.is_dir, says False for a name too long for the file system
+    if os.path.isdir(folder):  # noqa: PTH112
         if not (folder / kind.marker).is_file():
             raise InputError(
                 f"{kind.field}: {ref} is not {kind.description} folder (no {kind.marker})"

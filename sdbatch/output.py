@@ -6,18 +6,23 @@ Layout of an output location (a local folder or any fsspec URI such as s3://buck
                           Hugging Face `datasets` read the folder as one table
     run.json              the resolved spec, library versions and the model's identity
     prompts.parquet       the prompt set the run used
-    _units/UNIT.json      done markers: a unit is done only once its marker exists
+    _units/UNIT.json      done markers: a unit is done only once its marker exists; each holds
+                          its file's size and sha256, and the identity of the run that made it
     _tmp/                 files being written; readers never look here
+    _lease.json           the driver that holds the output (see sdbatch.lease)
     metrics/              the evaluation stage's tables (see sdbatch.evaluation)
 
-A unit commits in three steps: write under _tmp/, move into images/, then write its marker. A crash
-at any point leaves either nothing visible or a complete file; files without a marker are removed
-before the next run plans its work, so no row is ever duplicated.
+A unit commits in three steps: write under _tmp/, move into images/, then write its marker, each
+only while the unit's run holds the lease. A crash at any point leaves either nothing visible or a
+complete file; files without a marker are removed before the next run plans its work, so no row is
+ever duplicated. A store that refuses a write raises StoreFailed, which stops the job.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import posixpath
 import uuid
 from collections.abc import Callable
@@ -27,7 +32,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdbatch.errors import InputError
+from sdbatch.errors import InputError, StoreFailed, first_line
+from sdbatch.lease import LEASE, check_holder
 from sdbatch.publish import publish
 from sdbatch.records import RunRecord, UnitMarker
 
@@ -37,7 +43,9 @@ TMP = "_tmp"
 RUN = "run.json"
 PROMPTS = "prompts.parquet"
 METRICS_DIR = "metrics"
-OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS, METRICS_DIR)
+OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS, METRICS_DIR, LEASE)
+# Stores private to one process: workers would write where the driver never looks.
+NOT_SHARED = ("memory",)
 ROWS_PER_ROW_GROUP = 64  # ~25 MB of 512x512 PNGs: small enough for readers to stream
 
 
@@ -48,20 +56,34 @@ class Output:
         self.uri = uri
         self.fs, self.root = fsspec.core.url_to_fs(uri)
 
+    def check_shared(self) -> None:
+        """Raises: InputError for a store that worker processes cannot share."""
+        private = set(NOT_SHARED) & set(_protocols(self.fs))
+        if private:
+            raise InputError(
+                f"--out: {self.uri} is in {private.pop()}:// storage, which each process has its "
+                "own copy of, so workers' images would be lost; use a folder or shared storage"
+            )
+
     @property
     def location(self) -> str:
         """The same place from every process: an absolute path, or the URI of remote storage."""
-        return self.root if "file" in self.fs.protocol else self.fs.unstrip_protocol(self.root)
+        return self.root if "file" in _protocols(self.fs) else self.fs.unstrip_protocol(self.root)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
-    def is_empty(self) -> bool:
-        return not self.fs.exists(self.root) or not self.fs.ls(self.root)
+    def foreign_entries(self) -> list[str]:
+        """Names at the location that sdbatch did not write (an output holds none)."""
+        if not self.fs.exists(self.root):
+            return []
+        names = [_basename(p) for p in self.fs.ls(self.root, detail=False)]
+        return sorted(name for name in names if name not in OWNED)
 
-    def check_writable(self) -> None:
-        """Write and delete a probe file under _tmp/, so that a location nothing can be written to
-        fails before any work; raises the OSError. The location is left as it was found."""
+    def check_writable(self, size: int) -> None:
+        """Write `size` bytes (about one unit's) to a probe under _tmp/ and delete them, so that a
+        location that cannot take the work fails before any; raises the OSError. The location is
+        left as it was found."""
         made = None  # the outermost folder the probe creates
         folder = self.path(TMP)
         while folder and not self.fs.exists(folder):
@@ -69,9 +91,11 @@ class Output:
         probe = self.path(TMP, f"{uuid.uuid4().hex}-probe")
         try:
             self.fs.makedirs(self.path(TMP), exist_ok=True)
-            self.fs.pipe_file(probe, b"")
-            self.fs.rm(probe)
+            # random, so that a compressing filesystem stores all of it
+            self.fs.pipe_file(probe, os.urandom(size))
         finally:
+            if self.fs.exists(probe):
+                self.fs.rm(probe)
             if made is not None and self.fs.exists(made):
                 self.fs.rm(made, recursive=True)
 
@@ -130,35 +154,83 @@ class Output:
         return len(orphans)
 
     def clear(self) -> None:
-        """Remove everything sdbatch wrote here (for --overwrite); nothing else is touched."""
+        """Remove everything sdbatch wrote here (for --overwrite) but the lease of the run that
+        clears it; nothing else is touched."""
         for name in OWNED:
+            if name == LEASE:
+                continue
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name), recursive=True)
 
-    def commit_unit(self, table: pa.Table, marker: UnitMarker) -> UnitMarker:
-        """Publish a unit's images, then mark it done (the marker is the commit); returns the
-        marker with its file."""
+    def commit_unit(self, table: pa.Table, marker: UnitMarker, run_id: str) -> UnitMarker:
+        """Publish a unit's images, then mark it done (the marker is the commit), if run `run_id`
+        still holds the output; returns the marker with its file's name, size and sha256.
+
+        Raises:
+            LeaseLost: another run holds the output now; nothing of this unit was written.
+            StoreFailed: the store refused a write; nothing of this unit stays.
+        """
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, row_group_size=ROWS_PER_ROW_GROUP)
+        body = buffer.getvalue().to_pybytes()
         file = f"{IMAGES}/{marker.unit_id}.parquet"
-        self._publish(
-            lambda tmp: pq.write_table(
-                table, tmp, filesystem=self.fs, row_group_size=ROWS_PER_ROW_GROUP
-            ),
-            self.path(file),
+        marker = dataclasses.replace(
+            marker, file=file, bytes=len(body), sha256=hashlib.sha256(body).hexdigest()
         )
-        marker = dataclasses.replace(marker, file=file)
-        body = marker.to_json()
-        self._publish(
-            lambda tmp: self.fs.pipe_file(tmp, body), self.path(UNITS, f"{marker.unit_id}.json")
-        )
+        check_holder(self.fs, self.root, run_id)
+        try:
+            self._publish(lambda tmp: self.fs.pipe_file(tmp, body), self.path(file))
+            try:
+                self._publish(
+                    lambda tmp: self.fs.pipe_file(tmp, marker.to_json()),
+                    self.path(UNITS, f"{marker.unit_id}.json"),
+                )
+            except BaseException:
+                self.fs.rm(self.path(file))  # a file without its marker is not done
+                raise
+        except StoreFailed:
+            # A driver that took the output over may have cleared it under this write: then
+            # that is the cause to report.
+            check_holder(self.fs, self.root, run_id)
+            raise
         return marker
+
+    def image_sizes(self) -> dict[str, int]:
+        """The size in bytes of every file in images/, by its path relative to the output."""
+        folder = self.path(IMAGES)
+        if not self.fs.exists(folder):
+            return {}
+        return {
+            f"{IMAGES}/{_basename(entry['name'])}": entry["size"]
+            for entry in self.fs.ls(folder, detail=True)
+        }
+
+    def forget(self, markers: list[UnitMarker]) -> None:
+        """Undo these units' commits, so that the next plan redoes them: the marker goes first."""
+        for marker in markers:
+            self.fs.rm(self.path(UNITS, f"{marker.unit_id}.json"))
+            if marker.file and self.fs.exists(self.path(marker.file)):
+                self.fs.rm(self.path(marker.file))
 
     def put(self, relative: str, write: Callable[[str], None]) -> None:
         """Publish the file at `relative` (e.g. metrics/configs.csv) that `write(path)` writes."""
         self._publish(write, self.path(relative))
 
     def _publish(self, write: Callable[[str], None], final: str) -> None:
-        self.fs.makedirs(self.path(TMP), exist_ok=True)
-        publish(self.fs, write, final, self.path(TMP, f"{uuid.uuid4().hex}-{_basename(final)}"))
+        """Raises: StoreFailed when the store refuses the write (the temporary file is gone)."""
+        try:
+            self.fs.makedirs(self.path(TMP), exist_ok=True)
+            tmp = self.path(TMP, f"{uuid.uuid4().hex}-{_basename(final)}")
+            publish(self.fs, write, final, tmp)
+        except OSError as e:
+            raise StoreFailed(
+                f"the output store refused a write to {self.location} ({first_line(e)}); "
+                "free space or fix its quota, permissions or connection, then rerun to resume"
+            ) from e
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def _basename(path: str) -> str:

@@ -5,6 +5,7 @@ a file was first written have defaults, so older outputs still read."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from importlib import metadata
@@ -73,6 +74,18 @@ class RunRecord:
     history: tuple[HistoryEntry, ...] = ()
     format: int = FORMAT
 
+    @property
+    def identity(self) -> str:
+        """What fixes every image's pixels besides its configuration (model, seed, sizes, images
+        per prompt), hashed: unit file names and markers carry it, so that nothing made under
+        another identity is ever taken for this run's work."""
+        fixed = {
+            "model": self.model.identity,
+            "seed": self.spec.seed,
+            "images_per_prompt": self.spec.sweep.images_per_prompt,
+        }
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:12]
+
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
         # Each configuration is stored with its id, which readers look configurations up by.
@@ -103,6 +116,10 @@ class UnitMarker:
     generation_seconds: float  # summed over its images
     nsfw_flagged: int = 0  # images the model's safety checker flagged
     file: str = ""  # its Parquet file under the output (set when the unit commits)
+    # What a rerun and eval check the file against (0 and "" in outputs of sdbatch 0.1).
+    bytes: int = 0
+    sha256: str = ""
+    run: str = ""  # the identity of the run that made it (RunRecord.identity)
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()

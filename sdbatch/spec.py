@@ -9,23 +9,51 @@ Example:
     >>> spec = load_spec("jobs/demo.yaml")
     >>> spec.sweep.scheduler
     ('euler', 'ddim')
-    >>> Sweep(num_inference_steps=[20, 0])
+    >>> Sweep(guidance_scale=[7.5, 750])
     Traceback (most recent call last):
     ...
-    sdbatch.errors.InputError: num_inference_steps[1]: must be >= 1, got 0
+    sdbatch.errors.InputError: guidance_scale[1]: must be between 0 and 100, got 750.0
+
+Numbers are bounded by what a model can do, and counts by what a job can hold, so a typo (an
+extra zero, 1e30) is refused here rather than found by every worker, or never.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from sdbatch.schedulers import SCHEDULERS
-from sdbatch.typed_data import conform, from_data, known, read_yaml, relative_to, require, unique
+from sdbatch.typed_data import (
+    conform,
+    file_name,
+    from_data,
+    known,
+    read_yaml,
+    relative_to,
+    require,
+    shown,
+    unique,
+    within,
+)
 
 MAX_SEED = 2**63 - 1
+# diffusers' schedulers are trained on 1,000 timesteps (num_train_timesteps) and some (DDIM)
+# refuse more inference steps than that.
+MAX_STEPS = 1000
+# Far past useful (SD is run at 1-20): a larger one only saturates every image.
+MAX_GUIDANCE = 100
+# Sides are multiples of 8, the VAE's downsampling; SD 1.5 is trained at 512 px and SDXL at
+# 1,024 px, and 4,096 px is already 64 times the pixels of SD 1.5's images.
+MAX_SIDE = 4096
+# Counts far above any real job's and far below what would stall planning or fill memory.
+MAX_CONFIGURATIONS = 10_000
+MAX_IMAGES_PER_PROMPT = 10_000
+MAX_ACTORS = 1024  # explicit actors; `auto` places one per GPU, however many
+MAX_BATCH_SIZE = 1024
+MAX_SHARD_SIZE = 10_000
+MAX_RETRIES = 10
 
 
 @dataclass(frozen=True)
@@ -63,21 +91,30 @@ class Sweep:
         known(self.scheduler, SCHEDULERS, "scheduler", "scheduler")
         unique(self.num_inference_steps, "num_inference_steps")
         for i, steps in enumerate(self.num_inference_steps):
-            require(steps >= 1, f"num_inference_steps[{i}]", f"must be >= 1, got {steps}")
+            within(
+                steps,
+                1,
+                MAX_STEPS,
+                f"num_inference_steps[{i}]",
+                f"diffusers schedulers train on {MAX_STEPS:,} timesteps",
+            )
         unique(self.guidance_scale, "guidance_scale")
         for i, g in enumerate(self.guidance_scale):
-            require(
-                math.isfinite(g) and g >= 0,
-                f"guidance_scale[{i}]",
-                f"must be a finite number >= 0, got {g}",
-            )
-        require(self.images_per_prompt >= 1, "images_per_prompt", "must be >= 1")
+            within(g, 0, MAX_GUIDANCE, f"guidance_scale[{i}]")
+        count = len(self.scheduler) * len(self.num_inference_steps) * len(self.guidance_scale)
+        require(
+            count <= MAX_CONFIGURATIONS,
+            "scheduler x num_inference_steps x guidance_scale",
+            f"{count:,} configurations; at most {MAX_CONFIGURATIONS:,}",
+        )
+        within(self.images_per_prompt, 1, MAX_IMAGES_PER_PROMPT, "images_per_prompt")
         for side in ("height", "width"):
             size = getattr(self, side)
             require(
-                size >= 8 and size % 8 == 0,
+                8 <= size <= MAX_SIDE and size % 8 == 0,
                 side,
-                f"must be a positive multiple of 8 (the VAE's downsampling), got {size}",
+                f"must be a multiple of 8 (the VAE's downsampling) from 8 to {MAX_SIDE:,}, "
+                f"got {shown(size)}",
             )
 
 
@@ -99,11 +136,12 @@ class Runtime:
 
     def __post_init__(self) -> None:
         conform(self)
-        require(self.actors == "auto" or self.actors >= 1, "actors", "must be 'auto' or >= 1")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        require(self.shard_size >= 1, "shard_size", "must be >= 1")
-        require(0 <= self.png_compress_level <= 9, "png_compress_level", "must be between 0 and 9")
-        require(self.retries >= 0, "retries", "must be >= 0")
+        if self.actors != "auto":
+            within(self.actors, 1, MAX_ACTORS, "actors", "or auto: one per GPU")
+        within(self.batch_size, 1, MAX_BATCH_SIZE, "batch_size")
+        within(self.shard_size, 1, MAX_SHARD_SIZE, "shard_size")
+        within(self.png_compress_level, 0, 9, "png_compress_level")
+        within(self.retries, 0, MAX_RETRIES, "retries")
 
 
 @dataclass(frozen=True)
@@ -127,11 +165,12 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         conform(self)
-        require(self.name.strip() != "", "name", "must not be empty")
+        # out/NAME by default: a name with a / or .. would write outside out/
+        file_name(self.name, "name")
         require(
             self.model.strip() != "", "model", "must name a hub id, a local folder or builtin:NAME"
         )
-        require(0 <= self.seed <= MAX_SEED, "seed", f"must be between 0 and {MAX_SEED}")
+        within(self.seed, 0, MAX_SEED, "seed")
 
 
 def load_spec(path: str | Path) -> JobSpec:

@@ -48,6 +48,7 @@ class WorkUnit:
     negative_prompts: tuple[str, ...]
     images_per_prompt: int
     seed: int
+    run: str = ""  # the run's identity (RunRecord.identity), part of the unit's file name
 
     @property
     def num_images(self) -> int:
@@ -83,6 +84,7 @@ def plan_units(
     seed: int,
     shard_size: int,
     done: Iterable[tuple[str, str]] = (),
+    run: str = "",
 ) -> list[WorkUnit]:
     """Work units for every (configuration, prompt) pair not in `done`.
 
@@ -102,7 +104,7 @@ def plan_units(
         for config in configs:
             rows = todo[config.config_id][start : start + shard_size]
             if rows:
-                units.append(_unit(prompts.iloc[rows], config, images_per_prompt, seed))
+                units.append(_unit(prompts.iloc[rows], config, images_per_prompt, seed, run))
     return units
 
 
@@ -115,7 +117,7 @@ def split_unit(unit: WorkUnit) -> list[WorkUnit]:
     return [
         dataclasses.replace(
             unit,
-            unit_id=_unit_id(unit.config, unit.prompt_ids[part]),
+            unit_id=_unit_id(unit.config, unit.prompt_ids[part], unit.run),
             prompt_ids=unit.prompt_ids[part],
             prompts=unit.prompts[part],
             negative_prompts=unit.negative_prompts[part],
@@ -124,21 +126,25 @@ def split_unit(unit: WorkUnit) -> list[WorkUnit]:
     ]
 
 
-def _unit_id(config: Config, prompt_ids: tuple[str, ...]) -> str:
-    # Named by content, so a rerun that plans the same unit writes the same file name.
-    digest = hashlib.sha1("\x00".join(prompt_ids).encode()).hexdigest()[:10]
+def _unit_id(config: Config, prompt_ids: tuple[str, ...], run: str) -> str:
+    # Named by content, so a rerun that plans the same unit writes the same file name, and a run
+    # with another seed or model never writes a name an earlier run used.
+    digest = hashlib.sha1("\x00".join((run, *prompt_ids)).encode()).hexdigest()[:10]
     return f"{config.config_id}-{digest}"
 
 
-def _unit(shard: pd.DataFrame, config: Config, images_per_prompt: int, seed: int) -> WorkUnit:
+def _unit(
+    shard: pd.DataFrame, config: Config, images_per_prompt: int, seed: int, run: str
+) -> WorkUnit:
     ids = tuple(shard["prompt_id"])
     negatives = negative_prompts(shard["negative_prompt"], config.negative_prompt)
     return WorkUnit(
-        unit_id=_unit_id(config, ids),
+        unit_id=_unit_id(config, ids, run),
         config=config,
         prompt_ids=ids,
         prompts=tuple(shard["prompt"]),
         negative_prompts=negatives,
         images_per_prompt=images_per_prompt,
         seed=seed,
+        run=run,
     )

@@ -36,6 +36,7 @@ class GenerationSetup:
     model: ModelSource
     dtype: str  # fp16, bf16 or fp32
     output: str  # an Output.location
+    run_id: str  # the lease's: a unit commits only while its run holds the output
     batch_size: int
     png_compress_level: int
     threads: int | None = None  # torch CPU threads; None keeps torch's default
@@ -126,8 +127,9 @@ class Worker:
             images=len(rows),
             generation_seconds=sum(r.generation_seconds for r in rows),
             nsfw_flagged=sum(bool(r.nsfw_flagged) for r in rows),
+            run=unit.run,
         )
-        yield self._output.commit_unit(image_table(rows), marker)
+        yield self._output.commit_unit(image_table(rows), marker, self.setup.run_id)
 
     def _shrink_batch(self, size: int, error: Exception) -> None:
         """Halve the batch after running out of memory; this worker keeps the smaller size."""

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import resource
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -95,6 +100,42 @@ def spec_file(tmp_path):
     return write
 
 
+@pytest.fixture
+def refused(monkeypatch, capsys):
+    """Run the CLI on bad input; returns its error text after checking the promise made for
+    every bad input: exit 2, one short line, in well under 5 s and 200 MB, and Ray never
+    started (starting it fails the command with a traceback and exit 1)."""
+    from importlib import import_module
+
+    from sdbatch import distribute
+    from sdbatch.cli import main
+
+    def ray_started(address):
+        raise AssertionError("bad input reached distribute.session: Ray was started")
+
+    monkeypatch.setattr(distribute, "session", ray_started)
+    # imported up front, so that their time and memory are not counted against the input
+    for module in ("sdbatch.generation", "sdbatch.evaluation.run"):
+        import_module(module)
+
+    def run(*argv) -> str:
+        capsys.readouterr()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        began = time.perf_counter()
+        code = main([str(a) for a in argv])
+        seconds = time.perf_counter() - began
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith("sdbatch: error: ") and err.count("\n") == 1, err
+        assert len(err) < 300, err
+        assert seconds < 5, f"{seconds:.1f} s: {err}"
+        assert grown < 200_000, f"peak memory grew {grown / 1024:.0f} MiB: {err}"
+        return err.removeprefix("sdbatch: error: ").rstrip("\n")
+
+    return run
+
+
 LONG_PROMPT = "a very detailed painting of " + "a tall tree, " * 10  # > 77 byte tokens
 
 
@@ -134,3 +175,40 @@ def evaluated_output(tmp_path_factory, ray_address):
     suite = parse_suite(suite_data(reference, root / "cache"))
     summary = evaluate(str(out), suite, address=ray_address)
     return {"root": root, "out": out, "reference": reference, "suite": suite, "summary": summary}
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1; yields the environment that reaches it."""
+    pytest.importorskip("s3fs")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "moto_server"),
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # fsspec passes FSSPEC_<PROTOCOL>_<ARG> to the filesystem: here s3fs's endpoint_url.
+        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    deadline = time.time() + 30
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert time.time() < deadline and server.poll() is None, "moto did not start"
+        time.sleep(0.2)
+    yield env
+    server.terminate()
+    server.wait()

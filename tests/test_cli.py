@@ -40,4 +40,7 @@ def test_console_script_exit_codes(tmp_path, prompt_file, spec_file):
     bad = spec_file(job(prompt_file(), sweep={"num_inference_steps": [0]}))
     result = subprocess.run([SCRIPT, "generate", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr == ("sdbatch: error: sweep.num_inference_steps[0]: must be >= 1, got 0\n")
+    assert result.stderr == (
+        "sdbatch: error: sweep.num_inference_steps[0]: must be between 1 and 1,000 "
+        "(diffusers schedulers train on 1,000 timesteps), got 0\n"
+    )

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
 import torch
-from conftest import LONG_PROMPT, suite_data
+import yaml
+from conftest import LONG_PROMPT, job, suite_data
 from PIL import Image
 
 from sdbatch.builtin import builtin_path
@@ -291,6 +292,88 @@ def test_bad_suites_are_one_line_errors(evaluated_output, change, message):
             suite_data(evaluated_output["reference"], evaluated_output["root"] / "cache", **change)
         )
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+HOSTILE_SUITES = {
+    "name-escapes": ({"name": "../x"}, "name: must be 1 to 100 letters, digits"),
+    "bootstrap-1e12": ({"bootstrap": {"samples": 10**12}}, "bootstrap.samples: must be between 0"),
+    "bootstrap-seed": ({"bootstrap": {"seed": -1}}, "bootstrap.seed: must be between 0 and 9,2"),
+    "kid-subsets": ({"kid": {"subsets": 10**9}}, "kid.subsets: must be between 1 and 10,000"),
+    "kid-size": ({"kid": {"subset_size": 10**9}}, "kid.subset_size: must be between 2 and 100,"),
+    "actors": ({"runtime": {"actors": 100_000}}, "runtime.actors: must be between 1 and 1,024"),
+    "batch": ({"runtime": {"batch_size": 0}}, "runtime.batch_size: must be between 1 and 1,024"),
+    "retries": ({"runtime": {"retries": 1000}}, "runtime.retries: must be between 0 and 10"),
+    "resolution": (
+        {"reference": {"images": "x", "resolution": 800_000}},
+        "reference.resolution: must be between 8 and 4,096, got 800000",
+    ),
+    "long-stats": ({"reference": {"stats": "s" * 5000}}, "reference.stats: no file at /"),
+    "long-clip": (
+        {"metrics": ["clip_score"], "clip": {"model": "c" * 5000}},
+        "clip.model: cannot find 'ccc",
+    ),
+    "long-metric": ({"metrics": ["m" * 10_000]}, "metrics[0]: unknown metric 'mmmmm"),
+    "not-callable": (
+        {"fid": {"features": "module:math:pi"}},
+        "fid.features: module:math:pi is a float, not a module class or a function returning one",
+    ),
+    "factory-raises": (
+        {"fid": {"features": "module:math:sqrt"}},
+        "fid.features: module:math:sqrt() raised TypeError: ",
+    ),
+    "forward-fails": (
+        {"fid": {"features": "module:torch.nn:Softmax2d"}},
+        "fid.features: Softmax2d fails on one 3 x 299 x 299 uint8 image (NotImplementedError",
+    ),
+    "not-a-module": ({"fid": {"features": "module:os:getcwd"}}, "gave a str, not an nn.Module"),
+    "no-import": ({"fid": {"features": "module:no_such_pkg:X"}}, "cannot import no_such_pkg:X"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_SUITES)
+def test_hostile_suites_are_one_line_errors(case, tmp_path, refused):
+    """Through `sdbatch reference`: each is refused in one short line, quickly, before Ray
+    (the fixture checks), with nothing written to the cache."""
+    change, message = HOSTILE_SUITES[case]
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(12), sigma=np.eye(12))
+    suite = {
+        "name": "hostile",
+        "metrics": ["fid"],
+        "fid": {"features": "module:tiny_features:TinyFeatures"},
+        "reference": {"stats": "ref.npz"},
+        "cache": str(tmp_path / "cache"),
+        **change,
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    assert message in refused("reference", path)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("suite", "message"),
+    [
+        ("name: &a [x, *a]\n", "suite: {path} has an alias inside its own anchor (line 1)"),
+        (
+            "metrics: [fid]\nfid: {features: 'module:math:pi'}\nreference: {stats: ref.npz}\n",
+            "fid.features: module:math:pi is a float, not a module class or a function "
+            "returning one",
+        ),
+    ],
+    ids=["yaml-bounds", "extractor"],
+)
+@pytest.mark.parametrize("command", ["reference", "run"])
+def test_a_hostile_suite_is_refused_before_any_work(
+    suite, message, command, tmp_path, prompt_file, spec_file, refused
+):
+    """By `sdbatch reference`, and by `sdbatch run` before it generates anything."""
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(12), sigma=np.eye(12))
+    path = tmp_path / "suite.yaml"
+    path.write_text(suite)
+    spec = spec_file(job(prompt_file(), suite="suite.yaml"))
+    args = [path] if command == "reference" else [spec, "--out", tmp_path / "out"]
+    assert refused(command, *args) == message.format(path=path)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -320,7 +319,7 @@ def test_output_that_is_not_ours_and_fp16_on_cpu_are_refused(tmp_path, prompt_fi
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"not ours")
-    with pytest.raises(InputError, match=r"--out: .* holds no sdbatch run\.json"):
+    with pytest.raises(InputError, match=r"--out: .* did not write \(holiday.jpg\) and no sdbatch"):
         generate(
             parse_spec(job(prompt_file())), output=str(foreign), address=ray_address, overwrite=True
         )
@@ -341,7 +340,8 @@ def test_an_output_that_cannot_be_written_exits_2(where, tmp_path, prompt_file, 
     path = spec_file(job(prompt_file()))
     assert cli_main(["generate", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"sdbatch: error: --out: cannot write to {out} ("), err
+    assert err.startswith("sdbatch: error: --out: cannot write one unit's worth (6 kB) to "), err
+    assert f" to {out} (" in err
     assert err.count("\n") == 1
     assert not out.exists() and blocker.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "job.yaml", "prompts.parquet"]
@@ -419,43 +419,6 @@ def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ra
     assert "skipped 1 null or blank prompt(s) (prompts.blank: skip), first at row 4" in caplog.text
     warning = "5 prompt(s) or their negative prompts are longer than the model's tokenizer takes"
     assert f"{warning} and will be truncated, first {longest['id'].iloc[0]!r}" in caplog.text
-
-
-@pytest.fixture
-def s3_server():
-    """A real S3-compatible server (moto) on 127.0.0.1; yields the environment that reaches it."""
-    pytest.importorskip("s3fs")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "moto_server"),
-            "-H",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        # fsspec passes FSSPEC_<PROTOCOL>_<ARG> to the filesystem: here s3fs's endpoint_url.
-        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    deadline = time.time() + 30
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert time.time() < deadline and server.poll() is None, "moto did not start"
-        time.sleep(0.2)
-    yield env
-    server.terminate()
-    server.wait()
 
 
 def test_output_on_s3_generates_resumes_and_reads(s3_server, prompt_file, spec_file, monkeypatch):

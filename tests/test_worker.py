@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
-from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from sdbatch.errors import StoreFailed
+from sdbatch.lease import acquire
 from sdbatch.models import resolve_model
 from sdbatch.output import Output
 from sdbatch.schedulers import SCHEDULERS
@@ -24,7 +26,10 @@ TINY = resolve_model("builtin:tiny")
 
 
 def setup(output, batch_size=4) -> GenerationSetup:
-    return GenerationSetup(TINY, "fp32", str(output), batch_size, png_compress_level=1)
+    """What a driver gives its workers, the lease on `output` included."""
+    out = Output(str(output))
+    holder = acquire(out.fs, out.root)
+    return GenerationSetup(TINY, "fp32", str(output), holder.run_id, batch_size, 1)
 
 
 def one_unit(config: Config, texts=("a red circle",), images_per_prompt=1, negatives=None):
@@ -215,17 +220,21 @@ def test_out_of_memory_at_batch_one_and_other_errors_are_not_split(tmp_path):
 def test_a_write_that_fails_half_way_leaves_nothing_a_reader_sees(tmp_path, monkeypatch):
     unit = one_unit(Config("ddim", 2, 7.5, 32, 32, ""), texts=("a", "b"))
     worker = Worker(setup(tmp_path))
+    fs = worker._output.fs
+    write = fs.pipe_file
 
-    def dies_half_way(table, where, **kwargs):
-        with Path(where).open("wb") as f:
-            f.write(b"PAR1" + b"\0" * 100)  # a Parquet header and no footer
-        raise OSError("disk quota exceeded")
+    def dies_half_way(path, value, **kwargs):
+        if path.endswith(".parquet"):
+            write(path, value[: len(value) // 2])
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return write(path, value, **kwargs)
 
-    monkeypatch.setattr(pq, "write_table", dies_half_way)
-    with pytest.raises(OSError, match="quota"):
+    monkeypatch.setattr(fs, "pipe_file", dies_half_way)
+    with pytest.raises(StoreFailed, match=r"refused a write to .*Disk quota exceeded"):
         run(worker, unit)
     monkeypatch.undo()
     assert not (tmp_path / "images").exists() or not list((tmp_path / "images").iterdir())
+    assert not list((tmp_path / "_tmp").iterdir())
     assert Output(str(tmp_path)).done_units() == []
     # and the next attempt commits normally, leaving _tmp/ clean for readers
     _, marker = run(worker, unit)

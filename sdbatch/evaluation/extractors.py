@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sdbatch.digests import file_digest, state_dict_digest
-from sdbatch.errors import InputError, JobFailed
+from sdbatch.errors import InputError, JobFailed, first_line
 from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.models import ModelSource, model_file
 from sdbatch.typed_data import conform, require
@@ -169,7 +169,18 @@ def _import_module_extractor(target: str) -> Any:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise InputError(f"fid.features: cannot import {module_name}:{attr} ({e})") from None
-    module = factory()
+    require(
+        callable(factory),
+        "fid.features",
+        f"{target} is a {type(factory).__name__}, not a module class or a function returning one",
+    )
+    # user code: whatever it raises is the suite's fault, said in one line
+    try:
+        module = factory()
+    except Exception as e:
+        raise InputError(
+            f"fid.features: {target}() raised {type(e).__name__}: {first_line(e)}"
+        ) from None
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"fid.features: {target} gave a {type(module).__name__}, not an nn.Module")
     return module.eval()
@@ -181,8 +192,14 @@ def _module_dim(module: Any) -> int:
     if hasattr(module, "num_features"):
         return int(module.num_features)
     # torchmetrics' convention for custom extractors: probe with one 299 px uint8 image.
-    with torch.inference_mode():
-        return int(module(torch.zeros(1, 3, 299, 299, dtype=torch.uint8)).shape[-1])
+    try:
+        with torch.inference_mode():
+            return int(module(torch.zeros(1, 3, 299, 299, dtype=torch.uint8)).shape[-1])
+    except Exception as e:
+        raise InputError(
+            f"fid.features: {type(module).__name__} fails on one 3 x 299 x 299 uint8 image "
+            f"({type(e).__name__}: {first_line(e)})"
+        ) from None
 
 
 def _is_module_path(features: str) -> bool:

@@ -22,7 +22,8 @@ import pandas as pd
 from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.metric_math import FeatureStats, FrechetReference, mean_interval
 from sdbatch.evaluation.reference import ReferenceStats
-from sdbatch.typed_data import conform, require
+from sdbatch.spec import MAX_SEED
+from sdbatch.typed_data import conform, require, within
 
 
 class Need(enum.Enum):
@@ -45,6 +46,10 @@ class Interval(enum.Enum):
     NONE = "none; the spread over random subsets is given instead"
 
 
+# Intervals settle within a few hundred resamples; each one recomputes every metric.
+MAX_BOOTSTRAP = 10_000
+
+
 @dataclass(frozen=True)
 class Bootstrap:
     """Bootstrap confidence intervals over images (a suite's `bootstrap:`)."""
@@ -55,8 +60,9 @@ class Bootstrap:
 
     def __post_init__(self) -> None:
         conform(self)
-        require(self.samples >= 0, "samples", "must be >= 0 (0 turns intervals off)")
+        within(self.samples, 0, MAX_BOOTSTRAP, "samples", "0 turns intervals off")
         require(0 < self.confidence < 1, "confidence", "must be between 0 and 1, e.g. 0.95")
+        within(self.seed, 0, MAX_SEED, "seed")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from sdbatch.errors import InputError
 from sdbatch.evaluation.extractors import ExtractorInfo
 from sdbatch.evaluation.metric_math import merge_stats
 from sdbatch.evaluation.shards import FeatureUnit, read_npz, shard_stats, write_npz
-from sdbatch.typed_data import conform, require
+from sdbatch.spec import MAX_SIDE
+from sdbatch.typed_data import conform, require, within
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGES_PER_UNIT = 256
@@ -51,7 +52,8 @@ class ReferenceSource:
             "images",
             "give exactly one of images (real images) or stats (a .npz with mu and sigma)",
         )
-        require(self.resolution is None or self.resolution >= 8, "resolution", "must be >= 8")
+        if self.resolution is not None:
+            within(self.resolution, 8, MAX_SIDE, "resolution")
         require(self.limit is None or self.limit >= 2, "limit", "must be >= 2 or null")
 
 

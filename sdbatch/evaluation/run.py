@@ -35,6 +35,7 @@ from sdbatch.evaluation.shards import FeatureUnit
 from sdbatch.evaluation.suite import Suite, load_suite
 from sdbatch.evaluation.table import config_table
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
+from sdbatch.integrity import summarize, unit_problems
 from sdbatch.output import METRICS_DIR, Output
 from sdbatch.records import library_versions
 
@@ -80,6 +81,11 @@ def evaluate(
     markers = sorted(out.done_units(), key=lambda m: m.unit_id)
     if not markers or sum(m.images for m in markers) == 0:
         raise InputError(f"OUT: {output} has no generated images yet")
+    if problems := unit_problems(out, markers, run.identity):
+        raise InputError(
+            f"OUT: {summarize(problems)}; rerun `sdbatch generate` with its job spec to redo "
+            f"them (`sdbatch verify {output}` lists them all)"
+        )
     if suite is None:
         if run.spec.suite is None:
             raise InputError("suite: required; the job spec of this output names no suite")

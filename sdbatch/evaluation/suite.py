@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,17 @@ from sdbatch.evaluation.metric import Bootstrap, Metric, Need
 from sdbatch.evaluation.metrics.kid import KidSettings
 from sdbatch.evaluation.reference import ReferenceSource
 from sdbatch.evaluation.registry import REGISTRY, metrics_named
-from sdbatch.typed_data import conform, from_data, known, read_yaml, relative_to, require
+from sdbatch.spec import MAX_ACTORS, MAX_BATCH_SIZE, MAX_RETRIES
+from sdbatch.typed_data import (
+    conform,
+    file_name,
+    from_data,
+    known,
+    read_yaml,
+    relative_to,
+    require,
+    within,
+)
 
 DEFAULT_CACHE = "~/.cache/sdbatch/reference"
 
@@ -40,9 +51,10 @@ class EvalRuntime:
 
     def __post_init__(self) -> None:
         conform(self)
-        require(self.actors == "auto" or self.actors >= 1, "actors", "must be 'auto' or >= 1")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        require(self.retries >= 0, "retries", "must be >= 0")
+        if self.actors != "auto":
+            within(self.actors, 1, MAX_ACTORS, "actors", "or auto: one per GPU")
+        within(self.batch_size, 1, MAX_BATCH_SIZE, "batch_size")
+        within(self.retries, 0, MAX_RETRIES, "retries")
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,7 @@ class Suite:
 
     def __post_init__(self) -> None:
         conform(self)
-        require(self.name.strip() != "", "name", "must not be empty")
+        file_name(self.name, "name")  # a label, held to the job spec's rule
         known(self.metrics, REGISTRY, "metrics", "metric")
         needing = [m.name for m in self.chosen_metrics if Need.REFERENCE in m.needs]
         if needing:
@@ -119,10 +131,12 @@ def check_files(suite: Suite) -> None:
     machine, need not have them)."""
     if suite.fid.weights is not None:
         require(
-            Path(suite.fid.weights).expanduser().is_file(),
+            # os.path.isfile, unlike Path.is_file, says False for a name too long to be a file
+            os.path.isfile(Path(suite.fid.weights).expanduser()),  # noqa: PTH113
             "fid.weights",
             f"no weights file at {suite.fid.weights}",
         )
     stats = suite.reference.stats if suite.reference else None
     if stats is not None:
-        require("://" in stats or Path(stats).is_file(), "reference.stats", f"no file at {stats}")
+        exists = "://" in stats or os.path.isfile(stats)  # noqa: PTH113
+        require(exists, "reference.stats", f"no file at {stats}")

@@ -11,7 +11,11 @@ from typing import Any
 
 from sdbatch.evaluation.metric import ConfigGroup, Interval, Metric, Need, Score
 from sdbatch.evaluation.metric_math import kid
-from sdbatch.typed_data import conform, require
+from sdbatch.typed_data import conform, within
+
+# torchmetrics' defaults are 100 subsets of 1,000; a subset costs its size squared.
+MAX_SUBSETS = 10_000
+MAX_SUBSET_SIZE = 100_000
 
 
 @dataclass(frozen=True)
@@ -24,8 +28,8 @@ class KidSettings:
 
     def __post_init__(self) -> None:
         conform(self)
-        require(self.subsets >= 1, "subsets", "must be >= 1")
-        require(self.subset_size >= 2, "subset_size", "must be >= 2")
+        within(self.subsets, 1, MAX_SUBSETS, "subsets")
+        within(self.subset_size, 2, MAX_SUBSET_SIZE, "subset_size")
 
 
 def aggregate(group: ConfigGroup, settings: KidSettings) -> dict[str, Any]:
