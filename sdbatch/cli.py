@@ -1,12 +1,16 @@
 """The `sdbatch` command: argument parsing and exit codes over the Python API (`sdbatch.api` and
-the stages it exports). Exit codes: 0 done, 1 failed while running, 2 bad input, 3 finished but
-some work units failed every retry (a rerun retries just those)."""
+the stages it exports). Exit codes: 0 done, 1 failed while running, 2 bad input (a Ray cluster
+that does not answer --address included), 3 finished but some work units failed every retry (a
+rerun retries just those), 130 interrupted (Ctrl-C, SIGINT), 143 terminated (SIGTERM). Finished
+work units are kept whichever way a run ends."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +21,11 @@ if TYPE_CHECKING:
     from sdbatch.generation import GenerateSummary
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# 128 + the signal's number, as a shell reports a process the signal ended.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+# Set by SIGTERM, whose handler interrupts like Ctrl-C: Ray turns any exception raised in a signal
+# handler during its calls into a KeyboardInterrupt, so the exception cannot say which it was.
+_terminated = threading.Event()
 log = logging.getLogger("sdbatch")
 
 GENERATE_HELP = """\
@@ -32,7 +41,10 @@ refused: pass --overwrite to start over, or choose another --out.
 A unit whose worker dies or that raises is retried (runtime.retries times) on
 any worker; one that fails every time is bisected to the prompts at fault,
 which are listed in run.json; the rest completes and the exit status is 3:
-rerun to retry just those.
+rerun to retry just those. A unit that makes no progress for 10 times the
+longest wait for a batch seen so far (and at least 60 s; twice that on each
+later attempt) is retried the same way, on a fresh worker; a warning names it
+at half that time.
 
 One driver writes an output at a time: a second is refused, naming the
 first (host, pid); --force takes the output over at once, and a driver that
@@ -140,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="sdbatch: %(message)s", level=logging.WARNING)
     log.setLevel(logging.INFO)
+    # SIGTERM (Slurm, Kubernetes, `timeout`) stops a run the way Ctrl-C does.
+    _terminated.clear()
+    sigterm = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
     except InputError as e:
@@ -150,17 +165,28 @@ def main(argv: list[str] | None = None) -> int:
         print("sdbatch: finished units are kept; rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("sdbatch: interrupted; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        how = "terminated (SIGTERM)" if _terminated.is_set() else "interrupted"
+        print(f"sdbatch: {how}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_TERMINATED if _terminated.is_set() else EXIT_INTERRUPTED
     except Exception:
         traceback.print_exc()
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _terminated.set()
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdbatch",
         description="Generate Stable Diffusion image sweeps on a Ray cluster, resumably.",
+        epilog="exit codes: 0 done, 1 failed, 2 bad input or no cluster at --address, 3 some "
+        "work units failed every retry, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); "
+        "finished work units are kept, and rerunning the same command resumes",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter

@@ -5,15 +5,23 @@ Each actor is a plain worker class made remote (`worker.Worker` generates,
 `evaluation.worker.FeatureWorker` extracts features). Its `run(unit)` streams one count per
 finished batch, which drives a single progress bar over all actors, and ends with the unit's
 result (a done marker, shard statistics).
-Units are retried when they raise or their actor dies; dead actors are replaced.
+Units are retried when they raise, their actor dies or stops making progress (its deadline is
+derived from the job's observed batch times); dead and stuck actors are replaced. A job whose
+cluster has no live node left that can place a worker stops, instead of waiting for one forever.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +35,25 @@ from sdbatch.errors import InputError, JobFailed, first_line
 log = logging.getLogger("sdbatch")
 # transformers warns at import about optional vision backends; workers only need errors.
 ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
+# Joining a cluster: ray.init retries an address nobody answers at for about 14 minutes.
+CONNECT_SECONDS = 10
+ASK_CLUSTER_ID = """
+import sys
+from ray._raylet import GcsClient
+try:
+    GcsClient(address=sys.argv[1])
+except Exception as e:
+    print(f"{type(e).__name__}: {e}".splitlines()[0])
+"""
+# A unit whose actor reports nothing (a finished batch, or the unit's result) for STALL_FACTOR
+# times the longest wait for a report seen so far in the job, and at least STALL_MIN_SECONDS
+# (a replacement actor's first batch warms up), is given up on like a failed attempt; a warning
+# names it at half that, and a unit's deadline doubles each time it is given up on. Until the
+# job's first report there is nothing to derive a deadline from, and none applies.
+STALL_FACTOR = 10
+STALL_MIN_SECONDS = 60.0
+# How often, while a worker waits to be placed, the driver checks that a live node can take it.
+PLACEMENT_CHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,24 +73,74 @@ class ActorPlan:
 @contextmanager
 def session(address: str | None) -> Iterator[None]:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one, for the `with`
-    block; a session already connected (a notebook, a test) is used and left as it was."""
+    block; a session already connected (a notebook, a test) is used and left as it was.
+
+    Raises:
+        InputError: no Ray cluster answers at the address within CONNECT_SECONDS, or it
+            refuses us (a token we lack).
+    """
     import ray
 
     if ray.is_initialized():
         yield
         return
+    _check_cluster(address)
+    sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    # ray.init makes SIGTERM exit at once (status 15); a handler the caller set (the CLI's, which
+    # stops like Ctrl-C) stays in charge.
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
     try:
         yield
     finally:
         ray.shutdown()
 
 
+def _check_cluster(address: str | None) -> None:
+    """Raise InputError within seconds when the cluster `address` (or $RAY_ADDRESS, or 'auto')
+    names does not answer, or refuses us; ray.init would retry for minutes, then print a
+    traceback."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if "://" in (address or os.environ.get("RAY_ADDRESS", "")):
+        return  # Ray Client (ray://): ray.init has its own time limit
+    field = "--address" if address else "RAY_ADDRESS"
+    try:
+        gcs = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:
+        raise InputError(f"{field}: {first_line(e)}") from None
+    if gcs is None:
+        return  # a local instance is started
+    host, port = gcs.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), CONNECT_SECONDS).close()
+    except OSError as e:
+        raise InputError(f"{field}: no Ray cluster at {gcs} ({first_line(e)})") from None
+    # Something listens there: ask it for its cluster id, as ray.init would first. Ray's client
+    # retries for 40 s, logging to the process's stderr: a child process asks, and is cut short.
+    try:
+        asked = subprocess.run(
+            [sys.executable, "-c", ASK_CLUSTER_ID, gcs],
+            capture_output=True, text=True, timeout=CONNECT_SECONDS,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise InputError(
+            f"{field}: {gcs} does not answer as a Ray cluster within {CONNECT_SECONDS} s"
+        ) from None
+    answer = asked.stdout.strip()  # the error, if any
+    if answer.startswith("AuthenticationError"):
+        raise InputError(
+            f"{field}: the Ray cluster at {gcs} requires its authentication token; set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to it"
+        )
+    if answer:
+        raise InputError(f"{field}: cannot join the Ray cluster at {gcs}: {answer}")
+
+
 def local_without_gpu(address: str | None) -> bool:
     """Whether `session(address)` would start a Ray instance on this machine, which has no GPU:
     known before Ray starts."""
-    import os
-
     if address or os.environ.get("RAY_ADDRESS"):
         return False
     ray = sys.modules.get("ray")
@@ -119,13 +196,25 @@ class Failure:
 @dataclass
 class RunResult:
     """Where the actors ran, the seconds from the first one ready to the last unit's end, each
-    unit's result (the last item its `run` yielded) by unit id, and the units that failed every
-    attempt, with their last error."""
+    unit's result (the last item its `run` yielded) by unit id, the units that failed every
+    attempt, with their last error, and a unit's id for each attempt given up on because it
+    made no progress."""
 
     workers: list[dict[str, Any]]
     seconds: float
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
     failed: dict[str, Failure] = dataclasses.field(default_factory=dict)
+    stalled: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class _Running:
+    """A unit on an actor, and when the actor last reported progress on it."""
+
+    actor: Any
+    unit: Any
+    heard: float = dataclasses.field(default_factory=time.monotonic)
+    warned: bool = False
 
 
 def run_units(
@@ -140,7 +229,8 @@ def run_units(
     """Run every unit on `plan.count` actors of class `worker`, giving each idle one the next unit.
 
     A unit that raises is put back in the queue, so another actor may take it; one whose actor
-    process dies (killed, out of host memory, node lost) likewise, and the actor is replaced.
+    process dies (killed, out of host memory, node lost) or stops reporting progress (see
+    STALL_FACTOR) likewise, and the actor is replaced.
     After `retries` retries a unit is given up on and listed in `RunResult.failed`, or, given
     `split`, bisected: its halves run once each, and halves that fail are split again, so only
     the inputs at fault fail and the rest of the unit is done. The other units go on.
@@ -152,8 +242,8 @@ def run_units(
         split: a unit's halves (none for a unit that cannot be split).
 
     Raises:
-        JobFailed: a worker could not load its models, or actors kept dying while loading them;
-            finished units stay.
+        JobFailed: a worker could not load its models, actors kept dying while loading them, or
+            no live node can place a worker; finished units stay.
     """
     import ray
 
@@ -175,7 +265,9 @@ def run_units(
     # A node lost while its actor loads is not the model's fault: replace it, a few times.
     load_deaths_allowed = plan.count * (retries + 1)
     pending = deque(units)
-    running: dict[Any, tuple[Any, Any]] = {}
+    running: dict[Any, _Running] = {}
+    slowest = 0.0  # the longest wait for a unit's next report so far
+    placement_checked = time.monotonic()
     attempts: Counter[str] = Counter()  # by this unit id
     inherited: dict[str, int] = {}  # attempts made on a piece's work as part of a larger unit
     allowed: dict[str, int] = {}  # retries of a piece (none: its failure already repeated)
@@ -212,7 +304,7 @@ def run_units(
             while idle and pending:
                 actor = idle.pop()
                 unit = pending.popleft()
-                running[actor.run.remote(unit)] = (actor, unit)
+                running[actor.run.remote(unit)] = _Running(actor, unit)
             ready, _ = ray.wait([*loading, *running], num_returns=1, timeout=1.0)
             if bar is not None:
                 bar.update(0)  # keeps elapsed time and ETA moving between batches
@@ -235,7 +327,8 @@ def run_units(
                     # generation speed.
                     bar = bar or _progress_bar(*progress)
                     continue
-                actor, unit = running[ref]
+                job = running[ref]
+                actor, unit = job.actor, job.unit
                 try:
                     item = ray.get(next(ref))
                 except StopIteration:
@@ -257,12 +350,24 @@ def run_units(
                     idle.append(actor)
                     give_back(unit, _reason(e))
                     continue
+                heard = time.monotonic()
+                slowest = max(slowest, heard - job.heard)
+                job.heard = heard
                 if isinstance(item, int):  # a batch; the last item is the unit's result
                     bar.update(item)
                     counted[unit.unit_id] += item
                 else:
                     result.results[unit.unit_id] = item
                     counted.pop(unit.unit_id, None)
+            now = time.monotonic()
+            if loading and now - placement_checked > PLACEMENT_CHECK_SECONDS:
+                placement_checked = now
+                _check_placeable(plan)
+            for ref in _stalled(running, slowest, now, result.stalled):
+                job = running.pop(ref)
+                result.stalled.append(job.unit.unit_id)
+                _replace(job.actor, actors, start_actor)
+                give_back(job.unit, f"stalled: no progress for {now - job.heard:.0f} s")
     finally:
         if bar is not None:
             result.seconds = bar.format_dict["elapsed"]
@@ -270,6 +375,53 @@ def run_units(
         for actor in actors:
             ray.kill(actor)
     return result
+
+
+def _stalled(
+    running: dict[Any, _Running], slowest: float, now: float, stalled: list[str]
+) -> list[Any]:
+    """The running units past their progress deadline; warns once of each at half of it.
+
+    A unit's deadline doubles each time it was given up on: one far heavier than every unit
+    seen so far (a larger size, many more steps) gets through on a later attempt.
+    """
+    if not slowest:
+        return []
+    late = []
+    for ref, job in running.items():
+        deadline = max(STALL_MIN_SECONDS, STALL_FACTOR * slowest)
+        deadline *= 2 ** stalled.count(job.unit.unit_id)
+        quiet = now - job.heard
+        if quiet > deadline:
+            log.warning(
+                "unit %s made no progress for %.0f s; stopping its worker and starting another",
+                job.unit.unit_id, quiet,
+            )  # fmt: skip
+            late.append(ref)
+        elif quiet > deadline / 2 and not job.warned:
+            job.warned = True
+            log.warning(
+                "unit %s is slow: no progress for %.0f s (the longest wait so far was %.1f s); "
+                "it is given up on at %.0f s",
+                job.unit.unit_id, quiet, slowest, deadline,
+            )  # fmt: skip
+    return late
+
+
+def _check_placeable(plan: ActorPlan) -> None:
+    """Raise JobFailed when no live node has what a worker reserves, so Ray can place none and
+    would wait forever (the node's raylet died, or the node was lost)."""
+    import ray
+
+    for node in ray.nodes():
+        has = node["Resources"]
+        if node["Alive"] and has.get("CPU", 0) >= plan.cpus and has.get("GPU", 0) >= plan.gpus:
+            return
+    need = f"{plan.gpus} GPU" if plan.gpus else f"{plan.cpus:g} CPU"
+    raise JobFailed(
+        f"no live Ray node can take a worker ({need}): the cluster lost its nodes, or their "
+        "raylet died"
+    )
 
 
 def _replace(actor: Any, actors: list[Any], start_actor: Any) -> None:

@@ -191,6 +191,7 @@ def generate(
             workers=tuple(result.workers),
             nsfw_flagged=flagged,
             failed_units=failed,
+            stalled_units=tuple(result.stalled),
         )
         check_holder(out.fs, out.root, holder.run_id)
         out.write_run(dataclasses.replace(record, history=(*record.history, entry)))

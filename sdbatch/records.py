@@ -57,6 +57,7 @@ class HistoryEntry:
     workers: tuple[dict[str, Any], ...]  # where each actor ran (host, device, versions)
     nsfw_flagged: int = 0  # new images the model's safety checker flagged
     failed_units: tuple[FailedUnit, ...] = ()
+    stalled_units: tuple[str, ...] = ()  # a unit's id per attempt given up on for no progress
 
 
 @dataclass(frozen=True)
