@@ -296,7 +296,7 @@ def test_a_huge_job_needs_yes(tmp_path, prompt_file, spec_file, capsys, caplog):
     # Confirmed, it goes on to the next check (here an output under a file), not to the limit.
     (tmp_path / "file").write_text("")
     assert cli_main(["generate", str(path), "--out", str(tmp_path / "file" / "out"), "--yes"]) == 2
-    assert capsys.readouterr().err.startswith("sdbatch: error: --out: cannot write to")
+    assert capsys.readouterr().err.startswith("sdbatch: error: --out: cannot write one unit's")
 
 
 @pytest.mark.parametrize(("sweep_negative", "count", "first"), [("", 2, 1), (LONG_PROMPT, 3, 0)])

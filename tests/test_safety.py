@@ -36,6 +36,7 @@ from sdbatch.toy.world import write_reference
 
 KEY = ["prompt_id", "sample_index", "config_id"]
 NEVER = 2.0  # a cosine is at most 1
+NEWER_FIELDS = ("bytes", "sha256", "run")  # of a done marker, since sdbatch 0.1
 
 
 def build_checked_model(destination, threshold: float):
@@ -206,8 +207,12 @@ def test_eval_excludes_flagged_images_by_default(flagged, evaluated):
 def test_outputs_made_before_the_flag_evaluate_as_if_unchecked(flagged, evaluated, tmp_path):
     out = tmp_path / "old"
     shutil.copytree(flagged["out"], out)
+    # as sdbatch 0.1 wrote them: no nsfw_flagged column, and markers without size or hash
     for path in (out / "images").glob("*.parquet"):
         pq.write_table(pq.read_table(path).drop_columns(["nsfw_flagged"]), path)
+    for path in (out / "_units").glob("*.json"):
+        marker = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in marker.items() if k not in NEWER_FIELDS}))
     data = suite_data(flagged["root"] / "reference.parquet", flagged["root"] / "cache")
     configs = evaluate(str(out), parse_suite(data)).configs.set_index("config_id")
     assert configs["n_flagged"].isna().all() and (configs["n_excluded"] == 0).all()
