@@ -85,6 +85,30 @@ def test_tables_cover_every_image_and_join_back(evaluated_output):
     assert record["clip"]["identity"].startswith("sha256:")
     assert record["reference"]["sha256"] == load_stats(record["reference"]["cache"]).digest
     assert {"torchmetrics", "transformers", "torch"} <= set(record["versions"])
+    assert record["bootstrap_unit"] == "prompt"
+
+
+def test_intervals_resample_prompts_with_all_their_images(evaluated_output):
+    # An independent reading: replicate r draws prompts by the documented generator, and a
+    # configuration's replicate is the mean over every image of every drawn prompt.
+    out, b = evaluated_output["out"], evaluated_output["suite"].bootstrap
+    per_image = pd.read_parquet(out / "metrics" / "images.parquet")
+    prompts = sorted(per_image["prompt_id"].unique())
+    draws = np.random.default_rng(b.seed).integers(0, len(prompts), size=(b.samples, len(prompts)))
+    replicates = pd.read_parquet(out / "metrics" / "replicates.parquet")
+    configs = pd.read_parquet(out / "metrics" / "configs.parquet").set_index("config_id")
+    for config_id, images in per_image.groupby("config_id"):
+        by_prompt = images.groupby("prompt_id")["clip_score"]
+        expected = [
+            pd.concat([by_prompt.get_group(prompts[i]) for i in rows]).mean() for rows in draws
+        ]
+        stored = replicates[replicates["config_id"] == config_id].sort_values("replicate")
+        np.testing.assert_allclose(stored["clip_score"], expected, rtol=1e-12)
+        low, high = np.quantile(expected, [(1 - b.confidence) / 2, (1 + b.confidence) / 2])
+        assert configs.loc[config_id, "clip_score_low"] == pytest.approx(low, rel=1e-12)
+        assert configs.loc[config_id, "clip_score_high"] == pytest.approx(high, rel=1e-12)
+    assert set(replicates.columns) >= {"config_id", "replicate", "clip_score", "fid"}
+    assert len(replicates) == len(configs) * b.samples
 
 
 class _TensorOutputs(torch.nn.Module):

@@ -15,11 +15,13 @@ from sdbatch.evaluation.metric_math import (
     FrechetReference,
     bootstrap_samples,
     clip_scores,
+    cluster_counts,
     fid,
-    fid_interval,
     frechet_distance,
     kid,
-    mean_interval,
+    normal_interval,
+    percentile_interval,
+    weighted_mean,
 )
 
 DIM = 16
@@ -206,6 +208,41 @@ def test_clip_scores_clip_negative_cosines_to_zero():
 
 # ---------------------------------------------------------------------------------------------
 # Bootstrap intervals
+
+
+def mean_interval(values, samples, confidence, seed):
+    """The interval sdbatch gives a mean, each value its own cluster (one image per prompt)."""
+    counts = cluster_counts(len(values), samples, seed)
+    replicates = [weighted_mean(values, c) for c in counts]
+    return percentile_interval(replicates, confidence)
+
+
+def fid_interval(x, reference, samples, confidence, seed):
+    """The interval sdbatch gives FID, each image its own cluster (one image per prompt)."""
+    estimate = fid(FeatureStats.of(x), reference) if len(x) >= 2 else math.nan
+    counts = cluster_counts(len(x), samples, seed)
+    replicates = [fid(FeatureStats.of(x, c), reference) for c in counts]
+    return normal_interval(estimate, replicates, confidence)
+
+
+def test_cluster_counts_count_the_documented_draws():
+    counts = cluster_counts(7, 50, seed=9)
+    expected = [np.bincount(rows, minlength=7) for rows in bootstrap_samples(7, 50, 9)]
+    np.testing.assert_array_equal(counts, expected)
+    assert (counts.sum(axis=1) == 7).all()
+
+
+def test_weighted_statistics_equal_those_of_the_repeated_rows():
+    x = features(12, seed=30)
+    weights = np.array([0, 2, 1, 0, 3, 1, 1, 0, 1, 2, 0, 1])
+    repeated = np.repeat(x, weights, axis=0)
+    stats = FeatureStats.of(x, weights)
+    assert stats.count == len(repeated) == 12
+    np.testing.assert_allclose(stats.mean(), repeated.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.covariance(), np.cov(repeated, rowvar=False), atol=1e-12)
+    values = np.where(np.arange(12) == 4, np.nan, x[:, 0])  # image 4 not scored
+    keep = weights * ~np.isnan(values)
+    assert weighted_mean(values, weights) == pytest.approx(np.repeat(x[:, 0], keep).mean())
 
 
 def test_mean_interval_is_deterministic_and_brackets_the_mean():

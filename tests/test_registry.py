@@ -25,8 +25,9 @@ from sdbatch.evaluation.metric import (
     Metric,
     Score,
     UnitImages,
+    aggregate_with_intervals,
 )
-from sdbatch.evaluation.metric_math import FeatureStats, FrechetReference
+from sdbatch.evaluation.metric_math import FeatureStats, FrechetReference, cluster_counts
 from sdbatch.evaluation.metrics.kid import KidSettings
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.evaluation.registry import REGISTRY
@@ -56,7 +57,7 @@ def synthetic_group(n: int = 20, dim: int = 4) -> ConfigGroup:
     return ConfigGroup(
         config_id="c",
         images=pd.DataFrame(columns),
-        stats=FeatureStats.of(features),
+        merged=FeatureStats.of(features),
         reference=reference,
         frechet=FrechetReference(reference.mu, reference.sigma),
         feature_dim=dim,
@@ -67,8 +68,9 @@ def synthetic_group(n: int = 20, dim: int = 4) -> ConfigGroup:
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_a_metric_aggregates_into_the_columns_the_report_shows(name):
-    metric = REGISTRY[name]
-    row = metric.aggregate(synthetic_group(), SETTINGS.get(metric.settings))
+    metric, group = REGISTRY[name], synthetic_group()
+    weights = cluster_counts(len(group.images), 50, seed=0)  # one image per prompt
+    row, _ = aggregate_with_intervals(metric, group, SETTINGS.get(metric.settings), weights)
     for score in metric.scores:
         assert np.isfinite(row[score.column]), score
         if score.interval:
@@ -136,6 +138,7 @@ def test_a_new_metric_is_one_declaration_and_one_registration(
     assert list(configs.columns)[-3:] == ["bright_share", "bright_share_low", "bright_share_high"]
     # its interval method recorded, and its column in the report
     record = json.loads((out / "metrics" / "metrics.json").read_text())
-    assert record["intervals"]["brightness"] == "percentile bootstrap over images"
+    assert record["intervals"]["brightness"] == Interval.PERCENTILE.value
+    assert record["bootstrap_unit"] == "prompt"
     write_report(str(out))
     assert "| bright share [CI] |" in (out / "report" / "report.md").read_text()

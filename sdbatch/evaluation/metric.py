@@ -5,10 +5,18 @@ A `Metric` says, once: its name in suites and its label; whether higher is bette
 into shards and images.parquet, and how a worker scores them; how one configuration aggregates
 into numbers on the driver, and how their interval is computed; and the columns and plots the
 report shows. `sdbatch.evaluation.registry` lists them.
+
+Intervals come from one bootstrap over prompts for every metric: a replicate draws the run's
+prompts with replacement and takes all their images (the cluster bootstrap of Davison & Hinkley
+1997, sec. 3.8), and a metric's `aggregate` computes it as if the drawn images were the
+configuration's. Images of one prompt are correlated, so resampling images would give intervals
+too narrow; with one image per prompt the two coincide. Every configuration is resampled on the
+same draws, which pairs them (`sdbatch.evaluation.compare`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Callable, Mapping
@@ -20,7 +28,13 @@ import numpy as np
 import pandas as pd
 
 from sdbatch.evaluation.clip import ClipEncoder
-from sdbatch.evaluation.metric_math import FeatureStats, FrechetReference, mean_interval
+from sdbatch.evaluation.metric_math import (
+    FeatureStats,
+    FrechetReference,
+    normal_interval,
+    percentile_interval,
+    weighted_mean,
+)
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.spec import MAX_SEED
 from sdbatch.typed_data import conform, require, within
@@ -38,21 +52,33 @@ class Need(enum.Enum):
 class Interval(enum.Enum):
     """How a metric's confidence interval is computed, in words (metrics.json and the report)."""
 
-    PERCENTILE = "percentile bootstrap over images"
+    PERCENTILE = "percentile bootstrap over prompts (each drawn with all its images)"
     NORMAL = (
-        "estimate +- z * SE, SE the standard deviation of bootstrap replicates over images "
-        "(the reference held fixed)"
+        "estimate +- z * SE, SE the standard deviation of bootstrap replicates over prompts, "
+        "each drawn with all its images (the reference held fixed)"
     )
     NONE = "none; the spread over random subsets is given instead"
+
+    def bounds(
+        self, estimate: float, replicates: np.ndarray, confidence: float
+    ) -> tuple[float, float]:
+        """The interval of `estimate` from its bootstrap replicates, by this method."""
+        if self is Interval.PERCENTILE:
+            return percentile_interval(replicates, confidence)
+        if self is Interval.NORMAL:
+            return normal_interval(estimate, replicates, confidence)
+        raise ValueError(f"{self.name}: a metric without intervals has no replicates")
 
 
 # Intervals settle within a few hundred resamples; each one recomputes every metric.
 MAX_BOOTSTRAP = 10_000
+# What a bootstrap replicate draws (metrics.json): see the module docstring.
+RESAMPLING_UNIT = "prompt"
 
 
 @dataclass(frozen=True)
 class Bootstrap:
-    """Bootstrap confidence intervals over images (a suite's `bootstrap:`)."""
+    """Bootstrap confidence intervals over prompts (a suite's `bootstrap:`)."""
 
     samples: int = 200  # 0 turns intervals off
     confidence: float = 0.95
@@ -106,31 +132,40 @@ class UnitImages:
 @dataclass
 class ConfigGroup:
     """What a metric aggregates on the driver: the images of one configuration that count (those
-    the safety checker flagged are left out under `safety: exclude`)."""
+    the safety checker flagged are left out under `safety: exclude`), each counted once, or as
+    often as a bootstrap replicate drew it (`weights`)."""
 
     config_id: str
     images: pd.DataFrame  # their per-image columns
-    stats: FeatureStats | None  # their features' merged statistics (None: no extractor)
+    merged: FeatureStats | None  # their features' statistics from the shards (None: no extractor)
     reference: ReferenceStats | None
     frechet: FrechetReference | None  # the reference's Gaussian, its square root computed once
     feature_dim: int | None
     bootstrap: Bootstrap
     load_features: Callable[[], np.ndarray]  # their feature vectors, read when a metric asks
+    weights: np.ndarray | None = None  # per image, how often a replicate drew it; None: once
 
     @cached_property
     def features(self) -> np.ndarray:
         return self.load_features()
 
+    @cached_property
+    def stats(self) -> FeatureStats | None:
+        """Their features' statistics, each image counted as `weights` says."""
+        if self.weights is None or self.merged is None:
+            return self.merged
+        return FeatureStats.of(self.features, self.weights)
+
+    def resampled(self, weights: np.ndarray) -> ConfigGroup:
+        """The same images as a bootstrap replicate drew them (weights: per image, how often)."""
+        if len(weights) != len(self.images):
+            raise ValueError(f"{len(weights)} weights for {len(self.images)} images")
+        return dataclasses.replace(self, weights=weights, load_features=lambda: self.features)
+
     def mean(self, column: str, name: str | None = None) -> dict[str, float]:
         """The mean of a per-image column over the images (rows with NaN, which a metric could
-        not score, left out) and its percentile bootstrap interval, as `name`, `name_low` and
-        `name_high`."""
-        name = name or column
-        values = self.images[column].dropna().to_numpy(dtype=np.float64)
-        b = self.bootstrap
-        low, high = mean_interval(values, b.samples, b.confidence, b.seed)
-        mean = float(values.mean()) if len(values) else math.nan
-        return {name: mean, f"{name}_low": low, f"{name}_high": high}
+        not score, left out), as `name`."""
+        return {name or column: weighted_mean(self.images[column].to_numpy(), self.weights)}
 
 
 @dataclass(frozen=True)
@@ -142,8 +177,9 @@ class Metric:
     higher_is_better: bool
     needs: frozenset[Need]
     interval: Interval
-    # One configuration's images -> its columns in configs.parquet. The second argument is the
-    # suite section named by `settings` (None without one).
+    # One configuration's images -> its columns in configs.parquet, without intervals: those
+    # come from calling it on bootstrap replicates (`aggregate_with_intervals`). The second
+    # argument is the suite section named by `settings` (None without one).
     aggregate: Callable[[ConfigGroup, Any], dict[str, Any]]
     scores: tuple[Score, ...]  # the columns the report's table shows
     # Per-image columns a worker writes into each shard (and images.parquet), and how.
@@ -161,3 +197,33 @@ class Metric:
     def headline(self) -> Score:
         """The score the report ranks, plots and compares configurations by: its first."""
         return self.scores[0]
+
+
+def aggregate_with_intervals(
+    metric: Metric, group: ConfigGroup, settings: Any, weights: np.ndarray
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A configuration's columns with `<column>_low` and `<column>_high` after each score that has
+    an interval, and those scores' bootstrap replicates.
+
+    Args:
+        weights: (replicates, images): how often each replicate drew each image of the group.
+
+    Returns:
+        The row, and per score column its replicates (a NaN where a replicate drew no image
+        the metric could score).
+    """
+    estimate = metric.aggregate(group, settings)
+    columns = [s.column for s in metric.scores if s.interval]
+    replicates = {c: np.full(len(weights), math.nan) for c in columns}
+    if columns:
+        for r, drawn in enumerate(weights):
+            resampled = metric.aggregate(group.resampled(drawn), settings)
+            for c in columns:
+                replicates[c][r] = resampled[c]
+    row: dict[str, Any] = {}
+    for name, value in estimate.items():
+        row[name] = value
+        if name in replicates:
+            bounds = metric.interval.bounds(value, replicates[name], group.bootstrap.confidence)
+            row[f"{name}_low"], row[f"{name}_high"] = bounds
+    return row, replicates

@@ -27,11 +27,18 @@ class FeatureStats:
     outer: np.ndarray  # (d, d) float64: the sum of their outer products
 
     @classmethod
-    def of(cls, features: np.ndarray) -> FeatureStats:
+    def of(cls, features: np.ndarray, weights: np.ndarray | None = None) -> FeatureStats:
+        """The statistics of the vectors, each counted `weights[i]` times (whole numbers; once
+        each without weights), as if the repeats were in the set."""
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2:
             raise ValueError(f"features must be (n, d), got shape {x.shape}")
-        return cls(len(x), x.sum(axis=0), x.T @ x)
+        if weights is None:
+            return cls(len(x), x.sum(axis=0), x.T @ x)
+        w = np.asarray(weights, dtype=np.float64)
+        drawn = w > 0
+        x, w = x[drawn], w[drawn]
+        return cls(round(float(w.sum())), w @ x, (x * w[:, None]).T @ x)
 
     @classmethod
     def empty(cls, dim: int) -> FeatureStats:
@@ -120,41 +127,48 @@ def bootstrap_samples(n: int, samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(samples, n))
 
 
-def mean_interval(
-    values: np.ndarray, samples: int, confidence: float, seed: int
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values`."""
+def cluster_counts(clusters: int, samples: int, seed: int) -> np.ndarray:
+    """(samples, clusters): how often each cluster is drawn in each replicate of a bootstrap that
+    resamples whole clusters with replacement (Davison & Hinkley 1997, sec. 3.8; with one member
+    per cluster it is the ordinary bootstrap). The draws are `bootstrap_samples`'; none from a
+    single cluster, whose replicates could not vary."""
+    if clusters < 2:
+        return np.zeros((0, clusters), dtype=np.int64)
+    draws = bootstrap_samples(clusters, samples, seed)
+    offsets = (draws + clusters * np.arange(samples)[:, None]).ravel()
+    return np.bincount(offsets, minlength=samples * clusters).reshape(samples, clusters)
+
+
+def weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The mean of `values`, each counted `weights[i]` times; NaN values (not scored) left out."""
     values = np.asarray(values, dtype=np.float64)
-    if samples == 0 or len(values) < 2:
+    w = np.ones(len(values)) if weights is None else np.asarray(weights, dtype=np.float64)
+    scored = ~np.isnan(values)
+    total = w[scored].sum()
+    return float(w[scored] @ values[scored] / total) if total > 0 else float("nan")
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile bootstrap interval: the replicates' (1 -+ confidence) / 2 quantiles."""
+    r = np.asarray(replicates, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    if len(r) < 2:
         return (float("nan"), float("nan"))
-    means = values[bootstrap_samples(len(values), samples, seed)].mean(axis=1)
     tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
+    low, high = np.quantile(r, [tail, 1 - tail])
     return float(low), float(high)
 
 
-def fid_interval(
-    features: np.ndarray,
-    reference: FrechetReference,
-    samples: int,
-    confidence: float,
-    seed: int,
+def normal_interval(
+    estimate: float, replicates: np.ndarray, confidence: float
 ) -> tuple[float, float]:
-    """Bootstrap interval of FID over the generated images (the reference is held fixed).
-
-    Resampling with replacement repeats images, which shrinks the covariance and biases every
-    replicate's FID upwards, so the percentiles would not even bracket the estimate. The interval
-    is therefore the estimate +- z * SE, with SE the replicates' standard deviation.
-    """
-    features = np.asarray(features, dtype=np.float64)
-    if samples < 2 or len(features) < 2:
+    """estimate +- z * SE, SE the replicates' standard deviation: for statistics whose replicates
+    are biased (FID: repeated images shrink the covariance), so percentiles would not bracket it."""
+    r = np.asarray(replicates, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    if len(r) < 2 or not np.isfinite(estimate):
         return (float("nan"), float("nan"))
-    estimate = fid(FeatureStats.of(features), reference)
-    replicates = [
-        fid(FeatureStats.of(features[rows]), reference)
-        for rows in bootstrap_samples(len(features), samples, seed)
-    ]
-    half = NormalDist().inv_cdf(0.5 + confidence / 2) * float(np.std(replicates, ddof=1))
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * float(np.std(r, ddof=1))
     return estimate - half, estimate + half
 
 

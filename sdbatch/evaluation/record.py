@@ -52,6 +52,9 @@ class MetricsRecord:
     truncated_prompts: int = 0
     truncation: str = TRUNCATION
     intervals: dict[str, str] = dataclasses.field(default_factory=dict)  # metric -> method
+    # What a bootstrap replicate resamples: "prompt" (each with all its images); records without
+    # it resampled single images.
+    bootstrap_unit: str = "image"
     format: int = 1
 
     def to_json(self) -> bytes:

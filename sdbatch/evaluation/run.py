@@ -6,6 +6,9 @@ Writes OUT/metrics/:
                                    seconds per image, and every metric's columns with intervals
     images.parquet                 one row per image: its flag and per-image scores, joinable to
                                    the images on (prompt_id, sample_index, config_id)
+    replicates.parquet             per configuration and bootstrap replicate, every column that
+                                   has an interval; replicate r draws the same prompts for every
+                                   configuration (evaluation.metric), so they pair
     metrics.json                   provenance (evaluation.record), written last
     _shards/KEY/UNIT.npz           per-image features and scores of each generated unit, with
                                    its unit id and image keys; a rerun (after a crash, or once
@@ -30,6 +33,7 @@ from sdbatch import distribute
 from sdbatch.errors import InputError, JobFailed
 from sdbatch.evaluation.gather import gather
 from sdbatch.evaluation.inputs import EvalInputs, resolve_suite
+from sdbatch.evaluation.metric import RESAMPLING_UNIT
 from sdbatch.evaluation.record import MetricsRecord, ReferenceProvenance, write_metrics_record
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.evaluation.shards import FeatureUnit, pending_units
@@ -135,10 +139,10 @@ def evaluate(
     if excluded := int(images["_excluded"].sum()):
         log.info("%d images the safety checker flagged are left out of the metrics", excluded)
     feature_dim = inputs.extractor.dim if inputs.extractor else None
-    table = config_table(run, markers, gathered, reference, feature_dim, suite)
+    table, replicates = config_table(run, markers, gathered, reference, feature_dim, suite)
 
     # 5. write the tables, then metrics.json last: it says the set is complete
-    _write_tables(out, table, images)
+    _write_tables(out, table, images, replicates)
     record = _metrics_record(suite, inputs, reference, images, workers, time.perf_counter() - began)
     write_metrics_record(out, record)
     log.info("metrics of %d configurations in %s/%s", len(table), out.location, METRICS_DIR)
@@ -198,9 +202,11 @@ def _extract(
     return result
 
 
-def _write_tables(out: Output, table: pd.DataFrame, images: pd.DataFrame) -> None:
+def _write_tables(
+    out: Output, table: pd.DataFrame, images: pd.DataFrame, replicates: pd.DataFrame
+) -> None:
     per_image = images.drop(columns=[c for c in images.columns if c.startswith("_")])
-    for name, frame in (("configs", table), ("images", per_image)):
+    for name, frame in (("configs", table), ("images", per_image), ("replicates", replicates)):
         arrow = pa.Table.from_pandas(frame, preserve_index=False)
         out.put(
             f"{METRICS_DIR}/{name}.parquet",
@@ -244,4 +250,5 @@ def _metrics_record(
         if truncated is not None
         else 0,
         intervals={m.name: m.interval.value for m in suite.chosen_metrics},
+        bootstrap_unit=RESAMPLING_UNIT,
     )

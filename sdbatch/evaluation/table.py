@@ -1,16 +1,18 @@
 """The per-configuration table (configs.parquet): each configuration's parameters, how many images
-it has and how many count, its cost, and the columns of every metric of the suite."""
+it has and how many count, its cost, and the columns of every metric of the suite; and the
+bootstrap replicates of the columns with intervals, all drawn on the same prompts."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from sdbatch.evaluation.gather import Gathered
-from sdbatch.evaluation.metric import ConfigGroup
-from sdbatch.evaluation.metric_math import FrechetReference
+from sdbatch.evaluation.metric import ConfigGroup, aggregate_with_intervals
+from sdbatch.evaluation.metric_math import FrechetReference, cluster_counts
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.evaluation.suite import Suite
 from sdbatch.records import RunRecord, UnitMarker
@@ -25,8 +27,9 @@ def config_table(
     reference: ReferenceStats | None,
     feature_dim: int | None,
     suite: Suite,
-) -> pd.DataFrame:
-    """One row per configuration with generated images, in the order of the run's sweep."""
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per configuration with generated images, in the order of the run's sweep; and
+    the replicates: per configuration and replicate, each column with an interval."""
     frechet = FrechetReference(reference.mu, reference.sigma) if reference is not None else None
     seconds: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -34,7 +37,11 @@ def config_table(
         seconds[m.config_id] += m.generation_seconds
         counts[m.config_id] += m.images
     images = gathered.images
-    rows = []
+    # Each replicate draws the run's prompts once for every configuration: that pairs them.
+    prompts = pd.Index(sorted(images["prompt_id"].unique()))
+    b = suite.bootstrap
+    draws = cluster_counts(len(prompts), b.samples, b.seed)
+    rows, replicates = [], []
     for config in run.configs:
         config_id = config.config_id
         generated = images[images["config_id"] == config_id]
@@ -52,14 +59,21 @@ def config_table(
         group = ConfigGroup(
             config_id=config_id,
             images=counted,
-            stats=gathered.stats.get(config_id),
+            merged=gathered.stats.get(config_id),
             reference=reference,
             frechet=frechet,
             feature_dim=feature_dim,
             bootstrap=suite.bootstrap,
             load_features=lambda counted=counted: gathered.features_of(counted, feature_dim),
         )
+        weights = draws[:, prompts.get_indexer(counted["prompt_id"])]
+        drawn = {"config_id": config_id, "replicate": np.arange(b.samples)}
         for metric in suite.chosen_metrics:
-            row.update(metric.aggregate(group, suite.settings_of(metric)))
+            columns, resampled = aggregate_with_intervals(
+                metric, group, suite.settings_of(metric), weights
+            )
+            row.update(columns)
+            drawn.update(resampled)
         rows.append(row)
-    return pd.DataFrame(rows).astype({"n_flagged": "Int64"})
+        replicates.append(pd.DataFrame(drawn))
+    return pd.DataFrame(rows).astype({"n_flagged": "Int64"}), pd.concat(replicates)

@@ -8,20 +8,17 @@ import math
 from typing import Any
 
 from sdbatch.evaluation.metric import ConfigGroup, Interval, Metric, Need, Score
-from sdbatch.evaluation.metric_math import fid, fid_interval
+from sdbatch.evaluation.metric_math import fid
 
 log = logging.getLogger("sdbatch")
 
 
 def aggregate(group: ConfigGroup, settings: Any) -> dict[str, Any]:
-    n, dim, b = len(group.images), group.feature_dim, group.bootstrap
+    n, dim = (group.stats.count if group.stats else 0), group.feature_dim
     row: dict[str, Any] = {"fid": fid(group.stats, group.frechet) if n >= 2 else math.nan}
-    row["fid_low"], row["fid_high"] = fid_interval(
-        group.features, group.frechet, b.samples, b.confidence, b.seed
-    )
     # With fewer images than dimensions the covariance is singular: FID is biased upwards.
     row["fid_ill_conditioned"] = n < dim
-    if n < dim:
+    if n < dim and group.weights is None:  # said once, for the estimate
         log.warning(
             "%s: %d images < %d feature dimensions: FID is biased upwards and ill-conditioned; "
             "compare it only at equal n, or use KID",
