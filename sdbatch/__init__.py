@@ -24,6 +24,7 @@ below it (tests/test_layout.py holds the code to this list).
     reporting.runs                  an evaluated output: configs table, run and metrics records
     reporting.parts                 what a report is made of: sections and figures
     evaluation.run                  evaluate(): plan shards, extract on actors, gather, write
+    evaluation.compare              paired differences and main effects, from shared replicates
     evaluation.table                per-configuration table: every metric's aggregate
     evaluation.gather               shards -> per-image rows, merged statistics, features
     evaluation.worker               plain class: images -> CLIP, features, per-image scores

@@ -23,6 +23,7 @@ from sdbatch.builtin import builtin_path
 from sdbatch.cli import main as cli_main
 from sdbatch.errors import InputError, JobFailed
 from sdbatch.evaluation.clip import ClipEncoder
+from sdbatch.evaluation.compare import compare
 from sdbatch.evaluation.extractors import FidSettings, describe_extractor
 from sdbatch.evaluation.metric_math import FeatureStats, FrechetReference, fid
 from sdbatch.evaluation.reference import (
@@ -109,6 +110,26 @@ def test_intervals_resample_prompts_with_all_their_images(evaluated_output):
         assert configs.loc[config_id, "clip_score_high"] == pytest.approx(high, rel=1e-12)
     assert set(replicates.columns) >= {"config_id", "replicate", "clip_score", "fid"}
     assert len(replicates) == len(configs) * b.samples
+
+
+def test_the_best_is_compared_with_the_others_and_each_axis_has_its_effects(evaluated_output):
+    metrics, b = evaluated_output["out"] / "metrics", evaluated_output["suite"].bootstrap
+    configs = pd.read_parquet(metrics / "configs.parquet")
+    replicates = pd.read_parquet(metrics / "replicates.parquet")
+    differences = pd.read_parquet(metrics / "differences.parquet")
+    # ranked metrics only, each best against the 3 others at the Bonferroni level
+    assert sorted(differences["metric"].unique()) == ["clip_score", "fid"]
+    assert (differences.groupby("metric").size() == 3).all()
+    assert np.allclose(differences["confidence"], 1 - (1 - b.confidence) / 3)
+    row = differences[differences["metric"] == "clip_score"].iloc[0]
+    d = compare(configs, replicates, row["best"], row["other"], "clip_score", row["confidence"])
+    assert (d.difference, d.low, d.high) == (row["difference"], row["low"], row["high"])
+    # the fixture sweeps scheduler and guidance (2 levels each), not steps
+    effects = pd.read_parquet(metrics / "effects.parquet")
+    assert set(effects["axis"]) == {"scheduler", "guidance_scale"}
+    assert set(effects["column"]) == set(replicates.columns) - {"config_id", "replicate"}
+    record = json.loads((metrics / "metrics.json").read_text())
+    assert record["bootstrap_draws"].startswith("sha256:")
 
 
 class _TensorOutputs(torch.nn.Module):

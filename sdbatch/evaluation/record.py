@@ -55,6 +55,9 @@ class MetricsRecord:
     # What a bootstrap replicate resamples: "prompt" (each with all its images); records without
     # it resampled single images.
     bootstrap_unit: str = "image"
+    # Two runs' replicates pair (evaluation.compare) when these are equal: same prompts, samples
+    # and seed.
+    bootstrap_draws: str = ""
     format: int = 1
 
     def to_json(self) -> bytes:

@@ -9,6 +9,11 @@ Writes OUT/metrics/:
     replicates.parquet             per configuration and bootstrap replicate, every column that
                                    has an interval; replicate r draws the same prompts for every
                                    configuration (evaluation.metric), so they pair
+    differences.parquet            per ranked metric, the best configuration minus every other,
+                                   with paired intervals that hold together (evaluation.compare)
+    effects.parquet                per sweep axis and level, every column with an interval
+                                   averaged over the other axes, and its difference from the
+                                   axis's first level, with paired intervals
     metrics.json                   provenance (evaluation.record), written last
     _shards/KEY/UNIT.npz           per-image features and scores of each generated unit, with
                                    its unit id and image keys; a rerun (after a crash, or once
@@ -31,6 +36,7 @@ import pyarrow.parquet as pq
 
 from sdbatch import distribute
 from sdbatch.errors import InputError, JobFailed
+from sdbatch.evaluation.compare import best_versus_others, draws_identity, main_effects
 from sdbatch.evaluation.gather import gather
 from sdbatch.evaluation.inputs import EvalInputs, resolve_suite
 from sdbatch.evaluation.metric import RESAMPLING_UNIT
@@ -141,8 +147,21 @@ def evaluate(
     feature_dim = inputs.extractor.dim if inputs.extractor else None
     table, replicates = config_table(run, markers, gathered, reference, feature_dim, suite)
 
+    confidence = suite.bootstrap.confidence
+    differences = best_versus_others(table, replicates, confidence)
+    effects = main_effects(table, replicates, confidence)
+
     # 5. write the tables, then metrics.json last: it says the set is complete
-    _write_tables(out, table, images, replicates)
+    _write_tables(
+        out,
+        {
+            "configs": table,
+            "images": images.drop(columns=[c for c in images.columns if c.startswith("_")]),
+            "replicates": replicates,
+            "differences": differences,
+            "effects": effects,
+        },
+    )
     record = _metrics_record(suite, inputs, reference, images, workers, time.perf_counter() - began)
     write_metrics_record(out, record)
     log.info("metrics of %d configurations in %s/%s", len(table), out.location, METRICS_DIR)
@@ -202,17 +221,14 @@ def _extract(
     return result
 
 
-def _write_tables(
-    out: Output, table: pd.DataFrame, images: pd.DataFrame, replicates: pd.DataFrame
-) -> None:
-    per_image = images.drop(columns=[c for c in images.columns if c.startswith("_")])
-    for name, frame in (("configs", table), ("images", per_image), ("replicates", replicates)):
+def _write_tables(out: Output, tables: dict[str, pd.DataFrame]) -> None:
+    for name, frame in tables.items():
         arrow = pa.Table.from_pandas(frame, preserve_index=False)
         out.put(
             f"{METRICS_DIR}/{name}.parquet",
             lambda tmp, arrow=arrow: pq.write_table(arrow, tmp, filesystem=out.fs),
         )
-    csv = table.to_csv(index=False).encode()
+    csv = tables["configs"].to_csv(index=False).encode()
     out.put(f"{METRICS_DIR}/configs.csv", lambda tmp: out.fs.pipe_file(tmp, csv))
 
 
@@ -251,4 +267,5 @@ def _metrics_record(
         else 0,
         intervals={m.name: m.interval.value for m in suite.chosen_metrics},
         bootstrap_unit=RESAMPLING_UNIT,
+        bootstrap_draws=draws_identity(list(images["prompt_id"]), suite.bootstrap),
     )
