@@ -6,10 +6,13 @@ steps or guidance recorded for an image not the ones used, the orderings below w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from conftest import REPO
 
+from sdbatch.evaluation.compare import compare
 from sdbatch.evaluation.run import evaluate
 from sdbatch.evaluation.suite import parse_suite
 from sdbatch.generation import generate
@@ -17,7 +20,7 @@ from sdbatch.spec import parse_spec
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, ray_address):
+def toy_metrics(tmp_path_factory, ray_address):
     """The demo's 24 prompts (2 per color x shape) x 8 images, at few and many steps, without
     guidance and with a moderate one."""
     root = tmp_path_factory.mktemp("toy")
@@ -53,7 +56,12 @@ def toy(tmp_path_factory, ray_address):
             "runtime": {"actors": 2},
         }
     )
-    configs = evaluate(str(out), suite, address=ray_address).configs
+    return Path(evaluate(str(out), suite, address=ray_address).metrics)
+
+
+@pytest.fixture(scope="module")
+def toy(toy_metrics):
+    configs = pd.read_parquet(toy_metrics / "configs.parquet")
     return configs.set_index(["num_inference_steps", "guidance_scale"])
 
 
@@ -63,9 +71,12 @@ def test_images_show_the_asked_for_color_and_shape(toy):
     assert good["shape_accuracy"] >= 0.7, good
 
 
-def test_guidance_raises_clip_score_beyond_the_intervals(toy):
+def test_guidance_raises_clip_score_beyond_its_paired_interval(toy, toy_metrics):
     low, high = toy.loc[(20, 1.0)], toy.loc[(20, 4.0)]
-    assert high["clip_score_low"] > low["clip_score_high"], pd.DataFrame([low, high])
+    configs = pd.read_parquet(toy_metrics / "configs.parquet")
+    replicates = pd.read_parquet(toy_metrics / "replicates.parquet")
+    d = compare(configs, replicates, low["config_id"], high["config_id"], "clip_score", 0.95)
+    assert d.low > 0, (d, pd.DataFrame([low, high]))
 
 
 def test_more_steps_lower_fid(toy):
