@@ -111,6 +111,22 @@ def test_intervals_resample_prompts_with_all_their_images(evaluated_output):
     assert set(replicates.columns) >= {"config_id", "replicate", "clip_score", "fid"}
     assert len(replicates) == len(configs) * b.samples
 
+    # FID's replicates of one configuration, from the shards' features by prompt
+    config_id = configs.index[0]
+    shards = [read_npz(str(p)) for p in (out / "metrics" / "_shards").glob("*/*.npz")]
+    features = np.concatenate([s["features"][s["config_id"] == config_id] for s in shards])
+    prompt_of = np.concatenate([s["prompt_id"][s["config_id"] == config_id] for s in shards])
+    record = json.loads((out / "metrics" / "metrics.json").read_text())
+    reference = load_stats(record["reference"]["cache"])
+    stored_fid = replicates[replicates["config_id"] == config_id].sort_values("replicate")["fid"]
+    for rows, stored in zip(draws[:3], stored_fid[:3], strict=True):
+        x = np.concatenate([features[prompt_of == prompts[i]] for i in rows])
+        mu, sigma = x.mean(axis=0), np.cov(x, rowvar=False)
+        covmean = scipy.linalg.sqrtm(sigma @ reference.sigma).real
+        d = mu - reference.mu
+        expected = d @ d + np.trace(sigma) + np.trace(reference.sigma) - 2 * np.trace(covmean)
+        assert stored == pytest.approx(expected, rel=1e-6)
+
 
 def test_the_best_is_compared_with_the_others_and_each_axis_has_its_effects(evaluated_output):
     metrics, b = evaluated_output["out"] / "metrics", evaluated_output["suite"].bootstrap

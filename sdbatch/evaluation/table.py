@@ -67,7 +67,7 @@ def config_table(
             load_features=lambda counted=counted: gathered.features_of(counted, feature_dim),
         )
         weights = draws[:, prompts.get_indexer(counted["prompt_id"])]
-        drawn = {"config_id": config_id, "replicate": np.arange(b.samples)}
+        drawn = {"config_id": config_id, "replicate": np.arange(len(draws))}
         for metric in suite.chosen_metrics:
             columns, resampled = aggregate_with_intervals(
                 metric, group, suite.settings_of(metric), weights
