@@ -72,6 +72,7 @@ def _versus(runs: list[Run], metric: Metric, x: str, x_name: str) -> Figure:
 
 def _tradeoff(runs: list[Run]) -> Figure:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     x_metric, y_metric = TRADEOFF
     x, y = x_metric.headline.column, y_metric.headline.column
@@ -88,7 +89,10 @@ def _tradeoff(runs: list[Run]) -> Figure:
         front = configs[pareto_front(configs)].sort_values(x)
         ax.plot(front[x], front[y], "r-", marker=marker, mfc="none", ms=11,
                 label=f"Pareto front{suffix}")  # fmt: skip
-    fig.colorbar(points, ax=ax, label="model evaluations (UNet calls) per image")
+    fig.colorbar(
+        points, ax=ax, label="model evaluations (UNet calls) per image",
+        ticks=MaxNLocator(integer=True),
+    )  # fmt: skip
     ax.set_xlabel(axis_label(x_metric))
     ax.set_ylabel(axis_label(y_metric))
     ax.grid(alpha=0.3)

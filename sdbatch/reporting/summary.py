@@ -127,7 +127,7 @@ def _every_configuration(run: Run) -> pd.DataFrame:
             "guidance": run.configs["guidance_scale"].map("{:g}".format),
             "images": run.configs["n_images"],
             "UNet evals/image": run.configs["unet_evals_per_image"].map("{:.0f}".format),
-            "time": [_seconds(r) for _, r in run.configs.iterrows()],
+            "measured time": [_seconds(r) for _, r in run.configs.iterrows()],
         }
     )
     if run.has("n_flagged"):  # the model has a safety checker
