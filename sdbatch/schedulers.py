@@ -38,8 +38,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-# Heun's method and DPM-Solver-2 (Karras et al. 2022, arXiv:2206.00364, Alg. 1) evaluate twice per
-# step, but diffusers ends with a plain Euler step to sigma 0: 2n - 1 evaluations for n steps.
+# Heun's method and DPM2 evaluate twice per step but the last, a plain Euler step to sigma 0, as
+# in Karras et al. 2022 (arXiv:2206.00364, Alg. 1): 2n - 1 evaluations for n steps.
 SECOND_ORDER = frozenset({"heun", "kdpm2", "kdpm2_a"})
 
 
