@@ -43,18 +43,24 @@ def label(row: pd.Series) -> str:
     return f"{row['scheduler']}, {steps} steps, guidance {guidance:g}"
 
 
+SECONDS_HEADER = "s/image, median [IQR]"
+
+
 def cost(row: pd.Series) -> str:
     """A configuration's cost in words: model evaluations per image, then measured time."""
     return f"{row['unet_evals_per_image']:.0f} UNet evaluations/image, {_seconds(row)}"
 
 
-def _seconds(row: pd.Series) -> str:
+def _seconds(row: pd.Series, cell: bool = False) -> str:
+    """Measured seconds per image in a sentence, or in a table cell under `SECONDS_HEADER`."""
+    unit = "" if cell else " s/image"
     if "seconds_per_image_median" not in row:  # evaluated by sdbatch 0.1: one mean
-        return f"{row['seconds_per_image']:.3f} s/image (mean, warm-up included)"
+        return f"{row['seconds_per_image']:.3f}{unit} (mean, warm-up included)"
     if pd.isna(row["seconds_per_image_median"]):
-        return "s/image n/a (warm-up batches only)"
+        return f"n/a{unit} (warm-up batches only)"
     q1, median, q3 = (row[f"seconds_per_image_{q}"] for q in ("q1", "median", "q3"))
-    return f"{median:.3f} s/image (median; IQR {q1:.3f}-{q3:.3f})"
+    spread = f"[{q1:.3f}, {q3:.3f}]" if cell else f"(median; IQR {q1:.3f}-{q3:.3f})"
+    return f"{median:.3f}{unit} {spread}"
 
 
 def _best(ranked: pd.DataFrame, metric: Metric) -> pd.Series:
@@ -127,7 +133,7 @@ def _every_configuration(run: Run) -> pd.DataFrame:
             "guidance": run.configs["guidance_scale"].map("{:g}".format),
             "images": run.configs["n_images"],
             "UNet evals/image": run.configs["unet_evals_per_image"].map("{:.0f}".format),
-            "measured time": [_seconds(r) for _, r in run.configs.iterrows()],
+            SECONDS_HEADER: [_seconds(r, cell=True) for _, r in run.configs.iterrows()],
         }
     )
     if run.has("n_flagged"):  # the model has a safety checker
