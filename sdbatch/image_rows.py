@@ -37,6 +37,8 @@ class ImageRow:
     dtype: Annotated[str, pa.string()]
     batch_size: Annotated[int, pa.int32()]  # images in the pipeline call that made it
     generation_seconds: Annotated[float, pa.float64()]  # that call's time over its images
+    # That call was its worker's first at its input shape: its time includes one-time costs.
+    warmup: Annotated[bool, pa.bool_()]
     # The model's safety checker flagged the image (diffusers blacks such images out); None
     # where the model has no checker.
     nsfw_flagged: Annotated[bool | None, pa.bool_()]

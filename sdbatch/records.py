@@ -88,9 +88,15 @@ class RunRecord:
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
-        # Each configuration is stored with its id, which readers look configurations up by.
+        # Each configuration is stored with its id, which readers look configurations up by, and
+        # its cost in model evaluations per image.
         data["configs"] = [
-            {"config_id": c.config_id, **dataclasses.asdict(c)} for c in self.configs
+            {
+                "config_id": c.config_id,
+                "unet_evals_per_image": c.unet_evals_per_image,
+                **dataclasses.asdict(c),
+            }
+            for c in self.configs
         ]
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
@@ -98,11 +104,23 @@ class RunRecord:
     def from_json(cls, body: bytes | str) -> RunRecord:
         """Raises: InputError or ValueError for a file that is not a run record."""
         data = json.loads(body)
-        # The id is a hash of the configuration's fields: derived again, not stored twice.
+        # The id and the cost follow from the configuration's fields: derived again on reading.
+        derived = ("config_id", "unet_evals_per_image")
         data["configs"] = [
-            {k: v for k, v in config.items() if k != "config_id"} for config in data["configs"]
+            {k: v for k, v in config.items() if k not in derived} for config in data["configs"]
         ]
         return from_data(cls, data)
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """One pipeline call of a unit: its images, its wall time, and whether it was warm-up."""
+
+    images: int
+    seconds: float
+    # The worker's first call at this input shape: it pays one-time costs (lazy initialization,
+    # allocator growth, kernel selection), so it does not measure what an image costs.
+    warmup: bool
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,9 @@ class UnitMarker:
     bytes: int = 0
     sha256: str = ""
     run: str = ""  # the identity of the run that made it (RunRecord.identity)
+    # Each pipeline call in order, and the device they ran on (empty in outputs of sdbatch 0.1).
+    batches: tuple[BatchTiming, ...] = ()
+    device: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from sdbatch.schedulers import unet_evals_per_image
 from sdbatch.spec import Sweep
 
 
@@ -35,6 +36,11 @@ class Config:
         """Readable and stable: ``ddim-s25-g7.5-3fa9c1``; the hash covers every field."""
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
         return f"{self.scheduler}-s{self.num_inference_steps}-g{self.guidance_scale:g}-{digest[:6]}"
+
+    @property
+    def unet_evals_per_image(self) -> int:
+        """Model evaluations (UNet calls, per image of a batch) that one image costs."""
+        return unet_evals_per_image(self.scheduler, self.num_inference_steps, self.guidance_scale)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from sdbatch.errors import first_line
 from sdbatch.image_rows import ImageRow, image_table
 from sdbatch.models import ModelSource, load_pipeline
 from sdbatch.output import Output
-from sdbatch.records import UnitMarker, library_versions
-from sdbatch.schedulers import make_scheduler
+from sdbatch.records import BatchTiming, UnitMarker, library_versions
+from sdbatch.schedulers import guidance_passes, make_scheduler
 from sdbatch.sweep import WorkUnit, image_seed
 
 log = logging.getLogger("sdbatch")
@@ -66,6 +66,8 @@ class Worker:
         self._output = Output(setup.output)
         # Lowered, for the rest of this worker's life, when a batch runs out of memory.
         self.batch_size = setup.batch_size
+        # The UNet input shapes this worker has run: the first call at each one is warm-up.
+        self._shapes: set[tuple[int, int, int]] = set()
         # zlib releases the GIL, so PNG encoding of one batch overlaps the next batch's denoising.
         self._encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
 
@@ -73,13 +75,18 @@ class Worker:
         """Where this worker runs, for the run's provenance."""
         import torch
 
-        device = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
         return {
             "host": socket.gethostname(),
-            "device": device,
+            "device": self.device_name(),
             "torch_threads": torch.get_num_threads(),
             "versions": library_versions(),
         }
+
+    def device_name(self) -> str:
+        """The accelerator's name (``NVIDIA H100 80GB HBM3``), or ``cpu``."""
+        import torch
+
+        return torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
 
     def run(self, unit: WorkUnit) -> Iterator[int | UnitMarker]:
         """Generate `unit`, yielding each batch's image count; commit it and yield its marker."""
@@ -93,12 +100,20 @@ class Worker:
         images = [
             (p, s) for p in range(len(unit.prompt_ids)) for s in range(unit.images_per_prompt)
         ]
+        config = unit.config
         rows: list[ImageRow] = []
         pngs = []
+        timings: list[BatchTiming] = []
         start = 0
         while start < len(images):
             batch = images[start : start + self.batch_size]
             seeds = [image_seed(unit.seed, unit.prompt_ids[p], s) for p, s in batch]
+            passes = guidance_passes(config.guidance_scale)
+            shape = (len(batch) * passes, config.height, config.width)
+            # Not a switch of scheduler: it builds no tensors (measured no slower). The first
+            # call at a new shape is left out too: on a GPU it selects kernels and grows the
+            # memory pool; leaving out one call per shape costs one sample, counting it a bias.
+            warmup = shape not in self._shapes
             began = time.perf_counter()
             try:
                 pixels, flags = self._generate(unit, [p for p, _ in batch], seeds)
@@ -107,12 +122,15 @@ class Worker:
                     raise
                 self._shrink_batch(len(batch), e)
                 continue
+            wall = time.perf_counter() - began
+            self._shapes.add(shape)
+            timings.append(BatchTiming(len(batch), wall, warmup))
             start += len(batch)
-            seconds = (time.perf_counter() - began) / len(batch)
+            seconds = wall / len(batch)
             level = self.setup.png_compress_level
             pngs += [self._encoder.submit(encode_png, px, level) for px in pixels]
             rows += [
-                self._row(unit, p, s, seed, flag, len(batch), seconds)
+                self._row(unit, p, s, seed, flag, len(batch), seconds, warmup)
                 for (p, s), seed, flag in zip(batch, seeds, flags, strict=True)
             ]
             yield len(batch)
@@ -128,6 +146,8 @@ class Worker:
             generation_seconds=sum(r.generation_seconds for r in rows),
             nsfw_flagged=sum(bool(r.nsfw_flagged) for r in rows),
             run=unit.run,
+            batches=tuple(timings),
+            device=self.device_name(),
         )
         yield self._output.commit_unit(image_table(rows), marker, self.setup.run_id)
 
@@ -183,6 +203,7 @@ class Worker:
         flagged: bool | None,
         batch: int,
         seconds: float,
+        warmup: bool,
     ) -> ImageRow:
         config = unit.config
         prompt_id = unit.prompt_ids[p]
@@ -204,6 +225,7 @@ class Worker:
             dtype=self.setup.dtype,
             batch_size=batch,
             generation_seconds=seconds,
+            warmup=warmup,
             nsfw_flagged=flagged,
         )
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
@@ -41,6 +42,12 @@ def test_an_old_output_reports_from_its_own_metrics(old):
     best = configs.loc[configs["fid"].idxmin()]
     assert f"Best by FID: **ddim, 2 steps, guidance {best['guidance_scale']:g}**" in markdown
     assert "builtin:tiny-clip" in markdown
+    # its cost: evaluations derived from its configurations, its time the old mean, said so
+    evals = 4 if best["guidance_scale"] > 1 else 2
+    assert (
+        f"{evals} UNet evaluations/image, {best['seconds_per_image']:.3f} s/image (mean, "
+        in markdown
+    )
 
 
 def test_an_old_output_resumes_and_extends(old, ray_address):
@@ -76,10 +83,17 @@ def test_an_old_output_evaluates_from_its_shards_to_the_same_numbers(old, ray_ad
     # intervals are not: 0.1.0 resampled images, today's code resamples prompts
     assert {p: p.stat().st_mtime_ns for p in shards} == shards
     intervals = [c for c in before.columns if c.endswith(("_low", "_high"))]
-    assert intervals and list(after.columns) == list(before.columns)
-    pd.testing.assert_frame_equal(
-        after.drop(columns=intervals), before.drop(columns=intervals), rtol=1e-9, check_dtype=False
-    )
+    metrics = [c for c in before.columns if c != "seconds_per_image" and c not in intervals]
+    assert intervals and set(before.columns) - {"seconds_per_image"} <= set(after.columns)
+    pd.testing.assert_frame_equal(after[metrics], before[metrics], rtol=1e-9, check_dtype=False)
+    # cost: model evaluations from the configuration; its markers kept one time per unit (two
+    # units of 2 images each here), so the median of the two is the old mean
+    assert after["unet_evals_per_image"].to_dict() == {
+        "ddim-s2-g1-26561f": 2,
+        "ddim-s2-g7.5-122e94": 4,
+    }
+    assert np.allclose(after["seconds_per_image_median"], before["seconds_per_image"])
+    assert (after["timed_batches"] == 2).all() and (after["devices"] == "unknown").all()
     record = json.loads((out / "metrics" / "metrics.json").read_text())
     assert record["images"] == 8 and record["suite"]["name"] == "old"
     assert record["bootstrap_unit"] == "prompt"

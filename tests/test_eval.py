@@ -36,8 +36,11 @@ from sdbatch.evaluation.reference import (
 from sdbatch.evaluation.run import evaluate
 from sdbatch.evaluation.shards import FeatureUnit, read_npz
 from sdbatch.evaluation.suite import Suite, parse_suite
+from sdbatch.evaluation.table import TIMING_COLUMNS, batch_frame, timing
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
 from sdbatch.models import CLIP, resolve_model
+from sdbatch.output import Output
+from sdbatch.records import BatchTiming, UnitMarker
 from sdbatch.toy.world import write_reference
 
 
@@ -71,10 +74,23 @@ def test_tables_cover_every_image_and_join_back(evaluated_output):
     assert configs["fid_ill_conditioned"].all()  # 14 images < 16 feature dimensions
     # builtin:tiny has no safety checker: nothing flagged, not even "none flagged"
     assert configs["n_flagged"].isna().all() and (configs["n_excluded"] == 0).all()
-    seconds = images.groupby("config_id")["generation_seconds"].mean()
-    assert np.allclose(
-        configs.set_index("config_id")["seconds_per_image"], seconds[configs["config_id"]]
-    )
+    # cost: 2 steps, twice under guidance; times from each batch, the warm-up ones left out
+    assert (configs["unet_evals_per_image"] == 2 * configs["guidance_scale"].gt(1).add(1)).all()
+    warmups = {}
+    for marker in Output(str(out)).done_units():
+        # the image rows say which batch was warm-up, as the marker does
+        rows = pq.read_table(out / marker.file, columns=["warmup"]).column(0).to_pylist()
+        assert rows == [b.warmup for b in marker.batches for _ in range(b.images)]
+        warmups.setdefault(marker.config_id, []).extend(b.warmup for b in marker.batches)
+    per_config = configs.set_index("config_id")
+    # 7 prompts x 2 images in shards of 2 prompts, batches of 4: 4 batches per configuration
+    assert {c: len(w) for c, w in warmups.items()} == dict.fromkeys(per_config.index, 4)
+    assert {c: sum(w) for c, w in warmups.items()} == per_config["warmup_batches"].to_dict()
+    assert (per_config["timed_batches"] + per_config["warmup_batches"] == 4).all()
+    timed = per_config.dropna(subset=["seconds_per_image_median"])
+    assert len(timed) and (timed["devices"] == "cpu").all()
+    assert (timed["seconds_per_image_q1"] <= timed["seconds_per_image_median"]).all()
+    assert (timed["seconds_per_image_median"] <= timed["seconds_per_image_q3"]).all()
     parquet = pd.read_parquet(out / "metrics" / "configs.parquet")
     assert list(parquet.columns) == list(configs.columns) and len(parquet) == len(configs)
 
@@ -146,6 +162,28 @@ def test_the_best_is_compared_with_the_others_and_each_axis_has_its_effects(eval
     assert set(effects["column"]) == set(replicates.columns) - {"config_id", "replicate"}
     record = json.loads((metrics / "metrics.json").read_text())
     assert record["bootstrap_draws"].startswith("sha256:")
+
+
+def test_timing_is_the_median_and_quartiles_of_batches_that_are_not_warm_up():
+    gpu = (BatchTiming(4, 9.0, True), BatchTiming(4, 0.8, False), BatchTiming(2, 0.5, False))
+    cpu = (BatchTiming(4, 1.2, False), BatchTiming(4, 4.0, False), BatchTiming(4, 0.6, False))
+    markers = [
+        UnitMarker("u1", "c", ("p",), 10, 0.0, device="NVIDIA H100", batches=gpu),
+        UnitMarker("u2", "c", ("q",), 12, 0.0, device="cpu", batches=cpu),
+        # a unit of sdbatch 0.1: no batches, its total time over its images
+        UnitMarker("u3", "c", ("r",), 5, 1.5),
+    ]
+    got = timing(batch_frame(markers))
+    per_image = np.array([0.8 / 4, 0.5 / 2, 1.2 / 4, 4.0 / 4, 0.6 / 4, 1.5 / 5])
+    q1, median, q3 = np.percentile(per_image, [25, 50, 75])
+    assert got["seconds_per_image_median"] == pytest.approx(median)
+    assert got["seconds_per_image_q1"] == pytest.approx(q1)
+    assert got["seconds_per_image_q3"] == pytest.approx(q3)
+    assert (got["timed_batches"], got["warmup_batches"]) == (6, 1)
+    assert got["devices"] == "NVIDIA H100, cpu, unknown"
+    # only warm-up: no time is claimed
+    alone = timing(batch_frame(markers[:1]).iloc[:1])
+    assert np.isnan(alone["seconds_per_image_median"]) and alone["timed_batches"] == 0
 
 
 class _TensorOutputs(torch.nn.Module):
@@ -247,8 +285,9 @@ def test_rerun_extracts_only_missing_shards_and_reuses_the_reference(
     assert cache[0].stat().st_mtime_ns == cache_mtime
     before = evaluated_output["summary"].configs.set_index("config_id").sort_index()
     after = summary.configs.set_index("config_id").sort_index()
+    measured = list(TIMING_COLUMNS)
     pd.testing.assert_frame_equal(
-        before.drop(columns="seconds_per_image"), after.drop(columns="seconds_per_image"), rtol=1e-6
+        before.drop(columns=measured), after.drop(columns=measured), rtol=1e-6
     )
 
 

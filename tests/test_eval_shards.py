@@ -33,6 +33,7 @@ from sdbatch.evaluation.shards import (
     write_npz,
 )
 from sdbatch.evaluation.suite import parse_suite
+from sdbatch.evaluation.table import TIMING_COLUMNS
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
 from sdbatch.toy.world import write_reference
 
@@ -78,7 +79,7 @@ DAMAGES = {
 
 
 def comparable(configs: pd.DataFrame) -> pd.DataFrame:
-    return configs.drop(columns="seconds_per_image").set_index("config_id").sort_index()
+    return configs.drop(columns=list(TIMING_COLUMNS)).set_index("config_id").sort_index()
 
 
 def fault_warnings(caplog) -> list[str]:

@@ -28,6 +28,7 @@ from sdbatch.cli import main as cli_main
 from sdbatch.errors import JobFailed
 from sdbatch.evaluation.run import evaluate
 from sdbatch.evaluation.suite import parse_suite
+from sdbatch.evaluation.table import TIMING_COLUMNS
 from sdbatch.generation import generate
 from sdbatch.spec import parse_spec
 from sdbatch.toy.world import write_reference
@@ -221,7 +222,7 @@ def test_eval_killed_mid_way_resumes_without_redoing_finished_shards(
         if path.exists():  # reference shards are dropped once the statistics are cached
             assert path.stat().st_mtime_ns == mtime, f"{path.name} was extracted again"
     whole = evaluate(str(outputs["whole"]), parse_suite(data), address=ray_address)
-    columns = [c for c in whole.configs.columns if c != "seconds_per_image"]
+    columns = [c for c in whole.configs.columns if c not in TIMING_COLUMNS]
     pd.testing.assert_frame_equal(
         resumed.configs[columns].set_index("config_id").sort_index(),
         whole.configs[columns].set_index("config_id").sort_index(),

@@ -110,6 +110,8 @@ def test_sweep_rows_are_complete_unique_and_self_consistent(reference):
     assert set(run["versions"]) >= {"sdbatch", "torch", "diffusers", "transformers", "ray"}
     assert run["model"]["identity"].startswith("sha256:")
     assert run["history"][-1]["new_images"] == 48
+    # each configuration's cost: 2 steps, twice under guidance
+    assert sorted(c["unet_evals_per_image"] for c in configs.values()) == [2, 2, 4, 4]
 
 
 def test_output_reads_with_datasets_pandas_and_ray_data(reference, tmp_path):

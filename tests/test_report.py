@@ -66,6 +66,13 @@ def test_report_names_the_best_configurations(reported):
     best_clip = configs.loc[configs["clip_score"].idxmax(), "config_id"]
     assert re.search(rf"Best by FID: .*`{best_fid}`", markdown)
     assert re.search(rf"Best by CLIP score: .*`{best_clip}`", markdown)
+    # cost in model evaluations (2 steps, doubled by guidance), then the measured time
+    evals = configs.set_index("config_id")["unet_evals_per_image"]
+    assert evals[best_fid] == (4 if "-g7.5-" in best_fid else 2)
+    assert re.search(
+        rf"`{best_fid}`\), [^\n]*, {evals[best_fid]} UNet evaluations/image, ", markdown
+    )
+    assert "leaving out warm-up" in markdown
     for config_id in configs["config_id"]:
         assert f"| {config_id} |" in markdown
     front = configs[pareto_front(configs)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import json
 
 import diffusers
@@ -15,9 +16,11 @@ import torch
 from PIL import Image
 
 from sdbatch.errors import StoreFailed
+from sdbatch.evaluation.table import batch_frame, timing
 from sdbatch.lease import acquire
 from sdbatch.models import resolve_model
 from sdbatch.output import Output
+from sdbatch.records import UnitMarker
 from sdbatch.schedulers import SCHEDULERS
 from sdbatch.sweep import Config, plan_units
 from sdbatch.worker import GenerationSetup, Worker
@@ -68,6 +71,51 @@ def test_every_scheduler_runs_without_reloading_weights(worker, name):
     assert worker.pipe.unet is unet and unet.conv_in.weight.data_ptr() == weights
     table = pq.read_table(Output(worker.setup.output).path(marker.file))
     assert table.column("scheduler").to_pylist() == [name]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_unet_evaluations_per_image_are_counted_as_the_formula_says(worker, name, monkeypatch):
+    """The cost a configuration records is what diffusers does: every UNet call counted, each
+    image of its batch one evaluation (guidance doubles the batch rather than the calls)."""
+    unet = worker.pipe.unet
+    forward, evaluated = unet.forward, []
+
+    def counting(sample, *args, **kwargs):
+        evaluated.append(sample.shape[0])
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", counting)
+    for steps, guidance in itertools.product((1, 2, 3), (1.0, 7.5)):
+        config = Config(name, steps, guidance, 32, 32, "")
+        evaluated.clear()
+        run(worker, one_unit(config, texts=("a", "b"), images_per_prompt=1))
+        assert sum(evaluated) / 2 == config.unet_evals_per_image, (steps, guidance)
+
+
+def test_a_workers_first_batch_at_each_shape_is_warm_up_and_left_out_of_its_time(tmp_path):
+    worker = Worker(setup(tmp_path, batch_size=2))
+    ddim = Config("ddim", 2, 7.5, 32, 32, "")
+    _, first = run(worker, one_unit(ddim, texts=("a", "b", "c"), images_per_prompt=2))
+    texts = ("a", "b", "c", "d")  # two batches of 2
+    # another scheduler at the same shape is warm; guidance 1 halves the UNet's batch, a new shape
+    _, euler = run(worker, one_unit(Config("euler", 2, 7.5, 32, 32, ""), texts=texts))
+    _, unguided = run(worker, one_unit(Config("ddim", 2, 1.0, 32, 32, ""), texts=texts))
+    _, larger = run(worker, one_unit(Config("ddim", 2, 7.5, 64, 64, ""), texts=texts))
+    assert [b.warmup for b in first.batches] == [True, False, False]
+    assert [[b.warmup for b in m.batches] for m in (euler, unguided, larger)] == [
+        [False, False], [True, False], [True, False],
+    ]  # fmt: skip
+    assert first.device == "cpu" and [b.images for b in first.batches] == [2, 2, 2]
+    on_disk = UnitMarker.from_json((tmp_path / "_units" / f"{first.unit_id}.json").read_bytes())
+    assert on_disk.batches == first.batches
+    rows = pq.read_table(tmp_path / first.file).to_pylist()
+    assert [r["warmup"] for r in rows] == [True, True, False, False, False, False]
+    seconds = [b.seconds / b.images for b in first.batches]
+    assert [r["generation_seconds"] for r in rows] == [s for s in seconds for _ in range(2)]
+
+    timed = timing(batch_frame([first]))
+    assert timed["seconds_per_image_median"] == pytest.approx(np.median(seconds[1:]))
+    assert (timed["timed_batches"], timed["warmup_batches"]) == (2, 1)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The report's plots (matplotlib, PNG): each ranked metric against guidance scale and against
-steps, with intervals as bands, and the trade-off between two metrics colored by cost, with its
-Pareto front. What the data cannot support is said in a sentence instead of drawn."""
+steps, with intervals as bands, and the trade-off between two metrics colored by cost (model
+evaluations per image), with its Pareto front. What the data cannot support is said in a sentence
+instead of drawn."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def _versus(runs: list[Run], metric: Metric, x: str, x_name: str) -> Figure:
 
 def _tradeoff(runs: list[Run]) -> Figure:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     x_metric, y_metric = TRADEOFF
     x, y = x_metric.headline.column, y_metric.headline.column
@@ -81,13 +83,16 @@ def _tradeoff(runs: list[Run]) -> Figure:
         configs = run.configs
         suffix = f" ({run.name})" if len(runs) > 1 else ""
         points = ax.scatter(
-            configs[x], configs[y], c=configs["seconds_per_image"], cmap="viridis",
+            configs[x], configs[y], c=configs["unet_evals_per_image"], cmap="viridis",
             marker=marker, label=f"configurations{suffix}",
         )  # fmt: skip
         front = configs[pareto_front(configs)].sort_values(x)
         ax.plot(front[x], front[y], "r-", marker=marker, mfc="none", ms=11,
                 label=f"Pareto front{suffix}")  # fmt: skip
-    fig.colorbar(points, ax=ax, label="seconds per image")
+    fig.colorbar(
+        points, ax=ax, label="model evaluations (UNet calls) per image",
+        ticks=MaxNLocator(integer=True),
+    )  # fmt: skip
     ax.set_xlabel(axis_label(x_metric))
     ax.set_ylabel(axis_label(y_metric))
     ax.grid(alpha=0.3)

@@ -42,4 +42,8 @@ def load_run(location: str) -> Run:
         raise InputError(f"OUT: {location} has no metrics/metrics.json; run sdbatch eval first")
     with out.fs.open(out.path(METRICS_DIR, "configs.parquet"), "rb") as f:
         configs = pd.read_parquet(f).sort_values(PARAMS, ignore_index=True)
+    if "unet_evals_per_image" not in configs:
+        # evaluated before sdbatch recorded the cost: it follows from each configuration
+        evals = {c.config_id: c.unet_evals_per_image for c in record.configs}
+        configs["unet_evals_per_image"] = configs["config_id"].map(evals)
     return Run(record.spec.name, out, configs, metrics, record)

@@ -43,6 +43,26 @@ def label(row: pd.Series) -> str:
     return f"{row['scheduler']}, {steps} steps, guidance {guidance:g}"
 
 
+SECONDS_HEADER = "s/image, median [IQR]"
+
+
+def cost(row: pd.Series) -> str:
+    """A configuration's cost in words: model evaluations per image, then measured time."""
+    return f"{row['unet_evals_per_image']:.0f} UNet evaluations/image, {_seconds(row)}"
+
+
+def _seconds(row: pd.Series, cell: bool = False) -> str:
+    """Measured seconds per image in a sentence, or in a table cell under `SECONDS_HEADER`."""
+    unit = "" if cell else " s/image"
+    if "seconds_per_image_median" not in row:  # evaluated by sdbatch 0.1: one mean
+        return f"{row['seconds_per_image']:.3f}{unit} (mean, warm-up included)"
+    if pd.isna(row["seconds_per_image_median"]):
+        return f"n/a{unit} (warm-up batches only)"
+    q1, median, q3 = (row[f"seconds_per_image_{q}"] for q in ("q1", "median", "q3"))
+    spread = f"[{q1:.3f}, {q3:.3f}]" if cell else f"(median; IQR {q1:.3f}-{q3:.3f})"
+    return f"{median:.3f}{unit} {spread}"
+
+
 def _best(ranked: pd.DataFrame, metric: Metric) -> pd.Series:
     column = ranked[metric.headline.column]
     return ranked.loc[column.idxmax() if metric.higher_is_better else column.idxmin()]
@@ -66,7 +86,7 @@ def _summary(run: Run) -> Section:
         best = _best(ranked, metric)
         line = (
             f"Best by {metric.label}: **{label(best)}** (`{best['config_id']}`), "
-            f"{score.cell(best)}, {best['seconds_per_image']:.3f} s/image."
+            f"{score.cell(best)}, {cost(best)}."
         )
         others = ranked.drop(index=best.name)
         if len(others):
@@ -94,7 +114,7 @@ def _summary(run: Run) -> Section:
         )
         picks = "; ".join(
             f"{label(r)} ({y.label} {r[y.headline.column]:.2f}, "
-            f"{x.label} {r[x.headline.column]:.2f}, {r['seconds_per_image']:.3f} s/image)"
+            f"{x.label} {r[x.headline.column]:.2f}, {cost(r)})"
             for _, r in front.iterrows()
         )
         lines.append(
@@ -112,7 +132,8 @@ def _every_configuration(run: Run) -> pd.DataFrame:
             "steps": run.configs["num_inference_steps"],
             "guidance": run.configs["guidance_scale"].map("{:g}".format),
             "images": run.configs["n_images"],
-            "s/image": run.configs["seconds_per_image"].map("{:.3f}".format),
+            "UNet evals/image": run.configs["unet_evals_per_image"].map("{:.0f}".format),
+            SECONDS_HEADER: [_seconds(r, cell=True) for _, r in run.configs.iterrows()],
         }
     )
     if run.has("n_flagged"):  # the model has a safety checker
@@ -190,6 +211,12 @@ def _provenance(run: Run) -> Section:
         lines.append(
             f"Intervals ({b.confidence:.0%}, {b.samples} bootstrap resamples, seed {b.seed}): "
             f"{methods}."
+        )
+    if run.has("devices"):
+        devices = sorted({d for ds in run.configs["devices"] for d in ds.split(", ")})
+        lines.append(
+            f"Times measured on {', '.join(devices)}: median and quartiles over each "
+            "configuration's batches, leaving out warm-up (a worker's first batch at each shape)."
         )
     versions = ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items()))
     lines.append(f"Versions: {versions}. Evaluated {m.finished}.")
