@@ -164,6 +164,7 @@ def generate(
                 run_id=holder.run_id,
                 batch_size=spec.runtime.batch_size,
                 png_compress_level=spec.runtime.png_compress_level,
+                log_dir=out.log_folder(),
             )
             progress = (total, total - left, "generating")
             result = distribute.run_units(
