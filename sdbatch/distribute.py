@@ -34,7 +34,8 @@ from tqdm import tqdm
 from sdbatch.errors import InputError, JobFailed, first_line
 
 log = logging.getLogger("sdbatch")
-# transformers warns at import about optional vision backends; workers only need errors.
+# transformers warns at import about optional vision backends, before a worker can send its
+# warnings to its log file (quiet_libraries).
 ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
 # Ray forwards a worker's stderr to the driver's, once per batch for a warning the libraries
 # repeat per call (diffusers' prompt truncation, up to 20,000 characters a line): workers write

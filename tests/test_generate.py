@@ -401,7 +401,11 @@ def test_demo_command_runs_end_to_end(tmp_path):
     proc = sdbatch("demo", "--out", str(tmp_path / "demo"), env=env, cwd=REPO)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    assert out.strip() == str(tmp_path / "demo" / "report" / "index.html")
+    report = tmp_path / "demo" / "report" / "index.html"
+    assert out.strip() == str(report)
+    # Printed once, on stdout; no notice from the local Ray instance nor lines from its workers.
+    assert str(report) not in err and "Token authentication" not in err
+    assert not [line for line in err.splitlines() if " pid=" in line], err
     spec = load_spec(REPO / "jobs" / "demo.yaml")
     sweep = spec.sweep
     configs = len(sweep.scheduler) * len(sweep.num_inference_steps) * len(sweep.guidance_scale)
@@ -464,6 +468,7 @@ def test_partiprompts_run_keeps_library_warnings_in_the_log_file(tmp_path, parti
     assert len(err.encode()) < 2_000, err
     lines = [line for line in err.splitlines() if line]  # the bar starts lines with \r
     assert max(map(len, lines)) < 300, err
+    # No worker's lines ("(Worker pid=...)") and no notice of the local Ray instance.
     assert all(line.startswith(("sdbatch: ", "generating: ")) for line in lines), err
     assert f"sdbatch: the workers' library warnings are in {tmp_path}/out/_logs" in lines
     logs = "".join(p.read_text() for p in (tmp_path / "out" / "_logs").glob("worker-*.log"))
