@@ -26,6 +26,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from tqdm import tqdm
@@ -33,8 +34,14 @@ from tqdm import tqdm
 from sdbatch.errors import InputError, JobFailed, first_line
 
 log = logging.getLogger("sdbatch")
-# transformers warns at import about optional vision backends; workers only need errors.
+# transformers warns at import about optional vision backends, before a worker can send its
+# warnings to its log file (quiet_libraries).
 ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
+# Ray forwards a worker's stderr to the driver's, once per batch for a warning the libraries
+# repeat per call (diffusers' prompt truncation, up to 20,000 characters a line): workers write
+# these loggers' warnings to a log file of their own, and only their errors to stderr.
+LIBRARY_LOGGERS = ("diffusers", "transformers", "py.warnings")
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Joining a cluster: ray.init retries an address nobody answers at for about 14 minutes.
 CONNECT_SECONDS = 10
 ASK_CLUSTER_ID = """
@@ -84,9 +91,18 @@ def session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    _check_cluster(address)
+    starts_local = _check_cluster(address)
     sigterm = signal.getsignal(signal.SIGTERM)
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    # Ray announces on every new local instance that it turned token authentication on (its
+    # default, which stays); sdbatch starts one per run, so the notice would open every run.
+    notice = logging.getLogger(AUTH_NOTICE_LOGGER)
+    level = notice.level
+    if starts_local:
+        notice.setLevel(logging.ERROR)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    finally:
+        notice.setLevel(level)
     # ray.init makes SIGTERM exit at once (status 15); a handler the caller set (the CLI's, which
     # stops like Ctrl-C) stays in charge.
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
@@ -97,21 +113,21 @@ def session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _check_cluster(address: str | None) -> None:
+def _check_cluster(address: str | None) -> bool:
     """Raise InputError within seconds when the cluster `address` (or $RAY_ADDRESS, or 'auto')
     names does not answer, or refuses us; ray.init would retry for minutes, then print a
-    traceback."""
+    traceback. Returns whether ray.init will start a local instance instead."""
     from ray._private.services import canonicalize_bootstrap_address
 
     if "://" in (address or os.environ.get("RAY_ADDRESS", "")):
-        return  # Ray Client (ray://): ray.init has its own time limit
+        return False  # Ray Client (ray://): ray.init has its own time limit
     field = "--address" if address else "RAY_ADDRESS"
     try:
         gcs = canonicalize_bootstrap_address(address)
     except (ConnectionError, ValueError) as e:
         raise InputError(f"{field}: {first_line(e)}") from None
     if gcs is None:
-        return  # a local instance is started
+        return True
     host, port = gcs.rsplit(":", 1)
     try:
         socket.create_connection((host.strip("[]"), int(port)), CONNECT_SECONDS).close()
@@ -136,6 +152,39 @@ def _check_cluster(address: str | None) -> None:
         )
     if answer:
         raise InputError(f"{field}: cannot join the Ray cluster at {gcs}: {answer}")
+    return False
+
+
+def quiet_libraries(log_dir: str) -> Path:
+    """Send this process's library warnings, Python's warnings among them, to
+    LOG_DIR/worker-HOST-PID.log (made at the first one) and only their errors to stderr; returns
+    the file's path. For a worker process: it changes logging for the whole process."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    # Both libraries give their root logger a stderr handler of their own.
+    diffusers.utils.logging.disable_default_handler()
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.set_verbosity_warning()  # ACTOR_ENV only quiets its import
+    logging.captureWarnings(True)
+    path = Path(log_dir) / f"worker-{socket.gethostname()}-{os.getpid()}.log"
+    to_file = _LogFile(path, delay=True)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    errors = logging.StreamHandler()
+    errors.setLevel(logging.ERROR)
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [to_file, errors]
+        logger.propagate = False
+    return path
+
+
+class _LogFile(logging.FileHandler):
+    """A log file whose folder is made with the file: a quiet worker leaves nothing behind."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
 
 
 def local_without_gpu(address: str | None) -> bool:
@@ -237,7 +286,7 @@ def run_units(
 
     Args:
         worker: a class with `describe()` and a generator `run(unit)`, built from `setup`
-            (a dataclass with a `threads` field: what every actor loads).
+            (a dataclass with `threads` and `log_dir` fields: what every actor loads).
         progress: (total images, images already done, what the bar says it is doing).
         split: a unit's halves (none for a unit that cannot be split).
 
@@ -374,6 +423,8 @@ def run_units(
             bar.close()
         for actor in actors:
             ray.kill(actor)
+    if setup.log_dir and Path(setup.log_dir).is_dir():
+        log.info("the workers' library warnings are in %s", setup.log_dir)
     return result
 
 

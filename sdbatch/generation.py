@@ -47,6 +47,8 @@ log = logging.getLogger("sdbatch")
 # Larger jobs need `confirmed` (--yes): a slip in images_per_prompt or a sweep list must not
 # start days of GPU time unasked. jobs/sd15_parti.yaml (117,504 images) is one that needs it.
 MAX_UNCONFIRMED_IMAGES = 100_000
+# How a refusal of the output goes on: --out overrides the spec's `output` and its default.
+ELSEWHERE = "choose another output with --out"
 # Fields of run.json that fix what every image looks like: a rerun must match them exactly.
 FIXED_FIELDS = (
     ("model", "identity"),
@@ -122,7 +124,8 @@ def generate(
         )
     model = resolve_model(spec.model, spec.model_revision, allow_pickle=spec.model_allow_pickle)
     out = Output(output or spec.output or f"out/{spec.name}")
-    _check_output(out, spec)
+    field = _output_field(output, spec)
+    _check_output(out, spec, field)
     spec = dataclasses.replace(spec, output=out.location)
     record = _run_record(spec, prompt_set, configs, model, _count_truncated(prompts, spec, model))
     log.info(
@@ -130,11 +133,11 @@ def generate(
         spec.name, len(prompts), len(configs), spec.sweep.images_per_prompt, total, out.location,
     )  # fmt: skip
     if dry_run:
-        _plan(out, record, prompts, overwrite, verify, dry_run=True)
+        _plan(out, record, prompts, overwrite, verify, field, dry_run=True)
         return GenerateSummary(out.location, total, 0, time.perf_counter() - began)
 
     with held(out.fs, out.root, force) as holder:
-        previous, units = _plan(out, record, prompts, overwrite, verify, dry_run=False)
+        previous, units = _plan(out, record, prompts, overwrite, verify, field, dry_run=False)
         if not units:
             return GenerateSummary(out.location, total, 0, time.perf_counter() - began)
         left = sum(u.num_images for u in units)
@@ -145,7 +148,7 @@ def generate(
             if previous is not None and previous.dtype != dtype:
                 raise InputError(
                     f"runtime.dtype: {out.uri} was generated in {previous.dtype}, this run would "
-                    f"use {dtype}; set runtime.dtype: {previous.dtype} or choose another --out"
+                    f"use {dtype}; set runtime.dtype: {previous.dtype} or {ELSEWHERE}"
                 )
             log.info(
                 "model %s (%s), %s, %s", model.ref, model.identity[:19], plan.describe(), dtype
@@ -164,6 +167,7 @@ def generate(
                 run_id=holder.run_id,
                 batch_size=spec.runtime.batch_size,
                 png_compress_level=spec.runtime.png_compress_level,
+                log_dir=out.log_folder(),
             )
             progress = (total, total - left, "generating")
             result = distribute.run_units(
@@ -210,14 +214,22 @@ def generate(
     return GenerateSummary(out.location, total, new, seconds, result.seconds, flagged, failed)
 
 
-def _check_output(out: Output, spec: JobSpec) -> None:
+def _output_field(output: str | None, spec: JobSpec) -> str:
+    """What chose the output, for its errors: --out, else the spec's `output`, else the
+    default."""
+    if output:
+        return "--out"
+    return "output" if spec.output else "output (by default out/NAME)"
+
+
+def _check_output(out: Output, spec: JobSpec, field: str) -> None:
     """Raise InputError unless every worker can share the output, it holds nothing sdbatch did
     not write (its own leftovers are fine) and it takes one unit's worth of bytes."""
     out.check_shared()
     if out.read_run() is None and (foreign := out.foreign_entries()):
         raise InputError(
-            f"--out: {out.uri} holds files sdbatch did not write ({', '.join(foreign[:3])}) and "
-            "no sdbatch run.json; choose an empty or new location"
+            f"{field}: {out.uri} holds files sdbatch did not write ({', '.join(foreign[:3])}) "
+            f"and no sdbatch run.json; {ELSEWHERE}, empty or new"
         )
     unit_bytes = _unit_bytes(spec)
     try:
@@ -225,7 +237,7 @@ def _check_output(out: Output, spec: JobSpec) -> None:
     except OSError as e:
         size = f"{unit_bytes / 1e3:.0f} kB" if unit_bytes < 1e6 else f"{unit_bytes / 1e6:.0f} MB"
         raise InputError(
-            f"--out: cannot write one unit's worth ({size}) to {out.uri} ({first_line(e)})"
+            f"{field}: cannot write one unit's worth ({size}) to {out.uri} ({first_line(e)})"
         ) from None
 
 
@@ -235,6 +247,7 @@ def _plan(
     prompts: pd.DataFrame,
     overwrite: bool,
     verify: bool,
+    field: str,
     dry_run: bool,
 ) -> tuple[RunRecord | None, list[WorkUnit]]:
     """Steps 2 and 3: the run the output holds (None: a new one) and the units left to do.
@@ -246,7 +259,7 @@ def _plan(
     # 2. reconcile with what the output already holds
     previous = None if overwrite else out.read_run()
     if previous is not None:
-        _check_same_job(previous, record, out.read_prompts(), prompts, out.uri)
+        _check_same_job(previous, record, out.read_prompts(), prompts, f"{field}: {out.uri}")
     if overwrite and not dry_run:
         out.clear()
 
@@ -338,9 +351,13 @@ def _check_same_job(
     record: RunRecord,
     old_prompts: pd.DataFrame,
     prompts: pd.DataFrame,
-    uri: str,
+    where: str,
 ) -> None:
-    """Allow a rerun that resumes or only adds configurations or prompts; refuse anything else."""
+    """Allow a rerun that resumes or only adds configurations or prompts; refuse anything else.
+
+    Args:
+        where: the output, after the field that chose it ("--out: PATH").
+    """
     changes = []
     for path in FIXED_FIELDS:
         old, new = _lookup(previous, path), _lookup(record, path)
@@ -364,8 +381,8 @@ def _check_same_job(
         changes.append(f"{len(edited)} prompt(s) changed, first {edited['prompt_id'].iloc[0]!r}")
     if changes:
         raise InputError(
-            f"--out: {uri} holds a different job ({'; '.join(changes)}); "
-            "use --overwrite to start over, or another --out"
+            f"{where} holds a different job ({'; '.join(changes)}); "
+            f"use --overwrite to start over, or {ELSEWHERE}"
         )
 
 

@@ -11,6 +11,7 @@ Layout of an output location (a local folder or any fsspec URI such as s3://buck
     _tmp/                 files being written; readers never look here
     _lease.json           the driver that holds the output (see sdbatch.lease)
     metrics/              the evaluation stage's tables (see sdbatch.evaluation)
+    _logs/                workers' library warnings, a file per worker process (see log_folder)
 
 A unit commits in three steps: write under _tmp/, move into images/, then write its marker, each
 only while the unit's run holds the lease. A crash at any point leaves either nothing visible or a
@@ -25,6 +26,7 @@ import hashlib
 import os
 import posixpath
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +48,8 @@ TMP = "_tmp"
 RUN = "run.json"
 PROMPTS = "prompts.parquet"
 METRICS_DIR = "metrics"
-OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS, METRICS_DIR, LEASE)
+LOGS = "_logs"
+OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS, METRICS_DIR, LOGS, LEASE)
 # Stores private to one process: workers would write where the driver never looks.
 NOT_SHARED = ("memory",)
 ROWS_PER_ROW_GROUP = 64  # ~25 MB of 512x512 PNGs: small enough for readers to stream
@@ -75,6 +78,14 @@ class Output:
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
+
+    def log_folder(self) -> str:
+        """Where workers write their libraries' warnings: _logs/ of a local output; for remote
+        storage, a folder named after the output in each worker machine's temporary folder."""
+        if "file" in _protocols(self.fs):
+            return self.path(LOGS)
+        name = hashlib.sha256(self.location.encode()).hexdigest()[:12]
+        return str(Path(tempfile.gettempdir()) / "sdbatch-logs" / name)
 
     def foreign_entries(self) -> list[str]:
         """Names at the location that sdbatch did not write (an output holds none)."""

@@ -18,6 +18,7 @@ built; an error quotes any value `shown`, cut short.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import reprlib
 import stat
@@ -63,7 +64,8 @@ def from_data(cls: type[T], data: Any, where: str = "") -> T:
     unknown = [key for key in data if key not in fields]
     if unknown:
         raise InputError(
-            f"{where}{_key(unknown[0])}: unknown field; allowed here: {', '.join(fields)}"
+            f"{where}{_key(unknown[0])}: unknown field{nearest(unknown[0], fields)}; "
+            f"allowed here: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
     values = {}
@@ -146,6 +148,12 @@ def _key(key: Any) -> str:
     return key if plain else shown(key)
 
 
+def nearest(value: Any, allowed: Iterable[str]) -> str:
+    """A hint naming the allowed name closest to a misspelt `value`; empty when none is close."""
+    near = difflib.get_close_matches(value, list(allowed), n=1) if isinstance(value, str) else []
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
 def known(values: tuple[str, ...], allowed: Iterable[str], where: str, what: str) -> None:
     """Each value listed once and one of `allowed`."""
     unique(values, where)
@@ -154,7 +162,7 @@ def known(values: tuple[str, ...], allowed: Iterable[str], where: str, what: str
         require(
             value in allowed,
             f"{where}[{i}]",
-            f"unknown {what} {shown(value)}; known: {', '.join(allowed)}",
+            f"unknown {what} {shown(value)}{nearest(value, allowed)}; known: {', '.join(allowed)}",
         )
 
 
@@ -200,9 +208,7 @@ def read_yaml(path: Path, what: str, example: str) -> dict[str, Any]:
     except _TooCostly as e:
         raise InputError(f"{what}: {path} {e.problem}{_line(e)}") from None
     except yaml.YAMLError as e:
-        reason = getattr(e, "problem", None)
-        reason = f": {reason}" if reason else ""
-        raise InputError(f"{what}: {path} is not valid YAML{_line(e)}{reason}") from None
+        raise InputError(f"{what}: {path} is not valid YAML{_line(e)}{_reason(e)}") from None
     if not isinstance(data, dict):
         raise InputError(f"{what}: {path} must be a mapping of fields, like {example}")
     data.setdefault("name", path.stem)
@@ -212,6 +218,18 @@ def read_yaml(path: Path, what: str, example: str) -> dict[str, Any]:
 def _line(error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None)
     return f" (line {mark.line + 1})" if mark else ""
+
+
+def _reason(error: yaml.YAMLError) -> str:
+    """The parser's problem, and what it was reading where that began: an unclosed bracket is
+    found lines after the line at fault."""
+    problem = getattr(error, "problem", None)
+    if not problem:
+        return ""
+    context, mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and mark:
+        return f": {problem}, {context} from line {mark.line + 1}"
+    return f": {problem}"
 
 
 class _TooCostly(yaml.MarkedYAMLError):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sdbatch.distribute import quiet_libraries
 from sdbatch.errors import first_line
 from sdbatch.image_rows import ImageRow, image_table
 from sdbatch.models import ModelSource, load_pipeline
@@ -40,6 +41,7 @@ class GenerationSetup:
     batch_size: int
     png_compress_level: int
     threads: int | None = None  # torch CPU threads; None keeps torch's default
+    log_dir: str | None = None  # for the libraries' warnings (quiet_libraries); None: as they are
 
 
 def encode_png(pixels: np.ndarray, level: int) -> bytes:
@@ -57,6 +59,8 @@ class Worker:
 
         if setup.threads:
             torch.set_num_threads(setup.threads)
+        if setup.log_dir:
+            quiet_libraries(setup.log_dir)
         self.setup = setup
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(setup.model, setup.dtype, self.device)

@@ -258,6 +258,28 @@ def test_rerun_with_a_different_job_is_refused(change, message, reference, tmp_p
     assert sorted(p.name for p in (output / "_units").iterdir()) == before
 
 
+@pytest.mark.parametrize("chosen", ["spec", "default"])
+def test_refusal_names_the_output_as_the_user_chose_it(chosen, reference, tmp_path, monkeypatch):
+    """Without --out, a refused rerun names the spec's `output`, or its default, not --out."""
+    spec_path, output = reference
+    monkeypatch.chdir(tmp_path)
+    held = tmp_path / "out" / "test"  # the default, out/NAME
+    held.mkdir(parents=True)
+    for name in ("run.json", "prompts.parquet"):
+        shutil.copy(output / name, held / name)
+    data = job(load_spec(spec_path).prompts.path, seed=8)
+    if chosen == "spec":
+        data["output"] = str(held)
+    with pytest.raises(InputError) as error:
+        generate(parse_spec(data))
+    field = "output" if chosen == "spec" else "output (by default out/NAME)"
+    where = held if chosen == "spec" else "out/test"
+    assert str(error.value) == (
+        f"{field}: {where} holds a different job (seed: 7 -> 8); use --overwrite to start over, "
+        "or choose another output with --out"
+    )
+
+
 def test_overwrite_starts_over_and_edited_prompts_are_refused(tmp_path, prompt_file, ray_address):
     output = str(tmp_path / "out")
     ids = {"id": [f"id{i}" for i in range(len(PROMPTS))]}
@@ -381,7 +403,11 @@ def test_demo_command_runs_end_to_end(tmp_path):
     proc = sdbatch("demo", "--out", str(tmp_path / "demo"), env=env, cwd=REPO)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    assert out.strip() == str(tmp_path / "demo" / "report" / "index.html")
+    report = tmp_path / "demo" / "report" / "index.html"
+    assert out.strip() == str(report)
+    # Printed once, on stdout; no notice from the local Ray instance nor lines from its workers.
+    assert str(report) not in err and "Token authentication" not in err
+    assert not [line for line in err.splitlines() if " pid=" in line], err
     spec = load_spec(REPO / "jobs" / "demo.yaml")
     sweep = spec.sweep
     configs = len(sweep.scheduler) * len(sweep.num_inference_steps) * len(sweep.guidance_scale)
@@ -421,6 +447,57 @@ def test_partiprompts_longest_and_unicode_prompts_end_to_end(tmp_path, parti, ra
     assert "skipped 1 null or blank prompt(s) (prompts.blank: skip), first at row 4" in caplog.text
     warning = "5 prompt(s) or their negative prompts are longer than the model's tokenizer takes"
     assert f"{warning} and will be truncated, first {longest['id'].iloc[0]!r}" in caplog.text
+
+
+def test_partiprompts_run_keeps_library_warnings_in_the_log_file(tmp_path, parti):
+    """40 PartiPrompts prompts, 2 of them far over CLIP's 77 tokens, through the CLI with its own
+    Ray instance: diffusers' truncation warning, once per batch in each worker, goes to the
+    output's _logs/, and stderr keeps sdbatch's few lines (the truncated prompts counted once)."""
+    converted = tmp_path / "parti.parquet"
+    assert cli_main(["prompts", str(parti), "-o", str(converted)]) == 0
+    table = pq.read_table(converted).to_pandas()
+    longest = table.loc[table["prompt"].str.len().nlargest(2).index]
+    subset = pd.concat([longest, table.drop(longest.index).head(38)])
+    pq.write_table(pa.Table.from_pandas(subset, preserve_index=False), tmp_path / "subset.parquet")
+    data = job(tmp_path / "subset.parquet", prompts={"id_column": "id"})
+    data["sweep"] = {**data["sweep"], "scheduler": ["euler"], "guidance_scale": [7.5]}
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    proc = sdbatch("generate", str(spec), "--out", str(tmp_path / "out"), env={"RAY_ADDRESS": ""})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    # Before, each batch holding a long prompt added a line of thousands of characters.
+    assert len(err.encode()) < 2_000, err
+    lines = [line for line in err.splitlines() if line]  # the bar starts lines with \r
+    assert max(map(len, lines)) < 300, err
+    # No worker's lines ("(Worker pid=...)") and no notice of the local Ray instance.
+    assert all(line.startswith(("sdbatch: ", "generating: ")) for line in lines), err
+    assert f"sdbatch: the workers' library warnings are in {tmp_path}/out/_logs" in lines
+    logs = "".join(p.read_text() for p in (tmp_path / "out" / "_logs").glob("worker-*.log"))
+    assert "truncated because CLIP can only handle sequences up to 77 tokens" in logs
+    assert len(read(tmp_path / "out")) == 40 * 2
+
+
+def test_quiet_libraries_keeps_errors_on_stderr(tmp_path):
+    """In a worker process, library and Python warnings go to the log file, errors to both."""
+    script = f"""
+import logging, warnings
+from sdbatch.distribute import quiet_libraries
+print(quiet_libraries({str(tmp_path / "logs")!r}))
+logging.getLogger("diffusers.pipelines").warning("a diffusers warning")
+logging.getLogger("transformers.models").warning("a transformers warning")
+warnings.warn("a Python warning")
+logging.getLogger("diffusers.pipelines").error("a diffusers error")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stderr == "a diffusers error\n"
+    path = Path(done.stdout.strip())
+    assert path.parent == tmp_path / "logs" and path.name.startswith("worker-")
+    text = path.read_text()
+    for message in ("diffusers warning", "transformers warning", "Python warning", "error"):
+        assert message in text
 
 
 def test_output_on_s3_generates_resumes_and_reads(s3_server, prompt_file, spec_file, monkeypatch):

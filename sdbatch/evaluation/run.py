@@ -135,7 +135,8 @@ def evaluate(
     if todo:
         total = generated + reference_images
         progress = (total, total - sum(u.num_images for u in todo), "evaluating")
-        result = _extract(_setup(inputs, suite, todo), todo, suite, address, progress)
+        setup = _setup(inputs, suite, todo, log_dir=out.log_folder())
+        result = _extract(setup, todo, suite, address, progress)
         results, workers, extraction = result.results, result.workers, result.seconds
     reference = inputs.reference.statistics() if inputs.reference is not None else None
 
@@ -187,7 +188,9 @@ def compute_reference(suite: Suite, *, address: str | None = None) -> str:
     return plan.cache or plan.label
 
 
-def _setup(inputs: EvalInputs, suite: Suite, units: list[FeatureUnit]) -> ExtractionSetup:
+def _setup(
+    inputs: EvalInputs, suite: Suite, units: list[FeatureUnit], log_dir: str | None = None
+) -> ExtractionSetup:
     # Reference images have no prompts to score: they need CLIP only as the feature extractor.
     scoring = any(u.generated for u in units)
     clip_features = inputs.extractor is not None and inputs.extractor.name == "clip"
@@ -196,6 +199,7 @@ def _setup(inputs: EvalInputs, suite: Suite, units: list[FeatureUnit]) -> Extrac
         extractor=inputs.extractor,
         batch_size=suite.runtime.batch_size,
         image_metrics=inputs.image_metrics,
+        log_dir=log_dir,
     )
 
 

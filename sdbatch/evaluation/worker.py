@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from sdbatch.distribute import quiet_libraries
 from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.extractors import ExtractorInfo, build_extractor
 from sdbatch.evaluation.images import read_images
@@ -38,6 +39,7 @@ class ExtractionSetup:
     batch_size: int = 32
     image_metrics: tuple[Metric, ...] = ()  # the metrics whose per-image columns it writes
     threads: int | None = None
+    log_dir: str | None = None  # for the libraries' warnings (quiet_libraries); None: as they are
 
 
 class FeatureWorker:
@@ -49,6 +51,8 @@ class FeatureWorker:
 
         if setup.threads:
             torch.set_num_threads(setup.threads)
+        if setup.log_dir:
+            quiet_libraries(setup.log_dir)
         # Loading bars of every worker would interleave with the driver's own progress bar.
         transformers.utils.logging.disable_progress_bar()
         self.setup = setup

@@ -6,7 +6,6 @@ differences, saying whether the confidence intervals overlap; the report goes in
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from sdbatch.errors import InputError
@@ -16,7 +15,6 @@ from sdbatch.reporting.render import markdown, page
 from sdbatch.reporting.runs import load_run
 from sdbatch.reporting.summary import sections
 
-log = logging.getLogger("sdbatch")
 REPORT = "report"
 
 
@@ -48,5 +46,4 @@ def write_report(outputs: str | Sequence[str]) -> str:
     html = page(runs, parts, figures, images).encode()
     out.put(f"{REPORT}/index.html", lambda tmp: out.fs.pipe_file(tmp, html))
     path = f"{out.location}/{REPORT}/index.html"
-    log.info("report: %s", path)
     return path
