@@ -47,6 +47,7 @@ below it (tests/test_layout.py holds the code to this list).
     integrity                       committed units checked against their markers; verify()
     worker                          plain class: loaded pipeline -> PNG rows -> unit commit
     distribute                      Ray: a session, one actor per GPU, units, retries, progress
+    worker_logs                     a worker's library warnings -> its log file; errors -> stderr
     output                          the output's layout: run.json, unit commits, markers
     lease                           one driver per output: the lease, its holder, takeover
     records                         run.json and unit markers, typed

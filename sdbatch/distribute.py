@@ -35,12 +35,8 @@ from sdbatch.errors import InputError, JobFailed, first_line
 
 log = logging.getLogger("sdbatch")
 # transformers warns at import about optional vision backends, before a worker can send its
-# warnings to its log file (quiet_libraries).
+# warnings to its log file (worker_logs.quiet_libraries).
 ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
-# Ray forwards a worker's stderr to the driver's, once per batch for a warning the libraries
-# repeat per call (diffusers' prompt truncation, up to 20,000 characters a line): workers write
-# these loggers' warnings to a log file of their own, and only their errors to stderr.
-LIBRARY_LOGGERS = ("diffusers", "transformers", "py.warnings")
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Joining a cluster: ray.init retries an address nobody answers at for about 14 minutes.
 CONNECT_SECONDS = 10
@@ -153,38 +149,6 @@ def _check_cluster(address: str | None) -> bool:
     if answer:
         raise InputError(f"{field}: cannot join the Ray cluster at {gcs}: {answer}")
     return False
-
-
-def quiet_libraries(log_dir: str) -> Path:
-    """Send this process's library warnings, Python's warnings among them, to
-    LOG_DIR/worker-HOST-PID.log (made at the first one) and only their errors to stderr; returns
-    the file's path. For a worker process: it changes logging for the whole process."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    # Both libraries give their root logger a stderr handler of their own.
-    diffusers.utils.logging.disable_default_handler()
-    transformers.utils.logging.disable_default_handler()
-    transformers.utils.logging.set_verbosity_warning()  # ACTOR_ENV only quiets its import
-    logging.captureWarnings(True)
-    path = Path(log_dir) / f"worker-{socket.gethostname()}-{os.getpid()}.log"
-    to_file = _LogFile(path, delay=True)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    errors = logging.StreamHandler()
-    errors.setLevel(logging.ERROR)
-    for name in LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers = [to_file, errors]
-        logger.propagate = False
-    return path
-
-
-class _LogFile(logging.FileHandler):
-    """A log file whose folder is made with the file: a quiet worker leaves nothing behind."""
-
-    def _open(self):
-        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
 
 
 def local_without_gpu(address: str | None) -> bool:

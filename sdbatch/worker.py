@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sdbatch.distribute import quiet_libraries
 from sdbatch.errors import first_line
 from sdbatch.image_rows import ImageRow, image_table
 from sdbatch.models import ModelSource, load_pipeline
@@ -26,6 +25,7 @@ from sdbatch.output import Output
 from sdbatch.records import BatchTiming, UnitMarker, library_versions
 from sdbatch.schedulers import guidance_passes, make_scheduler
 from sdbatch.sweep import WorkUnit, image_seed
+from sdbatch.worker_logs import quiet_libraries
 
 log = logging.getLogger("sdbatch")
 

@@ -482,7 +482,7 @@ def test_quiet_libraries_keeps_errors_on_stderr(tmp_path):
     """In a worker process, library and Python warnings go to the log file, errors to both."""
     script = f"""
 import logging, warnings
-from sdbatch.distribute import quiet_libraries
+from sdbatch.worker_logs import quiet_libraries
 print(quiet_libraries({str(tmp_path / "logs")!r}))
 logging.getLogger("diffusers.pipelines").warning("a diffusers warning")
 logging.getLogger("transformers.models").warning("a transformers warning")

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from sdbatch.distribute import quiet_libraries
 from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.extractors import ExtractorInfo, build_extractor
 from sdbatch.evaluation.images import read_images
@@ -28,6 +27,7 @@ from sdbatch.evaluation.shards import (
 )
 from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.models import ModelSource
+from sdbatch.worker_logs import quiet_libraries
 
 
 @dataclass(frozen=True)
