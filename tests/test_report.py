@@ -66,6 +66,20 @@ def test_report_names_the_best_configurations(reported):
     best_clip = configs.loc[configs["clip_score"].idxmax(), "config_id"]
     assert re.search(rf"Best by FID: .*`{best_fid}`", markdown)
     assert re.search(rf"Best by CLIP score: .*`{best_clip}`", markdown)
+    # the runner-up is judged by the paired difference the evaluation stored, not by overlap
+    differences = pd.read_parquet(out / "metrics" / "differences.parquet")
+    for column, best in (("fid", best_fid), ("clip_score", best_clip)):
+        rows = differences[(differences["column"] == column) & (differences["best"] == best)]
+        rows = rows.set_index("other")
+        values = rows["other_value"]
+        second = rows.loc[values.idxmin() if column == "fid" else values.idxmax()]
+        verdict = "clearly better" if second["worse"] else "not clearly better"
+        paired = (
+            f"paired difference {second['difference']:+.3g} [{second['low']:+.3g}, "
+            f"{second['high']:+.3g}] (95% together over {len(rows)} comparisons with the best): "
+            f"{verdict}."
+        )
+        assert paired in markdown, paired
     # cost in model evaluations (2 steps, doubled by guidance), then the measured time
     evals = configs.set_index("config_id")["unet_evals_per_image"]
     assert evals[best_fid] == (4 if "-g7.5-" in best_fid else 2)

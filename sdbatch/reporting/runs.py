@@ -24,6 +24,9 @@ class Run:
     configs: pd.DataFrame
     metrics: MetricsRecord
     record: RunRecord
+    # differences.parquet: the best configuration against every other, paired (None: evaluated
+    # before sdbatch paired them)
+    differences: pd.DataFrame | None = None
 
     def has(self, column: str) -> bool:
         """Whether some configuration has a value in `column`."""
@@ -46,4 +49,8 @@ def load_run(location: str) -> Run:
         # evaluated before sdbatch recorded the cost: it follows from each configuration
         evals = {c.config_id: c.unet_evals_per_image for c in record.configs}
         configs["unet_evals_per_image"] = configs["config_id"].map(evals)
-    return Run(record.spec.name, out, configs, metrics, record)
+    differences = None
+    if out.fs.exists(out.path(METRICS_DIR, "differences.parquet")):
+        with out.fs.open(out.path(METRICS_DIR, "differences.parquet"), "rb") as f:
+            differences = pd.read_parquet(f)
+    return Run(record.spec.name, out, configs, metrics, record, differences)

@@ -68,6 +68,16 @@ def _best(ranked: pd.DataFrame, metric: Metric) -> pd.Series:
     return ranked.loc[column.idxmax() if metric.higher_is_better else column.idxmin()]
 
 
+def _paired(run: Run, column: str, best: pd.Series, other: pd.Series) -> pd.Series | None:
+    """The paired difference other - best from differences.parquet, when the run has it."""
+    if run.differences is None:
+        return None
+    d = run.differences
+    match = d[(d["column"] == column) & (d["best"] == best["config_id"])]
+    match = match[match["other"] == other["config_id"]]
+    return match.iloc[0] if len(match) else None
+
+
 def _overlap(a: pd.Series, b: pd.Series, column: str) -> bool | None:
     low, high = f"{column}_low", f"{column}_high"
     if any(pd.isna(x.get(k)) for x in (a, b) for k in (low, high)):
@@ -91,8 +101,17 @@ def _summary(run: Run) -> Section:
         others = ranked.drop(index=best.name)
         if len(others):
             second = _best(others, metric)
+            paired = _paired(run, score.column, best, second)
             overlap = _overlap(best, second, score.column)
-            if overlap is not None:
+            if paired is not None:
+                verdict = "clearly better" if paired["worse"] else "not clearly better"
+                line += (
+                    f" Runner-up {label(second)}: {score.cell(second)}; paired difference "
+                    f"{paired['difference']:+.3g} [{paired['low']:+.3g}, {paired['high']:+.3g}] "
+                    f"({paired['family_confidence']:.0%} together over {paired['comparisons']} "
+                    f"comparisons with the best): {verdict}."
+                )
+            elif overlap is not None:
                 verdict = "overlap: not clearly better" if overlap else "do not overlap"
                 line += (
                     f" Runner-up {label(second)}: {score.cell(second)}; the intervals {verdict}."
