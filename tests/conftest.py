@@ -214,6 +214,18 @@ def s3_server():
     server.wait()
 
 
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """The S3 server's filesystem, reached from this process too, with an empty bucket `runs`."""
+    import fsspec
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    fs = fsspec.filesystem("s3", endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"])
+    fs.mkdir("runs")
+    return fs
+
+
 class S3Server(dict):
     """The environment that reaches a test's S3 server; `process` is the server itself."""
 

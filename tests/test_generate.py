@@ -500,13 +500,8 @@ logging.getLogger("diffusers.pipelines").error("a diffusers error")
         assert message in text
 
 
-def test_output_on_s3_generates_resumes_and_reads(s3_server, prompt_file, spec_file, monkeypatch):
-    import fsspec
-
-    for key, value in s3_server.items():
-        monkeypatch.setenv(key, value)
-    fs = fsspec.filesystem("s3", endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"])
-    fs.mkdir("runs")
+def test_output_on_s3_generates_resumes_and_reads(s3_server, s3_bucket, prompt_file, spec_file):
+    fs = s3_bucket
     data = job(prompt_file(PROMPTS[:4]))
     data["sweep"] = {**data["sweep"], "scheduler": ["ddim"]}
     spec = str(spec_file(data))
@@ -529,14 +524,9 @@ def test_output_on_s3_generates_resumes_and_reads(s3_server, prompt_file, spec_f
 
 
 def test_output_on_s3_survives_a_killed_driver_and_evaluates(
-    s3_server, tmp_path, spec_file, monkeypatch
+    s3_server, s3_bucket, tmp_path, spec_file
 ):
-    import fsspec
-
-    for key, value in s3_server.items():
-        monkeypatch.setenv(key, value)
-    fs = fsspec.filesystem("s3", endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"])
-    fs.mkdir("runs")
+    fs = s3_bucket
     pq.write_table(pa.table({"prompt": PROMPTS}), tmp_path / "prompts.parquet")
     slow = job(
         tmp_path / "prompts.parquet",

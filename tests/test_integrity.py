@@ -112,13 +112,8 @@ def test_two_drivers_started_together_one_is_refused_and_rows_are_made_once(tmp_
     assert not (out / LEASE).exists(), "the winner releases the output when it is done"
 
 
-def test_two_drivers_on_one_s3_output_one_is_refused(tmp_path, s3_server, monkeypatch):
-    import fsspec
-
-    for key, value in s3_server.items():
-        monkeypatch.setenv(key, value)
-    fs = fsspec.filesystem("s3", endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"])
-    fs.mkdir("runs")
+def test_two_drivers_on_one_s3_output_one_is_refused(tmp_path, s3_server, s3_bucket):
+    fs = s3_bucket
     spec = write_spec(tmp_path)
     env = {**s3_server, "RAY_ADDRESS": ""}  # workers read the bucket's endpoint from their env
     drivers = [driver(0.3, "generate", spec, "--out", "s3://runs/job", env=env) for _ in "ab"]
@@ -134,13 +129,8 @@ def test_two_drivers_on_one_s3_output_one_is_refused(tmp_path, s3_server, monkey
     assert len(json.loads(fs.cat("runs/job/run.json"))["history"]) == 1
 
 
-def test_a_bucket_that_becomes_unreachable_stops_the_job_at_once(tmp_path, s3_server, monkeypatch):
-    import fsspec
-
-    for key, value in s3_server.items():
-        monkeypatch.setenv(key, value)
-    fs = fsspec.filesystem("s3", endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"])
-    fs.mkdir("runs")
+def test_a_bucket_that_becomes_unreachable_stops_the_job_at_once(tmp_path, s3_server, s3_bucket):
+    fs = s3_bucket
     spec = write_spec(tmp_path)
     env = {**s3_server, "RAY_ADDRESS": ""}
     job = driver(0.5, "generate", spec, "--out", "s3://runs/job", env=env)
