@@ -114,17 +114,21 @@ examples:
 
 REPORT_HELP = """\
 Write OUT/report/index.html (one self-contained file: open it from disk) and
-OUT/report/report.md (the same tables and plots, for a PR or a wiki): the best
-configurations by FID, by CLIP score and on the FID-CLIP trade-off, with their
-confidence intervals and cost; plots against guidance and steps; image grids
-with the same seed across configurations; every configuration; provenance.
-Given two outputs (two models, or two checkpoints), it compares them, per
-configuration, saying whether the intervals overlap; the report goes into the
-first output.
+OUT/report/report.md (the same tables and plots, for a PR or a wiki): a
+recommendation (the configuration to use for quality, for prompt alignment, and
+the cheapest one not worse than the best, by paired intervals), every metric's
+best configuration, the sweep's main effects, plots against guidance and steps
+and the trade-off, image grids with the same seed across configurations, the
+best configuration's lowest-scoring images, every configuration, provenance.
+
+Given two outputs A and B (two models, or two checkpoints), it compares them per
+configuration and writes the comparison to A/report/vs-B/index.html (B's run
+name), leaving A's own report in place.
 
 examples:
   sdbatch report out/demo
-  sdbatch report out/sd15 out/sd15-finetuned
+  sdbatch report out/demo --prompts 8 --prompt p0012
+  sdbatch report out/sd15 out/sd15-finetuned   # -> out/sd15/report/vs-sd15-finetuned/
 """
 
 RUN_HELP = """\
@@ -256,6 +260,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     report.add_argument("outputs", metavar="OUT", nargs="+", help="one output, or two to compare")
+    report.add_argument(
+        "--prompts", type=_prompt_choice, metavar="N|ID,ID,...",
+        help="the image grids' prompts: how many, spread evenly across the prompt set "
+        "(default 4), or which prompt ids",
+    )  # fmt: skip
+    report.add_argument(
+        "--prompt", metavar="ID", help="also show every image of this prompt id (each "
+        "configuration, each sample)",
+    )  # fmt: skip
     report.set_defaults(handler=_report)
 
     run = commands.add_parser(
@@ -272,6 +285,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(demo)
     demo.set_defaults(handler=_run, spec=None, suite=None)
     return parser
+
+
+def _prompt_choice(text: str) -> int | list[str]:
+    """--prompts: a count, or comma-separated prompt ids."""
+    if text.isdigit():
+        return int(text)
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
@@ -394,7 +414,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from sdbatch.reporting.write import write_report
 
-    print(write_report(args.outputs))
+    chosen = {} if args.prompts is None else {"prompts": args.prompts}
+    print(write_report(args.outputs, prompt=args.prompt, **chosen))
     return EXIT_OK
 
 

@@ -150,13 +150,14 @@ def test_two_runs_are_compared_per_configuration(evaluated_output, tmp_path):
     )
 
     path = write_report([str(a), str(b)])
-    assert path == f"{a}/report/index.html"
-    markdown = (a / "report" / "report.md").read_text()
+    assert path == f"{a}/report/vs-b/index.html"
+    assert not (a / "report" / "index.html").exists()  # A's own report is not replaced
+    markdown = (a / "report" / "vs-b" / "report.md").read_text()
     assert "## Comparison: a vs b" in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and "+1000.00" in line]
     assert len(rows) == 4
     assert all("| differ |" in row and "| overlap |" in row for row in rows)
-    page = Page((a / "report" / "index.html").read_text())
+    page = Page((a / "report" / "vs-b" / "index.html").read_text())
     assert len(page.images) == 3 + 2 * 4  # the same plots with both runs; both runs' grids
 
 

@@ -4,6 +4,7 @@ has the same seed in every configuration, so the differences are the parameters'
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import pandas as pd
 import pyarrow.dataset as pads
@@ -11,11 +12,19 @@ from PIL import Image, ImageDraw
 
 from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.output import IMAGES
-from sdbatch.reporting.parts import Figure
+from sdbatch.reporting.parts import Figure, Gallery
 from sdbatch.reporting.runs import Run
 
 GRID_PROMPTS = 4  # prompts shown in the image grids
 GRID_CELL = 128  # pixels per grid image (larger images are scaled down)
+
+
+def galleries(
+    run: Run, named: bool, prompts: int | Sequence[str], prompt: str | None
+) -> list[Gallery]:
+    """The run's image galleries (see write_report for `prompts` and `prompt`)."""
+    title = "Images (same seed across configurations)" + (f": {run.name}" if named else "")
+    return [Gallery(title, [], grids(run, named))]
 
 
 def grids(run: Run, named: bool) -> list[Figure]:

@@ -1,4 +1,5 @@
-"""What a report is made of: sections (sentences and a table) and figures (PNGs)."""
+"""What a report is made of: sections (sentences and a table), figures (PNGs), and galleries of
+images (figures under a heading)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,10 @@ class Figure:
     name: str  # file name, e.g. fid_vs_guidance.png
     title: str
     png: bytes
+
+
+@dataclass
+class Gallery:
+    title: str
+    lines: list[str]  # what the images show and how they were chosen
+    figures: list[Figure]

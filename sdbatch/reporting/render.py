@@ -9,14 +9,14 @@ import html
 
 import pandas as pd
 
-from sdbatch.reporting.parts import Figure, Section
+from sdbatch.reporting.parts import Figure, Gallery, Section
 from sdbatch.reporting.runs import Run
 
 
 def markdown(
-    runs: list[Run], sections: list[Section], figures: list[Figure], grids: list[Figure]
+    runs: list[Run], sections: list[Section], figures: list[Figure], galleries: list[Gallery]
 ) -> str:
-    """report.md: the sections, then the figures and grids as links to the PNGs beside it."""
+    """report.md: the sections, then the figures and galleries as links to the PNGs beside it."""
     parts = [f"# sdbatch report: {' vs '.join(run.name for run in runs)}", ""]
     for section in sections:
         parts += [f"## {section.title}", ""]
@@ -25,9 +25,10 @@ def markdown(
             parts += ["", _markdown_table(section.table)]
         parts.append("")
     parts += ["## Plots", ""] + [f"![{f.title}]({f.name})" for f in figures]
-    parts += ["", "## Images (same seed across configurations)", ""]
-    for grid in grids:
-        parts += [f"**{grid.title}**", "", f"![{grid.title}]({grid.name})", ""]
+    for gallery in galleries:
+        parts += ["", f"## {gallery.title}", ""] + [f"- {line}" for line in gallery.lines]
+        for f in gallery.figures:
+            parts += ["", f"**{f.title}**", "", f"![{f.title}]({f.name})"]
     return "\n".join(parts) + "\n"
 
 
@@ -50,7 +51,7 @@ img { max-width: 100%; }
 
 
 def page(
-    runs: list[Run], sections: list[Section], figures: list[Figure], grids: list[Figure]
+    runs: list[Run], sections: list[Section], figures: list[Figure], galleries: list[Gallery]
 ) -> str:
     """index.html: the same, one self-contained file."""
     title = f"sdbatch report: {' vs '.join(run.name for run in runs)}"
@@ -64,8 +65,11 @@ def page(
             body.append(section.table.to_html(index=False, border=0, escape=True))
     body.append("<h2>Plots</h2>")
     body += [_figure(f, "plot") for f in figures]
-    body.append("<h2>Images (same seed across configurations)</h2>")
-    body += [_figure(g, "grid") for g in grids]
+    for gallery in galleries:
+        body.append(f"<h2>{html.escape(gallery.title)}</h2>")
+        if gallery.lines:
+            body.append(f"<ul>{''.join(f'<li>{_inline(x)}</li>' for x in gallery.lines)}</ul>")
+        body += [_figure(f, "grid") for f in gallery.figures]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"

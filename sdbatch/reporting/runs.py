@@ -24,9 +24,10 @@ class Run:
     configs: pd.DataFrame
     metrics: MetricsRecord
     record: RunRecord
-    # differences.parquet: the best configuration against every other, paired (None: evaluated
-    # before sdbatch paired them)
-    differences: pd.DataFrame | None = None
+    # metrics/*.parquet written since sdbatch paired its statistics (None: evaluated before)
+    differences: pd.DataFrame | None = None  # the best configuration against every other, paired
+    effects: pd.DataFrame | None = None  # each sweep axis's levels, averaged over the others
+    replicates: pd.DataFrame | None = None  # per configuration and bootstrap replicate
 
     def has(self, column: str) -> bool:
         """Whether some configuration has a value in `column`."""
@@ -49,8 +50,13 @@ def load_run(location: str) -> Run:
         # evaluated before sdbatch recorded the cost: it follows from each configuration
         evals = {c.config_id: c.unet_evals_per_image for c in record.configs}
         configs["unet_evals_per_image"] = configs["config_id"].map(evals)
-    differences = None
-    if out.fs.exists(out.path(METRICS_DIR, "differences.parquet")):
-        with out.fs.open(out.path(METRICS_DIR, "differences.parquet"), "rb") as f:
-            differences = pd.read_parquet(f)
-    return Run(record.spec.name, out, configs, metrics, record, differences)
+    paired = [_optional_table(out, name) for name in ("differences", "effects", "replicates")]
+    return Run(record.spec.name, out, configs, metrics, record, *paired)
+
+
+def _optional_table(out: Output, name: str) -> pd.DataFrame | None:
+    path = out.path(METRICS_DIR, f"{name}.parquet")
+    if not out.fs.exists(path):
+        return None
+    with out.fs.open(path, "rb") as f:
+        return pd.read_parquet(f)

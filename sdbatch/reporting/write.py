@@ -1,7 +1,7 @@
 """`sdbatch report`: OUT/metrics and the images -> OUT/report/index.html and OUT/report/report.md.
 
-Given two outputs, every plot shows both runs and a table gives the per-configuration
-differences, saying whether the confidence intervals overlap; the report goes into the first.
+Given two outputs A and B, every plot shows both runs and a table gives the per-configuration
+differences; the comparison goes into A/report/vs-B/ (B's run name), beside A's own report.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sdbatch.errors import InputError
-from sdbatch.reporting.grids import grids
+from sdbatch.reporting.grids import GRID_PROMPTS, galleries
 from sdbatch.reporting.plots import plots
 from sdbatch.reporting.render import markdown, page
 from sdbatch.reporting.runs import load_run
@@ -18,12 +18,22 @@ from sdbatch.reporting.summary import sections
 REPORT = "report"
 
 
-def write_report(outputs: str | Sequence[str]) -> str:
-    """Write the report of one output (or a comparison of two) into the first; returns the path
-    of its index.html.
+def write_report(
+    outputs: str | Sequence[str],
+    *,
+    prompts: int | Sequence[str] = GRID_PROMPTS,
+    prompt: str | None = None,
+) -> str:
+    """Write the report of one output into OUT/report, or the comparison of two into
+    A/report/vs-B; returns the path of its index.html.
+
+    `prompts`: how many prompts the image grids show, spread across the prompt set, or which
+    (prompt ids). `prompt`: a prompt id whose every image (each configuration, each sample)
+    the report shows.
 
     Raises:
-        InputError: an output has no metrics, or more than two are given.
+        InputError: an output has no metrics, more than two are given, or a prompt id is not
+        in the run.
     """
     locations = [outputs] if isinstance(outputs, str) else list(outputs)
     if not 1 <= len(locations) <= 2:
@@ -33,17 +43,18 @@ def write_report(outputs: str | Sequence[str]) -> str:
     if len(runs) == 2 and runs[0].name == runs[1].name:
         for run in runs:
             run.name = run.out.location.rstrip("/").rsplit("/", 1)[-1]
-    # 2. plots, image grids and tables
+    # 2. plots, image galleries and tables
+    shown = [g for run in runs for g in galleries(run, len(runs) > 1, prompts, prompt)]
     figures, missing = plots(runs)
-    images = [grid for run in runs for grid in grids(run, len(runs) > 1)]
     parts = sections(runs, missing)
     # 3. write the PNGs, then the Markdown, then index.html last
     out = runs[0].out
-    for figure in [*figures, *images]:
-        out.put(f"{REPORT}/{figure.name}", lambda tmp, png=figure.png: out.fs.pipe_file(tmp, png))
-    text = markdown(runs, parts, figures, images).encode()
-    out.put(f"{REPORT}/report.md", lambda tmp: out.fs.pipe_file(tmp, text))
-    html = page(runs, parts, figures, images).encode()
-    out.put(f"{REPORT}/index.html", lambda tmp: out.fs.pipe_file(tmp, html))
-    path = f"{out.location}/{REPORT}/index.html"
-    return path
+    folder = REPORT if len(runs) == 1 else f"{REPORT}/vs-{runs[1].name}"
+    pngs = [*figures, *(f for gallery in shown for f in gallery.figures)]
+    for figure in pngs:
+        out.put(f"{folder}/{figure.name}", lambda tmp, png=figure.png: out.fs.pipe_file(tmp, png))
+    text = markdown(runs, parts, figures, shown).encode()
+    out.put(f"{folder}/report.md", lambda tmp: out.fs.pipe_file(tmp, text))
+    html = page(runs, parts, figures, shown).encode()
+    out.put(f"{folder}/index.html", lambda tmp: out.fs.pipe_file(tmp, html))
+    return f"{out.location}/{folder}/index.html"
