@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO
@@ -82,3 +83,13 @@ def test_guidance_raises_clip_score_beyond_its_paired_interval(toy, toy_metrics)
 def test_more_steps_lower_fid(toy):
     few, many = toy.loc[(3, 4.0)], toy.loc[(20, 4.0)]
     assert many["fid"] < few["fid"], pd.DataFrame([few, many])
+
+
+def test_attribute_accuracy_is_the_share_of_images_with_every_attribute_right(toy, toy_metrics):
+    images = pd.read_parquet(toy_metrics / "images.parquet")
+    correct = images[[f"{a}_correct" for a in ("color", "shape", "size", "position")]]
+    every = correct.eq(1.0).all(axis=1).astype(float).where(correct.notna().all(axis=1))
+    expected = every.groupby(images["config_id"]).mean()
+    got = toy.set_index("config_id")["attribute_accuracy"]
+    assert np.allclose(got[expected.index], expected, atol=1e-12)
+    assert (got <= toy.set_index("config_id")["color_accuracy"]).all()

@@ -168,6 +168,10 @@ class ConfigGroup:
         return {name or column: weighted_mean(self.images[column].to_numpy(), self.weights)}
 
 
+QUALITY = "image quality"  # closeness to real images (the reference set)
+ALIGNMENT = "prompt alignment"  # agreement of each image with its prompt
+
+
 @dataclass(frozen=True)
 class Metric:
     """One metric, declared once; see the module docstring."""
@@ -175,6 +179,7 @@ class Metric:
     name: str  # as suites list it
     label: str
     higher_is_better: bool
+    judges: str  # QUALITY or ALIGNMENT: the report recommends a configuration for each
     needs: frozenset[Need]
     interval: Interval
     # One configuration's images -> its columns in configs.parquet, without intervals: those

@@ -9,7 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from sdbatch.evaluation.metric import ConfigGroup, Interval, Metric, Need, Score, UnitImages
+from sdbatch.evaluation.metric import (
+    ALIGNMENT,
+    ConfigGroup,
+    Interval,
+    Metric,
+    Need,
+    Score,
+    UnitImages,
+)
 from sdbatch.evaluation.metric_math import clip_scores
 
 
@@ -26,6 +34,7 @@ CLIP_SCORE = Metric(
     name="clip_score",
     label="CLIP score",
     higher_is_better=True,
+    judges=ALIGNMENT,
     needs=frozenset({Need.CLIP}),
     interval=Interval.PERCENTILE,
     aggregate=aggregate,

@@ -7,7 +7,7 @@ import logging
 import math
 from typing import Any
 
-from sdbatch.evaluation.metric import ConfigGroup, Interval, Metric, Need, Score
+from sdbatch.evaluation.metric import QUALITY, ConfigGroup, Interval, Metric, Need, Score
 from sdbatch.evaluation.metric_math import fid
 
 log = logging.getLogger("sdbatch")
@@ -31,6 +31,7 @@ FID = Metric(
     name="fid",
     label="FID",
     higher_is_better=False,
+    judges=QUALITY,
     needs=frozenset({Need.FEATURES, Need.REFERENCE}),
     # Resampling repeats images, which biases every replicate's FID upwards: percentiles would
     # not even bracket the estimate.

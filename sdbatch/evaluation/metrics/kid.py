@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sdbatch.evaluation.metric import ConfigGroup, Interval, Metric, Need, Score
+from sdbatch.evaluation.metric import QUALITY, ConfigGroup, Interval, Metric, Need, Score
 from sdbatch.evaluation.metric_math import kid
 from sdbatch.typed_data import conform, within
 
@@ -49,6 +49,7 @@ KID = Metric(
     name="kid",
     label="KID",
     higher_is_better=False,
+    judges=QUALITY,
     needs=frozenset({Need.FEATURES, Need.REFERENCE}),
     interval=Interval.NONE,
     aggregate=aggregate,
