@@ -13,6 +13,7 @@ class Section:
     title: str
     lines: list[str]  # sentences (Markdown-ish: `code` and **bold** only)
     table: pd.DataFrame | None = None
+    appendix: bool = False  # reference material: after the plots and images
 
 
 @dataclass

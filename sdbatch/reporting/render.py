@@ -1,6 +1,7 @@
-"""The report's two renderings of the same sections, figures and grids: one self-contained HTML
-page (images inlined as data: URIs, no script, nothing fetched) and Markdown that links the PNGs
-written beside it, for a PR or a wiki."""
+"""The report's two renderings of the same sections, figures and galleries: one self-contained HTML
+page (images inlined as data: URIs, nothing fetched; one small inline script makes the tables
+sortable, and the page reads the same without it) and Markdown that links the PNGs written beside
+it, for a PR or a wiki. The answers come first, then plots and images, then the reference tables."""
 
 from __future__ import annotations
 
@@ -18,17 +19,25 @@ def markdown(
 ) -> str:
     """report.md: the sections, then the figures and galleries as links to the PNGs beside it."""
     parts = [f"# sdbatch report: {' vs '.join(run.name for run in runs)}", ""]
-    for section in sections:
-        parts += [f"## {section.title}", ""]
-        parts += [f"- {line}" for line in section.lines]
+
+    def add(section: Section) -> None:
+        parts.extend([f"## {section.title}", "", *(f"- {line}" for line in section.lines)])
         if section.table is not None:
-            parts += ["", _markdown_table(section.table)]
+            parts.extend(["", _markdown_table(section.table)])
         parts.append("")
+
+    for section in sections:
+        if not section.appendix:
+            add(section)
     parts += ["## Plots", ""] + [f"![{f.title}]({f.name})" for f in figures]
     for gallery in galleries:
         parts += ["", f"## {gallery.title}", ""] + [f"- {line}" for line in gallery.lines]
         for f in gallery.figures:
             parts += ["", f"**{f.title}**", "", f"![{f.title}]({f.name})"]
+    parts.append("")
+    for section in sections:
+        if section.appendix:
+            add(section)
     return "\n".join(parts) + "\n"
 
 
@@ -47,6 +56,31 @@ figure { margin: 1em 0; }
 figcaption { font-size: 13px; color: #555; }
 img { max-width: 100%; }
 .grid img { image-rendering: pixelated; }
+table.sortable th { cursor: pointer; }
+"""
+
+# Click a header to sort its table by that column (numbers by their leading value), again to
+# reverse. Without scripts the tables stay in their written order.
+SORT_SCRIPT = """
+for (const th of document.querySelectorAll("table.sortable thead th")) {
+  th.title = "click to sort";
+  th.addEventListener("click", () => {
+    const body = th.closest("table").tBodies[0];
+    const column = th.cellIndex, up = th.dataset.order !== "up";
+    th.dataset.order = up ? "up" : "down";
+    const key = (row) => {
+      const text = row.cells[column].textContent.trim(), number = parseFloat(text);
+      return Number.isNaN(number) ? text : number;
+    };
+    const rows = [...body.rows].sort((a, b) => {
+      const x = key(a), y = key(b);
+      const order = typeof x === "number" && typeof y === "number"
+        ? x - y : String(x).localeCompare(String(y));
+      return up ? order : -order;
+    });
+    body.append(...rows);
+  });
+}
 """
 
 
@@ -56,13 +90,20 @@ def page(
     """index.html: the same, one self-contained file."""
     title = f"sdbatch report: {' vs '.join(run.name for run in runs)}"
     body = [f"<h1>{html.escape(title)}</h1>"]
-    for section in sections:
+
+    def add(section: Section) -> None:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
         if section.lines:
             items = "".join(f"<li>{_inline(line)}</li>" for line in section.lines)
             body.append(f"<ul>{items}</ul>")
         if section.table is not None:
-            body.append(section.table.to_html(index=False, border=0, escape=True))
+            body.append(
+                section.table.to_html(index=False, border=0, escape=True, classes="sortable")
+            )
+
+    for section in sections:
+        if not section.appendix:
+            add(section)
     body.append("<h2>Plots</h2>")
     body += [_figure(f, "plot") for f in figures]
     for gallery in galleries:
@@ -70,10 +111,13 @@ def page(
         if gallery.lines:
             body.append(f"<ul>{''.join(f'<li>{_inline(x)}</li>' for x in gallery.lines)}</ul>")
         body += [_figure(f, "grid") for f in gallery.figures]
+    for section in sections:
+        if section.appendix:
+            add(section)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
-        f"<body>{''.join(body)}</body></html>\n"
+        f"<body>{''.join(body)}<script>{SORT_SCRIPT}</script></body></html>\n"
     )
 
 

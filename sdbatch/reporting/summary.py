@@ -1,6 +1,11 @@
-"""The report's words and tables: which configuration is best by each ranked metric and by how much,
-the trade-off's Pareto front, every configuration, two runs side by side, and provenance.
+"""The report's words and tables: a recommendation (the configuration to use for image quality, for
+prompt alignment, and the cheapest one not clearly worse than the best), which configuration is best
+by each metric and by how much, the sweep's main effects, the trade-off's Pareto front, every
+configuration, two runs side by side, and provenance.
 
+"Clearly worse" is decided by the paired differences of differences.parquet (the same prompts
+resampled for both configurations, the intervals holding together over the comparisons with the
+best); outputs evaluated before sdbatch paired its statistics fall back to overlapping intervals.
 Every metric's label, direction and formatting come from its declaration in the registry.
 """
 
@@ -9,21 +14,29 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sdbatch.evaluation.metric import Metric
+from sdbatch.evaluation.compare import interval_method, paired_difference
+from sdbatch.evaluation.metric import ALIGNMENT, QUALITY, Metric
 from sdbatch.evaluation.registry import REGISTRY, TRADEOFF, ranked_metrics
 from sdbatch.reporting.parts import Section
 from sdbatch.reporting.runs import PARAMS, Run
 
 
 def sections(runs: list[Run], missing: list[str]) -> list[Section]:
-    """Summaries, the comparison of two runs, every configuration, and provenance."""
-    parts = [_summary(run) for run in runs]
-    if missing:
-        parts[0].lines += missing
+    """Recommendations, summaries and main effects, the comparison of two runs, every
+    configuration, and provenance."""
+    parts = []
+    for run in runs:
+        summary = _summary(run)
+        if run is runs[0]:
+            summary.lines += missing
+        parts += [recommendation(run), summary]
+        if run.effects is not None and len(run.effects):
+            parts.append(_main_effects(run))
     if len(runs) == 2:
         parts.append(_comparison(*runs))
     for run in runs:
-        parts.append(Section(f"All configurations: {run.name}", [], _every_configuration(run)))
+        table = _every_configuration(run)
+        parts.append(Section(f"All configurations: {run.name}", [], table, appendix=True))
     return parts + [_provenance(run) for run in runs]
 
 
@@ -85,10 +98,169 @@ def _overlap(a: pd.Series, b: pd.Series, column: str) -> bool | None:
     return bool(a[low] <= b[high] and b[low] <= a[high])
 
 
+def _not_worse(run: Run, metric: Metric) -> tuple[pd.Series, set[str]]:
+    """The best configuration by `metric`, and the configurations not clearly worse than it (the
+    best among them): by the paired differences, else by overlapping intervals."""
+    column = metric.headline.column
+    ranked = run.configs.dropna(subset=[column])
+    best = _best(ranked, metric)
+    d = run.differences
+    if d is not None and (d["column"] == column).any():
+        mine = d[(d["column"] == column) & (d["best"] == best["config_id"])]
+        return best, {best["config_id"], *mine.loc[~mine["worse"], "other"]}
+    near = {r["config_id"] for _, r in ranked.iterrows() if _overlap(best, r, column)}
+    return best, near | {best["config_id"]}
+
+
+def recommendation(run: Run) -> Section:
+    """One sentence each: what to use for image quality, for prompt alignment, and the cheapest
+    configuration not clearly worse than the best by any ranked metric."""
+    metrics = [m for m in ranked_metrics() if run.has_metric(m)]
+    if len(run.configs) < 2 or not metrics:
+        only = "A single configuration: nothing to choose."
+        return Section(f"Recommendation: {run.name}", [only])
+    judged = {m.name: _not_worse(run, m) for m in metrics}
+    lines = []
+    for kind in (QUALITY, ALIGNMENT):
+        mine = [m for m in metrics if m.judges == kind]
+        if not mine:
+            continue
+        bests = {judged[m.name][0]["config_id"] for m in mine}
+        by = ", ".join(f"{m.label} {m.headline.cell(judged[m.name][0])}" for m in mine)
+        if len(bests) == 1:
+            best = judged[mine[0].name][0]
+            tied = set.intersection(*(judged[m.name][1] for m in mine)) - bests
+            lines.append(
+                f"For {kind}: **{label(best)}** (best by {by}); "
+                f"{_count(len(tied), 'other configuration')} not clearly worse."
+            )
+        else:
+            picks = "; ".join(f"by {m.label}, **{label(judged[m.name][0])}**" for m in mine)
+            lines.append(f"For {kind} the metrics disagree: {picks} ({by}).")
+    candidates = set.intersection(*(near for _, near in judged.values()))
+    names = ", ".join(m.label for m in metrics)
+    if candidates:
+        pick = _cheapest(run, candidates, metrics[0])
+        dearest = max(metrics, key=lambda m: judged[m.name][0]["unet_evals_per_image"])
+        priciest = judged[dearest.name][0]
+        ratio = priciest["unet_evals_per_image"] / pick["unet_evals_per_image"]
+        saving = (
+            f"; {ratio:.3g}x fewer model evaluations than the best by {dearest.label} "
+            f"({label(priciest)})"
+        ) * bool(ratio > 1)
+        lines.append(
+            f"Cheapest not clearly worse than the best by any of {names}: **{label(pick)}**, "
+            f"{cost(pick)}{saving}."
+        )
+    else:
+        picks = "; ".join(
+            f"by {m.label}, {label(_cheapest(run, judged[m.name][1], m))}" for m in metrics
+        )
+        lines.append(
+            f"No configuration is close to the best by all of {names}; the cheapest one not "
+            f"clearly worse than the best {picks}."
+        )
+    lines.append(_judged_how(run, metrics))
+    return Section(f"Recommendation: {run.name}", lines)
+
+
+def _cheapest(run: Run, config_ids: set[str], metric: Metric) -> pd.Series:
+    """The fewest model evaluations per image; among equals, the best by `metric`."""
+    rows = run.configs[run.configs["config_id"].isin(config_ids)]
+    sign = -1 if metric.higher_is_better else 1
+    order = rows.assign(_key=sign * rows[metric.headline.column])
+    return order.sort_values(["unet_evals_per_image", "_key"]).iloc[0]
+
+
+def _judged_how(run: Run, metrics: list[Metric]) -> str:
+    d = run.differences
+    if d is None or d.empty:
+        return (
+            "Not clearly worse: the confidence intervals overlap (this output was evaluated "
+            "before sdbatch paired its statistics; rerun `sdbatch eval` for paired intervals)."
+        )
+    first = d.iloc[0]
+    return (
+        f"Not clearly worse: the paired {first['family_confidence']:.0%} interval of the "
+        "difference from the best (the same prompts resampled for both) reaches the best's "
+        f"side; the {first['comparisons']} comparisons with the best hold together "
+        f"(Bonferroni, each at {first['confidence']:.2%}). Cost is model evaluations (UNet "
+        "calls) per image."
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{'no' if n == 0 else n} {noun}{'' if n == 1 else 's'} {'is' if n == 1 else 'are'}"
+
+
+AXIS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}  # others as named
+
+
+def _level(text: str) -> str:
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return text
+
+
+def _main_effects(run: Run) -> Section:
+    """Each sweep axis's levels averaged over the other axes, and their paired differences from
+    the axis's first level: a sentence per axis and a table."""
+    effects = run.effects
+    metrics = [m for m in ranked_metrics() if (effects["column"] == m.headline.column).any()]
+    lines, rows = [], []
+    for axis, of_axis in effects.groupby("axis", sort=False):
+        name = AXIS_NAMES.get(axis, axis)
+        changes, changed = [], set()
+        for level, at_level in of_axis.groupby("level", sort=False):
+            row = {"axis": name, "level": _level(level), "configs": at_level["configs"].iloc[0]}
+            clear = []
+            for metric in metrics:
+                score = metric.headline
+                r = at_level[at_level["column"] == score.column].iloc[0]
+                bounds = {f"{score.column}_low": r["low"], f"{score.column}_high": r["high"]}
+                row[metric.label] = score.cell({score.column: r["mean"], **bounds})
+                if pd.isna(r["difference"]):
+                    row[f"{metric.label}: difference"] = "(first level)"
+                    continue
+                shift = _shift(r, score.digits)
+                row[f"{metric.label}: difference"] = shift
+                if r["difference_low"] > 0 or r["difference_high"] < 0:
+                    clear.append(f"{metric.label} {shift}")
+                    changed.add(metric.label)
+            rows.append(row)
+            if clear:
+                baseline = _level(at_level["baseline"].iloc[0])
+                changes.append(f"{name} {baseline} → {_level(level)}: {', '.join(clear)}")
+        flat = [m.label for m in metrics if m.label not in changed]
+        if flat:
+            changes.append(f"{name}: no clear difference in {', '.join(flat)}")
+        lines.append("; ".join(changes) + ".")
+    first = effects.iloc[0]
+    lines.append(
+        "Each level's mean over the configurations at that level, the other axes averaged out; "
+        f"differences from the axis's first level with paired {first['confidence']:.0%} "
+        "intervals that hold together per axis (Bonferroni)."
+    )
+    return Section(f"Main effects: {run.name}", lines, pd.DataFrame(rows))
+
+
+def _shift(effect: pd.Series, digits: int) -> str:
+    """A main effect's difference from its axis's first level, with its interval."""
+    low, high = effect["difference_low"], effect["difference_high"]
+    return (
+        f"{_signed(effect['difference'], digits)} [{_signed(low, digits)}, {_signed(high, digits)}]"
+    )
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}"
+
+
 def _summary(run: Run) -> Section:
     configs = run.configs
     lines = []
-    for metric in ranked_metrics():
+    for metric in REGISTRY.values():
         if not run.has_metric(metric):
             continue
         score = metric.headline
@@ -140,7 +312,7 @@ def _summary(run: Run) -> Section:
             f"{y.label}-{x.label} trade-off (Pareto front, no configuration beats these on "
             f"both): {picks}."
         )
-    return Section(f"Summary: {run.name}", lines)
+    return Section(f"Best by each metric: {run.name}", lines)
 
 
 def _every_configuration(run: Run) -> pd.DataFrame:
@@ -167,7 +339,18 @@ def _every_configuration(run: Run) -> pd.DataFrame:
 
 
 def _comparison(a: Run, b: Run) -> Section:
+    """Per configuration both runs have, B minus A in each ranked metric: paired when the two
+    runs' bootstrap replicates drew the same prompts, else by whether the intervals overlap."""
     joined = a.configs.merge(b.configs, on=PARAMS, suffixes=("_a", "_b"))
+    paired = (
+        a.replicates is not None
+        and b.replicates is not None
+        and a.metrics.bootstrap_draws != ""
+        and a.metrics.bootstrap_draws == b.metrics.bootstrap_draws
+    )
+    confidence = a.metrics.suite.bootstrap.confidence
+    # every configuration's difference holds together with the others' (Bonferroni)
+    level = 1 - (1 - confidence) / max(len(joined), 1)
     rows = []
     for _, r in joined.iterrows():
         row = {"configuration": label(r)}
@@ -178,15 +361,51 @@ def _comparison(a: Run, b: Run) -> Section:
             ra, rb = _side(r, "_a"), _side(r, "_b")
             row[f"{name} {a.name}"] = score.cell(ra)
             row[f"{name} {b.name}"] = score.cell(rb)
-            row[f"{name} diff"] = f"{rb[score.column] - ra[score.column]:+.{score.digits}f}"
-            overlap = _overlap(ra, rb, score.column)
-            row[f"{name} intervals"] = {None: "n/a", True: "overlap", False: "differ"}[overlap]
+            if paired:
+                difference, low, high = paired_difference(
+                    ra[score.column], _drawn(a, ra["config_id"], score.column),
+                    rb[score.column], _drawn(b, rb["config_id"], score.column),
+                    interval_method(score.column), level,
+                )  # fmt: skip
+                row[f"{name} {b.name} - {a.name}"] = (
+                    f"{_signed(difference, score.digits)} "
+                    f"[{_signed(low, score.digits)}, {_signed(high, score.digits)}]"
+                )
+                better = (low > 0) if metric.higher_is_better else (high < 0)
+                worse = (high < 0) if metric.higher_is_better else (low > 0)
+                verdict = {better: f"{b.name} better", worse: f"{a.name} better"}.get(True)
+                row[f"{name} verdict"] = verdict or "no clear difference"
+            else:
+                difference = rb[score.column] - ra[score.column]
+                row[f"{name} {b.name} - {a.name}"] = _signed(difference, score.digits)
+                overlap = _overlap(ra, rb, score.column)
+                row[f"{name} intervals"] = {None: "n/a", True: "overlap", False: "differ"}[overlap]
         rows.append(row)
+    if paired:
+        how = (
+            f"paired: both runs' bootstrap replicates drew the same prompts, so each interval "
+            f"is of the difference itself; the {len(joined)} intervals hold together at "
+            f"{confidence:.0%} (Bonferroni, each at {level:.2%})"
+        )
+        if a.record.spec.seed == b.record.spec.seed:
+            how += "; the seeds are equal too, so each image has its counterpart"
+    else:
+        how = (
+            "the runs' bootstrap replicates do not pair (other prompts, bootstrap settings, or "
+            "evaluated before sdbatch recorded them), so `differ` only says that two "
+            "intervals do not overlap"
+        )
     lines = [
         f"Differences are {b.name} minus {a.name}, over the {len(joined)} configurations both "
-        "runs have; `differ` means the confidence intervals do not overlap."
+        f"runs have; {how}."
     ]
     return Section(f"Comparison: {a.name} vs {b.name}", lines, pd.DataFrame(rows))
+
+
+def _drawn(run: Run, config_id: str, column: str) -> np.ndarray:
+    """One configuration's bootstrap replicates of `column`, in replicate order."""
+    mine = run.replicates[run.replicates["config_id"] == config_id].sort_values("replicate")
+    return mine[column].to_numpy()
 
 
 def _side(row: pd.Series, suffix: str) -> pd.Series:
@@ -239,4 +458,4 @@ def _provenance(run: Run) -> Section:
         )
     versions = ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items()))
     lines.append(f"Versions: {versions}. Evaluated {m.finished}.")
-    return Section(f"Provenance: {run.name}", lines)
+    return Section(f"Provenance: {run.name}", lines, appendix=True)
