@@ -19,6 +19,7 @@ from ray import cloudpickle
 from sdbatch.errors import InputError
 from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.metric import (
+    QUALITY,
     Bootstrap,
     ConfigGroup,
     Interval,
@@ -100,6 +101,7 @@ BRIGHTNESS = Metric(
     name="brightness",
     label="bright share",
     higher_is_better=True,
+    judges=QUALITY,
     needs=frozenset(),  # the pixels alone
     interval=Interval.PERCENTILE,
     aggregate=lambda group, settings: group.mean("bright_share"),
