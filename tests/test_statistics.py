@@ -254,3 +254,22 @@ def test_main_effects_average_over_the_other_axes(small):
     )
     # the synthetic steps effect is +3: the interval sees it
     assert level.loc["20", "difference_low"] > 0
+
+
+def test_an_fid_interval_stops_at_zero_and_a_difference_does_not():
+    replicates = np.array([0.2, 3.0, 5.5, 1.1, 4.2, 0.7])  # spread wide against a small FID
+    low, high = Interval.NORMAL.bounds(0.5, replicates, 0.95)
+    assert low < 0  # estimate - z * SE
+    assert FID.bounds(0.5, replicates, 0.95) == (0.0, high)
+    assert CLIP_SCORE.bounds(0.5, replicates - 10, 0.95) == Interval.PERCENTILE.bounds(
+        0.5, replicates - 10, 0.95
+    )  # a score without a least value keeps its interval
+    # a difference of FIDs can be negative: its interval is the method's, unraised
+    configs = pd.DataFrame({"config_id": ["a", "b"], "fid": [2.0, 1.0]})
+    drawn = pd.DataFrame(
+        {"config_id": ["a"] * 6 + ["b"] * 6, "replicate": [*range(6)] * 2,
+         "fid": [*(replicates + 1.5), *(replicates + 0.4)]}
+    )  # fmt: skip
+    d = compare(configs, drawn, "a", "b", "fid", 0.95)
+    assert d.high < 0 or d.low < 0
+    assert (d.low, d.high) == Interval.NORMAL.bounds(-1.0, np.full(6, -1.1), 0.95)

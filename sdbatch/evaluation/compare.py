@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from sdbatch.evaluation.metric import Bootstrap, Interval
+from sdbatch.evaluation.metric import Bootstrap, Interval, Metric
 from sdbatch.evaluation.registry import REGISTRY, ranked_metrics
 from sdbatch.evaluation.table import CONFIG_COLUMNS
 
@@ -46,11 +46,11 @@ def draws_identity(prompt_ids: list[str], bootstrap: Bootstrap) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def interval_method(column: str) -> Interval:
-    """How the intervals of a configs.parquet column are computed (its metric's method)."""
+def metric_of(column: str) -> Metric:
+    """The metric whose scores include this configs.parquet column with an interval."""
     for metric in REGISTRY.values():
         if any(s.column == column and s.interval for s in metric.scores):
-            return metric.interval
+            return metric
     raise ValueError(f"{column}: no metric gives this column an interval")
 
 
@@ -87,7 +87,7 @@ def compare(
         if config_id not in estimates.index:
             raise ValueError(f"{config_id}: not a configuration of this run")
     values = paired_difference(
-        estimates[a], drawn[a], estimates[b], drawn[b], interval_method(column), confidence
+        estimates[a], drawn[a], estimates[b], drawn[b], metric_of(column).interval, confidence
     )
     return Difference(column, a, b, *values, confidence)
 
@@ -151,7 +151,7 @@ def main_effects(
             continue
         level_confidence = 1 - (1 - confidence) / (len(levels) - 1)
         for column in columns:
-            method = interval_method(column)
+            metric = metric_of(column)
             estimates = _estimates(configs, column)
             drawn = _replicates(replicates, column, configs)
             means, drawn_means = {}, {}
@@ -161,12 +161,12 @@ def main_effects(
                 drawn_means[level] = drawn[ids].to_numpy().mean(axis=1)
             baseline = levels[0]
             for level in levels:
-                low, high = method.bounds(means[level], drawn_means[level], confidence)
+                low, high = metric.bounds(means[level], drawn_means[level], confidence)
                 difference = low_d = high_d = np.nan
                 if level != baseline:
                     difference, low_d, high_d = paired_difference(
                         means[baseline], drawn_means[baseline], means[level], drawn_means[level],
-                        method, level_confidence,
+                        metric.interval, level_confidence,
                     )  # fmt: skip
                 rows.append({
                     "axis": axis, "level": str(level), "column": column,

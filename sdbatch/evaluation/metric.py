@@ -197,6 +197,18 @@ class Metric:
     # The report names the best configuration by this metric's headline score and plots it
     # against guidance and steps.
     ranked: bool = False
+    # The least value its scores can take (FID: 0). A normal interval can reach below it; its
+    # bound is raised to it, which loses no coverage since the true value is never lower.
+    least: float | None = None
+
+    def bounds(
+        self, estimate: float, replicates: np.ndarray, confidence: float
+    ) -> tuple[float, float]:
+        """The interval of one of its scores (not of a difference) from its replicates."""
+        low, high = self.interval.bounds(estimate, replicates, confidence)
+        if self.least is not None and low < self.least:
+            low = self.least
+        return low, high
 
     @property
     def headline(self) -> Score:
@@ -229,6 +241,6 @@ def aggregate_with_intervals(
     for name, value in estimate.items():
         row[name] = value
         if name in replicates:
-            bounds = metric.interval.bounds(value, replicates[name], group.bootstrap.confidence)
+            bounds = metric.bounds(value, replicates[name], group.bootstrap.confidence)
             row[f"{name}_low"], row[f"{name}_high"] = bounds
     return row, replicates

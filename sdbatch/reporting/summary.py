@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sdbatch.evaluation.compare import interval_method, paired_difference
+from sdbatch.evaluation.compare import metric_of, paired_difference
 from sdbatch.evaluation.metric import ALIGNMENT, QUALITY, Metric
 from sdbatch.evaluation.registry import REGISTRY, TRADEOFF, ranked_metrics
 from sdbatch.reporting.parts import Section
@@ -365,7 +365,7 @@ def _comparison(a: Run, b: Run) -> Section:
                 difference, low, high = paired_difference(
                     ra[score.column], _drawn(a, ra["config_id"], score.column),
                     rb[score.column], _drawn(b, rb["config_id"], score.column),
-                    interval_method(score.column), level,
+                    metric_of(score.column).interval, level,
                 )  # fmt: skip
                 row[f"{name} {b.name} - {a.name}"] = (
                     f"{_signed(difference, score.digits)} "

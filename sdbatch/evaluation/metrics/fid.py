@@ -39,4 +39,5 @@ FID = Metric(
     aggregate=aggregate,
     scores=(Score("fid", "FID"),),
     ranked=True,
+    least=0.0,
 )
