@@ -92,34 +92,41 @@ def fault_warnings(caplog) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__)
-def test_a_shard_that_is_not_its_units_is_named_and_extracted_again(
-    damage, evaluated_output, tmp_path, ray_address, caplog
+def test_shards_that_are_not_their_units_are_named_and_extracted_again(
+    evaluated_output, tmp_path, ray_address, caplog
 ):
     out = tmp_path / "out"
     shutil.copytree(evaluated_output["out"], out)
     shards = sorted((out / "metrics" / "_shards").rglob("*.npz"))
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
-    # the first unit, and a unit of as many images from another configuration
     configs = {p: read_npz(str(p))["config_id"] for p in shards}
-    bad = shards[0]
-    other = next(
-        p for p, c in configs.items() if len(c) == len(configs[bad]) and c[0] != configs[bad][0]
-    )
-    damage(bad, other)
+    # one shard per damage, each from a unit's shards taken in turn; an "other" shard is an
+    # undamaged one of as many images from another configuration
+    damaged = dict(zip(DAMAGES, shards[:: len(shards) // len(DAMAGES)], strict=False))
+    assert len(damaged) == len(DAMAGES)
+    for damage, bad in damaged.items():
+        other = next(
+            p for p in shards if p not in damaged.values()
+            and len(configs[p]) == len(configs[bad]) and configs[p][0] != configs[bad][0]
+        )  # fmt: skip
+        damage(bad, other)
     caplog.set_level(logging.INFO, logger="sdbatch")
 
     summary = evaluate(str(out), evaluated_output["suite"], address=ray_address)
 
-    (line,) = fault_warnings(caplog)
-    assert str(bad) in line and DAMAGES[damage] in line, line
-    assert "; 1 units to extract" in caplog.text
-    assert read_npz(str(bad))[UNIT_ID] == bad.stem
-    assert all(p.stat().st_mtime_ns == mtimes[p] for p in shards if p != bad)
+    lines = fault_warnings(caplog)
+    assert len(lines) == len(DAMAGES), lines
+    for damage, bad in damaged.items():
+        (line,) = [line for line in lines if str(bad) in line]
+        assert DAMAGES[damage] in line, line
+        assert read_npz(str(bad))[UNIT_ID] == bad.stem
+    assert f"; {len(DAMAGES)} units to extract" in caplog.text
+    kept = [p for p in shards if p not in damaged.values()]
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in kept)
     expected = comparable(evaluated_output["summary"].configs)
     pd.testing.assert_frame_equal(comparable(summary.configs), expected, rtol=1e-6)
 
-    # the shard extracted again is trusted by the next run
+    # the shards extracted again are trusted by the next run
     caplog.clear()
     again = evaluate(str(out), evaluated_output["suite"], address=ray_address)
     assert not fault_warnings(caplog) and "; 0 units to extract" in caplog.text
