@@ -3,6 +3,7 @@ a user asks for, the worst images of the best configurations, and every image of
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from sdbatch.errors import InputError
 from sdbatch.evaluation.registry import REGISTRY
-from sdbatch.reporting.grids import choose_prompts, worst_images
+from sdbatch.reporting.grids import _table_png, choose_prompts, worst_images
 from sdbatch.reporting.runs import load_run
 from sdbatch.reporting.write import write_report
 
@@ -145,3 +146,18 @@ def test_one_prompt_shows_every_configuration_and_sample(reported):
     cells = colorful(out / "report" / "prompt.png")
     assert runs(cells.any(axis=0)) == SAMPLES  # columns of images
     assert runs(cells.any(axis=1)) == CONFIGS  # rows of images
+
+
+def test_columns_that_do_not_fit_wrap_into_bands():
+    def png(color) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    columns = [f"guidance {g}" for g in range(20)]
+    cells = {(i, j): png((255, 40 * i, 10 * j)) for i in range(2) for j in range(20)}
+    sheet = io.BytesIO(_table_png(["ddim\n20 steps", "euler\n20 steps"], columns, cells))
+    assert Image.open(sheet).width <= 1100
+    shown = colorful(sheet)
+    per_band, rows = runs(shown.any(axis=0)), runs(shown.any(axis=1))
+    assert per_band < 20 and rows == 2 * -(-20 // per_band)  # every band has both rows

@@ -225,12 +225,12 @@ def _table_png(rows: list[str], columns: list[str], cells: dict[tuple[int, int],
     font = ImageFont.load_default(size=FONT_SIZE)
     ascent, descent = font.getmetrics()
     line = ascent + descent + 2
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def width(text: str) -> int:
-        return int(max(draw.textlength(part, font=font) for part in text.split("\n")))
+        return int(max(font.getlength(part) for part in text.split("\n")))
 
     head = min(max(width(r) for r in rows) + 2 * PAD, PAGE_WIDTH // 3) if any(rows) else 0
+    # as many columns as fit with their labels whole: a prompt id cut short names nothing
     per_band = (PAGE_WIDTH - head) // max(MIN_CELL, max(width(c) for c in columns) + GAP)
     per_band = max(1, min(len(columns), per_band))
     cell = min(MAX_CELL, (PAGE_WIDTH - head) // per_band - GAP)
@@ -245,9 +245,7 @@ def _table_png(rows: list[str], columns: list[str], cells: dict[tuple[int, int],
         top = band * band_height
         for j in range(band * per_band, min(len(columns), (band + 1) * per_band)):
             x = head + (j - band * per_band) * (cell + GAP)
-            draw.multiline_text(
-                (x, top + PAD // 2), _cut(draw, font, columns[j], cell), "black", font
-            )
+            draw.multiline_text((x, top + PAD // 2), _cut(font, columns[j], cell), "black", font)
             for i in range(len(rows)):
                 y = top + header + i * (cell_height + GAP)
                 if (i, j) in images:
@@ -256,7 +254,7 @@ def _table_png(rows: list[str], columns: list[str], cells: dict[tuple[int, int],
                     draw.rectangle((x, y, x + cell - 1, y + cell_height - 1), fill="#eeeeee")
         for i, row in enumerate(rows):
             y = top + header + i * (cell_height + GAP) + cell_height // 2
-            text = _cut(draw, font, row, head - 2 * PAD)
+            text = _cut(font, row, head - 2 * PAD)
             draw.multiline_text((PAD, y), text, "black", font, anchor="lm")
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
@@ -272,12 +270,12 @@ def _fit(blob: bytes, side: int) -> Image.Image:
     return image.resize((side, max(1, round(side * image.height / image.width))), resample)
 
 
-def _cut(draw: ImageDraw.ImageDraw, font: ImageFont.FreeTypeFont, text: str, room: int) -> str:
+def _cut(font: ImageFont.FreeTypeFont, text: str, room: int) -> str:
     """Each line of `text` shortened to fit `room` pixels, marked with '...' where cut."""
     lines = []
     for part in text.split("\n"):
         cut = part
-        while cut and draw.textlength(cut + ("..." if cut != part else ""), font=font) > room:
+        while cut and font.getlength(cut + ("..." if cut != part else "")) > room:
             cut = cut[:-1]
         lines.append(cut if cut == part else cut + "...")
     return "\n".join(lines)
