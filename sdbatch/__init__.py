@@ -18,7 +18,7 @@ below it (tests/test_layout.py holds the code to this list).
     api                             run(): generate -> evaluate -> report; the demo's spec
     reporting.write                 report(): read evaluated runs, write index.html and report.md
     reporting.render                sections and figures -> self-contained HTML, and Markdown
-    reporting.grids                 image 0 of every configuration side by side, per prompt
+    reporting.grids                 image galleries: configurations per prompt, worst images
     reporting.plots                 ranked metrics vs guidance and steps; the trade-off plot
     reporting.summary               best configurations, Pareto front, tables, provenance
     reporting.runs                  an evaluated output: configs table, run and metrics records
