@@ -143,7 +143,7 @@ def test_html_is_self_contained(reported):
     out, _ = reported
     page = Page((out / "report" / "index.html").read_text())
     assert page.links == []  # no stylesheet, script or link to fetch
-    assert len(page.images) == 3 + 4  # FID, CLIP vs guidance and the trade-off; 4 grids
+    assert len(page.images) == 3 + 4 + 1  # FID, CLIP vs guidance, the trade-off; 4 grids; worst
     for image in page.images:
         assert image["src"].startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1]))).verify()
@@ -233,7 +233,7 @@ def test_two_runs_are_compared_per_configuration_with_paired_intervals(evaluated
     assert all("| a better |" in r and "+0.00 [+0.00, +0.00] | no clear difference |" in r
                for r in rows)  # fmt: skip
     page = Page((a / "report" / "vs-b" / "index.html").read_text())
-    assert len(page.images) == 3 + 2 * 4  # the same plots with both runs; both runs' grids
+    assert len(page.images) == 3 + 2 * (4 + 1)  # the same plots with both runs; both runs' images
 
     # draws that do not pair: only whether the intervals overlap can be said
     record = json.loads((b / "metrics" / "metrics.json").read_text())
@@ -283,7 +283,7 @@ def test_missing_fid_and_a_single_configuration(tmp_path, prompt_file, ray_addre
     assert "Best by CLIP score" in markdown and "Best by FID" not in markdown
     page = Page((out / "report" / "index.html").read_text())
     assert path == f"{out}/report/index.html"
-    assert len(page.images) == 2  # no plots; one grid per prompt
+    assert len(page.images) == 2 + 1  # no plots; one grid per prompt; the worst CLIP scores
 
 
 def test_report_needs_metrics(tmp_path, evaluated_output):

@@ -26,7 +26,7 @@ from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.output import IMAGES, METRICS_DIR
 from sdbatch.reporting.parts import Figure, Gallery
 from sdbatch.reporting.runs import PARAMS, Run
-from sdbatch.reporting.summary import _best, label
+from sdbatch.reporting.summary import best_by, label
 from sdbatch.typed_data import shown
 
 GRID_PROMPTS = 4  # prompts shown in the image grids
@@ -114,7 +114,7 @@ def worst_images(run: Run, metric: Metric, count: int = WORST_IMAGES) -> pd.Data
     ]
     if not columns:
         return None
-    best = _best(run.configs.dropna(subset=[metric.headline.column]), metric)
+    best = best_by(run.configs.dropna(subset=[metric.headline.column]), metric)
     table = scores.to_table(
         columns=[*KEY_COLUMNS, "nsfw_flagged", *columns],
         filter=pads.field("config_id") == best["config_id"],

@@ -76,7 +76,8 @@ def _seconds(row: pd.Series, cell: bool = False) -> str:
     return f"{median:.3f}{unit} {spread}"
 
 
-def _best(ranked: pd.DataFrame, metric: Metric) -> pd.Series:
+def best_by(ranked: pd.DataFrame, metric: Metric) -> pd.Series:
+    """The configuration with the best headline score of `metric` (rows without one dropped)."""
     column = ranked[metric.headline.column]
     return ranked.loc[column.idxmax() if metric.higher_is_better else column.idxmin()]
 
@@ -103,7 +104,7 @@ def _not_worse(run: Run, metric: Metric) -> tuple[pd.Series, set[str]]:
     best among them): by the paired differences, else by overlapping intervals."""
     column = metric.headline.column
     ranked = run.configs.dropna(subset=[column])
-    best = _best(ranked, metric)
+    best = best_by(ranked, metric)
     d = run.differences
     if d is not None and (d["column"] == column).any():
         mine = d[(d["column"] == column) & (d["best"] == best["config_id"])]
@@ -265,14 +266,14 @@ def _summary(run: Run) -> Section:
             continue
         score = metric.headline
         ranked = configs.dropna(subset=[score.column])
-        best = _best(ranked, metric)
+        best = best_by(ranked, metric)
         line = (
             f"Best by {metric.label}: **{label(best)}** (`{best['config_id']}`), "
             f"{score.cell(best)}, {cost(best)}."
         )
         others = ranked.drop(index=best.name)
         if len(others):
-            second = _best(others, metric)
+            second = best_by(others, metric)
             paired = _paired(run, score.column, best, second)
             overlap = _overlap(best, second, score.column)
             if paired is not None:
