@@ -106,7 +106,7 @@ def test_html_is_self_contained(reported):
     out, _ = reported
     page = Page((out / "report" / "index.html").read_text())
     assert page.links == []  # no stylesheet, script or link to fetch
-    assert len(page.images) == 3 + 4  # FID, CLIP vs guidance and the trade-off; 4 grids
+    assert len(page.images) == 5 + 4  # FID, CLIP main effects and vs guidance; trade-off; 4 grids
     for image in page.images:
         assert image["src"].startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1]))).verify()
@@ -158,7 +158,7 @@ def test_two_runs_are_compared_per_configuration(evaluated_output, tmp_path):
     assert len(rows) == 4
     assert all("| differ |" in row and "| overlap |" in row for row in rows)
     page = Page((a / "report" / "vs-b" / "index.html").read_text())
-    assert len(page.images) == 3 + 2 * 4  # the same plots with both runs; both runs' grids
+    assert len(page.images) == 5 + 2 * 4  # the same plots with both runs; both runs' grids
 
 
 def test_missing_fid_and_a_single_configuration(tmp_path, prompt_file, ray_address):

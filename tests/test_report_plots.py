@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 from PIL import Image
 
 from sdbatch.evaluation.metrics.clip_score import CLIP_SCORE
@@ -146,6 +147,12 @@ def test_every_tradeoff_point_is_numbered_near_it_and_named_in_the_key(count):
             assert box.x0 - 25 < x < box.x1 + 25 and box.y0 - 25 < y < box.y1 + 25
     for one, other in itertools.combinations(boxes, 2):
         assert not one.overlaps(other)
+    # and on no marker (4 px around each point)
+    pixels = ax.transData.transform(points[["clip_score", "fid"]].to_numpy(float))
+    for box in boxes:
+        assert not any(
+            box.overlaps(Bbox.from_extents(x - 4, y - 4, x + 4, y + 4)) for x, y in pixels
+        )
     # the key names every point in order, a star on each run's Pareto front
     assert len(key) == len(points)
     numbered = [(run, row) for run in runs for _, row in run.configs.iterrows()]
