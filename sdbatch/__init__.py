@@ -19,7 +19,7 @@ below it (tests/test_layout.py holds the code to this list).
     reporting.write                 report(): read evaluated runs, write index.html and report.md
     reporting.render                sections and figures -> self-contained HTML, and Markdown
     reporting.grids                 image 0 of every configuration side by side, per prompt
-    reporting.plots                 ranked metrics vs guidance and steps; the trade-off plot
+    reporting.plots                 main effects; ranked metrics vs guidance and steps; trade-off
     reporting.summary               best configurations, Pareto front, tables, provenance
     reporting.runs                  an evaluated output: configs table, run and metrics records
     reporting.parts                 what a report is made of: sections and figures
