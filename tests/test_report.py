@@ -143,7 +143,8 @@ def test_html_is_self_contained(reported):
     out, _ = reported
     page = Page((out / "report" / "index.html").read_text())
     assert page.links == []  # no stylesheet, script or link to fetch
-    assert len(page.images) == 3 + 4 + 1  # FID, CLIP vs guidance, the trade-off; 4 grids; worst
+    # FID and CLIP score: main effects and vs guidance; the trade-off; 4 grids; the worst images
+    assert len(page.images) == 5 + 4 + 1
     for image in page.images:
         assert image["src"].startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1]))).verify()
@@ -233,7 +234,7 @@ def test_two_runs_are_compared_per_configuration_with_paired_intervals(evaluated
     assert all("| a better |" in r and "+0.00 [+0.00, +0.00] | no clear difference |" in r
                for r in rows)  # fmt: skip
     page = Page((a / "report" / "vs-b" / "index.html").read_text())
-    assert len(page.images) == 3 + 2 * (4 + 1)  # the same plots with both runs; both runs' images
+    assert len(page.images) == 5 + 2 * (4 + 1)  # the same plots with both runs; both runs' images
 
     # draws that do not pair: only whether the intervals overlap can be said
     record = json.loads((b / "metrics" / "metrics.json").read_text())
