@@ -131,6 +131,11 @@ def test_report_names_the_best_configurations(reported):
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         Image.open(out / "report" / name).verify()
     assert "builtin:tiny-clip" in markdown and "clip-processor-pil" in markdown
+    # what the suite left out is named once, with what is plotted
+    assert (
+        "Not computed by the suite, so not plotted: attribute accuracy (the plots show CLIP "
+        "score, FID)." in markdown
+    )
 
 
 def test_pareto_front_is_the_undominated_set():
@@ -279,8 +284,8 @@ def test_missing_fid_and_a_single_configuration(tmp_path, prompt_file, ray_addre
 
     path = write_report([str(out)])
     markdown = (out / "report" / "report.md").read_text()
-    assert "FID was not computed for this run" in markdown
     assert "A single configuration: there is nothing to plot against." in markdown
+    assert "so not plotted" not in markdown  # nothing would be, whatever the suite computed
     assert "Best by CLIP score" in markdown and "Best by FID" not in markdown
     page = Page((out / "report" / "index.html").read_text())
     assert path == f"{out}/report/index.html"

@@ -52,9 +52,19 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
                 "main-effects plot; rerun sdbatch eval."
             )
     confidence = _percent([run.metrics.suite.bootstrap.confidence for run in runs])
+    several = max(len(run.configs) for run in runs) > 1
+    absent = [m for m in ranked_metrics() if not any(run.has_metric(m) for run in runs)]
+    if absent and several:
+        shown = [m.label for m in ranked_metrics() if m not in absent]
+        without = ", ".join(m.label for m in absent)
+        missing.append(
+            f"Not computed by the suite, so not plotted: {without}"
+            + (f" (the plots show {', '.join(shown)})" if shown else "")
+            + (", and no trade-off plot" if any(m in absent for m in TRADEOFF) else "")
+            + "."
+        )
     for metric in ranked_metrics():
-        if not any(run.has_metric(metric) for run in runs):
-            missing.append(f"{metric.label} was not computed for this run, so it has no plots.")
+        if metric in absent:
             continue
         tables = [table for run in runs if (table := _effects(run, metric)) is not None]
         if tables:
@@ -75,7 +85,6 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
                 figure = versus_figure(runs, metric, x)
                 versus.append(_encode(figure, f"{metric.name}_vs_{x}.png", caption))
     figures = effects + versus
-    several = max(len(run.configs) for run in runs) > 1
     if several and any(all(run.has_metric(m) for m in TRADEOFF) for run in runs):
         x, y = TRADEOFF
         caption = (
