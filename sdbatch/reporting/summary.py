@@ -131,9 +131,11 @@ def recommendation(run: Run) -> Section:
         if len(bests) == 1:
             best = judged[mine[0].name][0]
             tied = set.intersection(*(judged[m.name][1] for m in mine)) - bests
+            undecided = len(tied) == len(run.configs) - 1
             lines.append(
                 f"For {kind}: **{label(best)}** (best by {by}); "
-                f"{_count(len(tied), 'other configuration')} not clearly worse."
+                f"{_count(len(tied), 'other configuration')} not clearly worse"
+                + (" (this many prompts cannot tell them apart)." if undecided else ".")
             )
         else:
             picks = "; ".join(f"by {m.label}, **{label(judged[m.name][0])}**" for m in mine)
