@@ -127,7 +127,7 @@ name), leaving A's own report in place.
 
 examples:
   sdbatch report out/demo
-  sdbatch report out/demo --prompts 8 --prompt p0012
+  sdbatch report out/demo --prompts 8 --prompt 000005-6af2dbb7
   sdbatch report out/sd15 out/sd15-finetuned   # -> out/sd15/report/vs-sd15-finetuned/
 """
 
