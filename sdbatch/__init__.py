@@ -32,6 +32,7 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.record               metrics.json, typed
     evaluation.suite                the evaluation suite: typed, validated, up front
     evaluation.registry             every metric, in column order; the report's trade-off
+    evaluation.metrics.cmmd         CMMD: kernel MMD on CLIP image embeddings
     evaluation.metrics.kid          KID and its settings
     evaluation.metrics.fid          FID
     evaluation.metrics.attributes   shapes-world attribute accuracy, judged from pixels

@@ -49,11 +49,13 @@ def decode(blob: bytes) -> np.ndarray:
 
 def synthetic_group(n: int = 20, dim: int = 4) -> ConfigGroup:
     """A configuration of n images with random per-image columns of every metric and random
-    features, against a random reference."""
+    features (and CLIP embeddings), against a random reference."""
     rng = np.random.default_rng(0)
     features, real = rng.normal(size=(n, dim)), rng.normal(0.5, 1.0, size=(30, dim))
     merged = FeatureStats.of(real)
-    reference = ReferenceStats(merged.mean(), merged.covariance(), len(real), real)
+    reference = ReferenceStats(
+        merged.mean(), merged.covariance(), len(real), real, clip_embeddings=real
+    )
     columns = {c: rng.random(n) for m in REGISTRY.values() for c in m.image_columns}
     return ConfigGroup(
         config_id="c",
@@ -64,6 +66,7 @@ def synthetic_group(n: int = 20, dim: int = 4) -> ConfigGroup:
         feature_dim=dim,
         bootstrap=Bootstrap(samples=50),
         load_features=lambda: features,
+        load_clip_embeddings=lambda: features,
     )
 
 

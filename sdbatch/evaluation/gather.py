@@ -1,9 +1,10 @@
 """Gathering the shards of an output: per-image rows, per-configuration statistics merged over
-shards, and each unit's features, with the suite's `safety` policy applied where they merge."""
+shards, and each unit's features and CLIP embeddings, with the suite's `safety` policy applied
+where they merge."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from sdbatch.evaluation.metric_math import FeatureStats, merge_stats
-from sdbatch.evaluation.shards import read_shard, shard_stats
+from sdbatch.evaluation.shards import CLIP_EMBEDDINGS, read_shard, shard_stats
 from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.output import Output
 from sdbatch.records import UnitMarker
@@ -23,19 +24,29 @@ class Gathered:
 
     `images` has one row per image: its key, `nsfw_flagged`, the per-image metric columns, and,
     for internal use, `_excluded` (left out under the safety policy), `_unit` and `_row` (where
-    its features are in `features`).
+    its features and embeddings are in `features` and `clip_embeddings`).
     """
 
     images: pd.DataFrame
     stats: dict[str, FeatureStats]  # per config, over the images that count
     features: dict[str, np.ndarray]  # per unit
+    clip_embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # per unit, when kept
 
     def features_of(self, images: pd.DataFrame, dim: int) -> np.ndarray:
         """The feature vectors of these rows of `images`, unit by unit."""
-        groups = images.groupby("_unit", sort=False)
-        parts = [self.features[unit][group["_row"].to_numpy()] for unit, group in groups]
-        # (0, dim) when every image of the configuration was excluded
-        return np.concatenate(parts) if parts else np.empty((0, dim))
+        return _rows_of(self.features, images, dim)
+
+    def clip_embeddings_of(self, images: pd.DataFrame) -> np.ndarray:
+        """The CLIP image embeddings of these rows of `images`, unit by unit."""
+        dim = next((e.shape[1] for e in self.clip_embeddings.values()), 0)
+        return _rows_of(self.clip_embeddings, images, dim)
+
+
+def _rows_of(arrays: dict[str, np.ndarray], images: pd.DataFrame, dim: int) -> np.ndarray:
+    groups = images.groupby("_unit", sort=False)
+    parts = [arrays[unit][group["_row"].to_numpy()] for unit, group in groups]
+    # (0, dim) when every image of the configuration was excluded
+    return np.concatenate(parts) if parts else np.empty((0, dim))
 
 
 def gather(
@@ -53,7 +64,7 @@ def gather(
     `safety: exclude` the images the safety checker flagged are left out here, where statistics
     merge: shards hold every image, so changing the policy extracts nothing again.
     """
-    frames, per_config, features = [], {}, {}
+    frames, per_config, features, embeddings = [], {}, {}, {}
     for marker in markers:
         shard = read_shard(f"{out.location}/{shard_dir}/{marker.unit_id}.npz")
         flagged = _flags(out, marker)
@@ -75,13 +86,16 @@ def gather(
         for name in image_columns:
             if name in shard:
                 frame[name] = shard[name]
+        frame["_row"] = range(len(frame))
         if "features" in shard:
-            frame["_row"] = range(len(frame))
             features[marker.unit_id] = shard["features"]
+        if CLIP_EMBEDDINGS in shard:
+            embeddings[marker.unit_id] = shard[CLIP_EMBEDDINGS]
         frame["_unit"] = marker.unit_id
         frames.append(frame)
     images = pd.concat(frames, ignore_index=True)
-    return Gathered(images, {c: merge_stats(s) for c, s in per_config.items()}, features)
+    merged = {c: merge_stats(s) for c, s in per_config.items()}
+    return Gathered(images, merged, features, embeddings)
 
 
 def _flags(out: Output, marker: UnitMarker) -> pd.Series:

@@ -23,11 +23,13 @@ class EvalInputs:
     extractor: ExtractorInfo | None  # when a metric needs features
     reference: ReferencePlan | None  # when a metric needs a reference
     image_metrics: tuple[Metric, ...]  # the metrics whose per-image columns shards hold
+    clip_embeddings: bool = False  # shards and the reference keep CLIP image embeddings
 
     @property
     def shard_key(self) -> str:
         """The name of the folder of generated shards: it changes with the CLIP model, the
-        extractor, or the per-image columns, so a shard made for another suite is never used."""
+        extractor, or the per-image columns, so a shard made for another suite is never used.
+        Kept CLIP embeddings do not change it (see shards.CLIP_EMBEDDINGS)."""
         tokens = [m.shard_token for m in self.image_metrics if m.shard_token] or ["-"]
         parts = [
             self.clip.identity if self.clip else "-",
@@ -42,13 +44,15 @@ def resolve_suite(suite: Suite) -> EvalInputs:
     # 1. what the metrics are computed with
     check_files(suite)
     features = suite.needs(Need.FEATURES)
+    embeddings = suite.needs(Need.EMBEDDINGS)
     wants_clip = suite.needs(Need.CLIP) or (features and suite.fid.features == "clip")
     clip = resolve_model(suite.clip.model, suite.clip.revision, CLIP) if wants_clip else None
     extractor = describe_extractor(suite.fid, clip) if features else None
     reference = None
     if suite.needs(Need.REFERENCE):
         cache = str(Path(suite.cache).expanduser()) if "://" not in suite.cache else suite.cache
-        reference = plan_reference(suite.reference, extractor, cache)
+        kept = clip.identity if embeddings else None
+        reference = plan_reference(suite.reference, extractor, cache, kept)
     # 2. the per-image columns the shards hold (see Metric.shard_token)
     chosen = suite.chosen_metrics
     loaded = {Need.JUDGE, *([Need.CLIP] if clip else []), *([Need.FEATURES] if extractor else [])}
@@ -57,4 +61,4 @@ def resolve_suite(suite: Suite) -> EvalInputs:
         for m in REGISTRY.values()
         if m.score_images is not None and (m in chosen if m.shard_token else m.needs <= loaded)
     )
-    return EvalInputs(clip, extractor, reference, image_metrics)
+    return EvalInputs(clip, extractor, reference, image_metrics, embeddings)

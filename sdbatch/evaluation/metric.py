@@ -20,7 +20,7 @@ import dataclasses
 import enum
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -44,6 +44,8 @@ class Need(enum.Enum):
     """What a metric is computed from; evaluation loads only what the suite's metrics need."""
 
     CLIP = "the suite's CLIP model (image and text embeddings)"
+    # Kept, unlike CLIP score's, which are used in the worker and dropped.
+    EMBEDDINGS = "CLIP image embeddings of the generated and the reference images, kept"
     FEATURES = "the feature extractor's features (fid.features)"
     REFERENCE = "statistics of real images (reference)"
     JUDGE = "the shapes world's pixel judge (no model)"
@@ -144,10 +146,19 @@ class ConfigGroup:
     bootstrap: Bootstrap
     load_features: Callable[[], np.ndarray]  # their feature vectors, read when a metric asks
     weights: np.ndarray | None = None  # per image, how often a replicate drew it; None: once
+    # their CLIP image embeddings (Need.EMBEDDINGS), read when a metric asks
+    load_clip_embeddings: Callable[[], np.ndarray] | None = None
+    # What a metric computes once per configuration and reuses in every replicate (CMMD's kernel
+    # matrix): resampled groups share it.
+    derived: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
     def features(self) -> np.ndarray:
         return self.load_features()
+
+    @cached_property
+    def clip_embeddings(self) -> np.ndarray:
+        return self.load_clip_embeddings()
 
     @cached_property
     def stats(self) -> FeatureStats | None:
@@ -160,7 +171,12 @@ class ConfigGroup:
         """The same images as a bootstrap replicate drew them (weights: per image, how often)."""
         if len(weights) != len(self.images):
             raise ValueError(f"{len(weights)} weights for {len(self.images)} images")
-        return dataclasses.replace(self, weights=weights, load_features=lambda: self.features)
+        return dataclasses.replace(
+            self,
+            weights=weights,
+            load_features=lambda: self.features,
+            load_clip_embeddings=lambda: self.clip_embeddings,
+        )
 
     def mean(self, column: str, name: str | None = None) -> dict[str, float]:
         """The mean of a per-image column over the images (rows with NaN, which a metric could

@@ -15,11 +15,11 @@ Writes OUT/metrics/:
                                    averaged over the other axes, and its difference from the
                                    axis's first level, with paired intervals
     metrics.json                   provenance (evaluation.record), written last
-    _shards/KEY/UNIT.npz           per-image features and scores of each generated unit, with
-                                   its unit id and image keys; a rerun (after a crash, or once
-                                   more images exist) extracts only what is missing or does not
-                                   match its unit. KEY changes with the CLIP model, the extractor
-                                   or the per-image metrics.
+    _shards/KEY/UNIT.npz           per-image features, scores and (for CMMD) CLIP embeddings of
+                                   each generated unit, with its unit id and image keys; a rerun
+                                   (after a crash, or once more images exist) extracts only what
+                                   is missing or does not match its unit. KEY changes with the
+                                   CLIP model, the extractor or the per-image metrics.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from sdbatch.evaluation.inputs import EvalInputs, resolve_suite
 from sdbatch.evaluation.metric import RESAMPLING_UNIT
 from sdbatch.evaluation.record import MetricsRecord, ReferenceProvenance, write_metrics_record
 from sdbatch.evaluation.reference import ReferenceStats
-from sdbatch.evaluation.shards import FeatureUnit, pending_units
+from sdbatch.evaluation.shards import CLIP_EMBEDDINGS, FeatureUnit, pending_units
 from sdbatch.evaluation.suite import Suite, load_suite
 from sdbatch.evaluation.table import config_table
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
@@ -108,6 +108,7 @@ def evaluate(
     shard_dir = f"{METRICS_DIR}/{SHARDS}/{inputs.shard_key}"
     image_columns = tuple(c for m in inputs.image_metrics for c in m.image_columns)
     features = ("features",) if inputs.extractor else ()
+    embeddings = (CLIP_EMBEDDINGS,) if inputs.clip_embeddings else ()
     units = pending_units(
         [
             FeatureUnit(
@@ -118,7 +119,7 @@ def evaluate(
             )
             for m in markers
         ],
-        (*features, *image_columns),
+        (*features, *embeddings, *image_columns),
     )
     reference_units = inputs.reference.missing_units() if inputs.reference else []
     reference_images = sum(u.num_images for u in inputs.reference.units) if inputs.reference else 0
@@ -178,7 +179,7 @@ def compute_reference(suite: Suite, *, address: str | None = None) -> str:
     """
     inputs = resolve_suite(suite)
     if inputs.reference is None:
-        raise InputError("reference: this suite has no FID or KID metric, so no reference")
+        raise InputError("reference: this suite has no FID, KID or CMMD metric, so no reference")
     plan = inputs.reference
     if todo := plan.missing_units():
         total = sum(u.num_images for u in plan.units)
@@ -191,14 +192,16 @@ def compute_reference(suite: Suite, *, address: str | None = None) -> str:
 def _setup(
     inputs: EvalInputs, suite: Suite, units: list[FeatureUnit], log_dir: str | None = None
 ) -> ExtractionSetup:
-    # Reference images have no prompts to score: they need CLIP only as the feature extractor.
+    # Reference images have no prompts to score: they need CLIP only as the feature extractor,
+    # or for the embeddings CMMD keeps.
     scoring = any(u.generated for u in units)
     clip_features = inputs.extractor is not None and inputs.extractor.name == "clip"
     return ExtractionSetup(
-        clip=inputs.clip if scoring or clip_features else None,
+        clip=inputs.clip if scoring or clip_features or inputs.clip_embeddings else None,
         extractor=inputs.extractor,
         batch_size=suite.runtime.batch_size,
         image_metrics=inputs.image_metrics,
+        clip_embeddings=inputs.clip_embeddings,
         log_dir=log_dir,
     )
 

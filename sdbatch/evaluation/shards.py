@@ -27,6 +27,10 @@ from sdbatch.publish import publish_beside
 log = logging.getLogger("sdbatch")
 UNIT_ID = "unit_id"  # the array naming the unit a shard was extracted from
 REFERENCE_KEY = "image_key"  # a reference shard's row identities: file, row groups, row
+# The images' CLIP image embeddings, in generated and reference shards alike, when a metric needs
+# them (CMMD); the shard key does not change with them (they depend only on the CLIP model, which
+# it names), so shards without them are extracted again by `pending_units`.
+CLIP_EMBEDDINGS = "clip_embeddings"
 
 
 @dataclass(frozen=True)

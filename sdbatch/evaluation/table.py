@@ -69,7 +69,9 @@ def config_table(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per configuration with generated images, in the order of the run's sweep; and
     the replicates: per configuration and replicate, each column with an interval."""
-    frechet = FrechetReference(reference.mu, reference.sigma) if reference is not None else None
+    frechet = None
+    if reference is not None and reference.mu is not None:  # None: CLIP embeddings alone (CMMD)
+        frechet = FrechetReference(reference.mu, reference.sigma)
     batches = batch_frame(markers)
     images = gathered.images
     # Each replicate draws the run's prompts once for every configuration: that pairs them.
@@ -101,6 +103,7 @@ def config_table(
             feature_dim=feature_dim,
             bootstrap=suite.bootstrap,
             load_features=lambda counted=counted: gathered.features_of(counted, feature_dim),
+            load_clip_embeddings=lambda counted=counted: gathered.clip_embeddings_of(counted),
         )
         weights = draws[:, prompts.get_indexer(counted["prompt_id"])]
         drawn = {"config_id": config_id, "replicate": np.arange(len(draws))}

@@ -19,6 +19,7 @@ from sdbatch.evaluation.extractors import ExtractorInfo, build_extractor
 from sdbatch.evaluation.images import read_images
 from sdbatch.evaluation.metric import Metric, UnitImages
 from sdbatch.evaluation.shards import (
+    CLIP_EMBEDDINGS,
     UNIT_ID,
     FeatureUnit,
     reference_keys,
@@ -38,6 +39,7 @@ class ExtractionSetup:
     extractor: ExtractorInfo | None  # None when no metric needs features
     batch_size: int = 32
     image_metrics: tuple[Metric, ...] = ()  # the metrics whose per-image columns it writes
+    clip_embeddings: bool = False  # shards keep every image's CLIP embedding (Need.EMBEDDINGS)
     threads: int | None = None
     log_dir: str | None = None  # for the libraries' warnings (quiet_libraries); None: as they are
 
@@ -71,14 +73,15 @@ class FeatureWorker:
 
         # 1. read and decode the images (and, for generated ones, what made them)
         images, columns = read_images(unit)
-        # 2. embed and extract, batch by batch
+        # 2. embed and extract, batch by batch (the clip extractor reuses the embeddings)
         embeddings, features = [], []
         size = self.setup.batch_size
+        embed = self.clip is not None and (unit.generated or self.setup.clip_embeddings)
         with torch.inference_mode():
             for start in range(0, len(images), size):
                 batch = images[start : start + size]
                 embedded = None
-                if self.clip is not None and unit.generated:
+                if embed:
                     embedded = self.clip.embed_images(batch)
                     embeddings.append(embedded)
                 if self.extract is not None:
@@ -88,12 +91,15 @@ class FeatureWorker:
         shard: dict[str, np.ndarray] = {}
         if features:
             shard["features"] = np.concatenate(features).astype(np.float32)
+        image_embeddings = np.concatenate(embeddings) if embeddings else None
+        if image_embeddings is not None and self.setup.clip_embeddings:
+            shard[CLIP_EMBEDDINGS] = image_embeddings.astype(np.float32)
         if unit.generated:
             scored = UnitImages(
                 images=images,
                 prompts=list(columns["prompt"]),
                 clip=self.clip,
-                image_embeddings=np.concatenate(embeddings) if embeddings else None,
+                image_embeddings=image_embeddings,
             )
             with torch.inference_mode():
                 for metric in self.setup.image_metrics:
