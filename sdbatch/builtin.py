@@ -5,6 +5,8 @@ through `from_pretrained` like any checkpoint.
                       classes at toy size and fixed random weights: noise, for fast plumbing tests
     toy, toy-clip     the same classes trained on the shapes world (`sdbatch.toy`): a pipeline
                       that draws what it is asked for, and its CLIP; the demo's models
+    tiny-dinov2       a Dinov2Model and its image processor, toy size, fixed random weights: the
+                      `fid.features: dinov2` extractor in tests
 
 `sdbatch.toy.build` makes their files.
 """

@@ -7,6 +7,9 @@ feature worker. All take batches of uint8 RGB images:
     inception   torchmetrics' InceptionV3 (torch-fidelity's port of the TensorFlow FID network),
                 2048-d pool features, resized to 299 px inside the network
     clip        the suite's CLIP image embeddings (CLIP's own preprocessing)
+    dinov2      FD-DINOv2 (Stein et al. 2023): a transformers Dinov2Model (`fid.model`), the CLS
+                token after its final layernorm; the whole image resized by the model's own
+                image processor to its input size, without the center crop, as their dgm-eval
     module:P:N  any torch.nn.Module: P.N is a module class or a function returning one; it gets
                 uint8 N x 3 x H x W tensors, returns N x d, like torchmetrics' custom extractors
 """
@@ -27,14 +30,18 @@ import numpy as np
 from sdbatch.digests import file_digest, state_dict_digest
 from sdbatch.errors import InputError, JobFailed, first_line
 from sdbatch.evaluation.clip import ClipEncoder
-from sdbatch.models import ModelSource, model_file
+from sdbatch.models import ModelKind, ModelSource, model_file, resolve_model
 from sdbatch.typed_data import conform, require
 
 INCEPTION_DIM = 2048
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # CLIP's bicubic short-side resize and center crop, in PIL
 CLIP_RESIZE = "clip-processor-pil"
-FEATURES = ("inception", "clip")  # or "module:PACKAGE.MODULE:NAME", any nn.Module factory
+FEATURES = ("inception", "clip", "dinov2")  # or "module:PACKAGE.MODULE:NAME", any nn.Module
+# Stein et al.'s encoder: DINOv2 ViT-L/14 (dgm-eval's default, `dinov2_vitl14`)
+DINOV2_MODEL = "facebook/dinov2-large"
+DINOV2 = ModelKind("fid.model", "config.json", "a transformers model")
+PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,10 @@ class FidSettings:
     # inception: False resizes to 299 px exactly like the original TensorFlow FID (and
     # torch-fidelity); True uses antialiased bilinear resizing. Changes the number: it is recorded.
     antialias: bool = False
+    # dinov2: a Dinov2Model as builtin:NAME, a local folder or a hub id (None: DINOV2_MODEL),
+    # and for a hub id the branch, tag or commit to pin.
+    model: str | None = None
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         conform(self)
@@ -55,6 +66,14 @@ class FidSettings:
             "features",
             f"must be {' or '.join(FEATURES)} or module:PACKAGE.MODULE:NAME, got {self.features!r}",
         )
+        for name in ("model", "revision"):
+            value = getattr(self, name)
+            require(
+                value is None or self.features == "dinov2",
+                name,
+                f"names the DINOv2 model of features: dinov2, not of {self.features}",
+            )
+            require(value is None or value.strip() != "", name, "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,12 @@ class ExtractorInfo:
     resize: str
     weights_path: str | None = None  # inception: the local weights file actors load
     antialias: bool = False
+    model: ModelSource | None = None  # dinov2: the pinned model actors load
+
+    @property
+    def distance(self) -> str:
+        """What the Fréchet distance on these features is called in the literature."""
+        return "FD-DINOv2" if self.name == "dinov2" else "FID"
 
     @property
     def key(self) -> str:
@@ -86,6 +111,8 @@ def describe_extractor(fid: FidSettings, clip: ModelSource | None) -> ExtractorI
         return ExtractorInfo(
             "inception", INCEPTION_DIM, file_digest(path), resize, str(path), fid.antialias
         )
+    if fid.features == "dinov2":
+        return _describe_dinov2(fid)
     module = _import_module_extractor(fid.features)
     return ExtractorInfo(fid.features, _module_dim(module), state_dict_digest(module), "none")
 
@@ -101,6 +128,8 @@ def build_extractor(
         return lambda images, embedded: (
             embedded if embedded is not None else clip.embed_images(images)
         )
+    if info.name == "dinov2":
+        return _dinov2_extractor(info.model, device)
     if info.name == "inception":
         from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -126,6 +155,73 @@ def build_extractor(
         return module(batch).reshape(len(images), -1).double().cpu().numpy()
 
     return extract
+
+
+def _describe_dinov2(fid: FidSettings) -> ExtractorInfo:
+    """Pin the DINOv2 model from its small files: what it is, its width, its input size."""
+    source = resolve_model(fid.model or DINOV2_MODEL, fid.revision, DINOV2)
+    config = _model_json(source, DINOV2.marker)
+    if config.get("model_type") != "dinov2":
+        raise InputError(
+            f"fid.model: {source.ref} holds a {config.get('model_type')!r} model (config.json), "
+            "not a DINOv2 one (model_type 'dinov2', as facebook/dinov2-large)"
+        )
+    if source.revision is None and not any(Path(source.location).glob("*.safetensors")):
+        # Dinov2Model.from_pretrained(use_safetensors=True) would fail in every worker.
+        raise InputError(
+            f"fid.model: {source.ref} has no .safetensors weights, and unpickling .bin weights "
+            "can run code; convert them with save_pretrained(safe_serialization=True)"
+        )
+    from PIL import Image
+
+    processor = _model_json(source, PROCESSOR_CONFIG)
+    crop, resample = processor.get("crop_size"), processor.get("resample")
+    sized = isinstance(crop, dict) and {"height", "width"} <= crop.keys()
+    if not sized or resample not in range(len(Image.Resampling)):
+        raise InputError(
+            f"fid.model: {source.ref}'s {PROCESSOR_CONFIG} has no crop_size (height, width) "
+            "and PIL resample filter, as DINOv2's image processor has"
+        )
+    mode = Image.Resampling(resample).name.lower()
+    resize = f"pil-{mode}-{crop['height']}x{crop['width']}"
+    dim = int(config["hidden_size"])
+    return ExtractorInfo("dinov2", dim, source.identity, resize, model=source)
+
+
+def _dinov2_extractor(
+    source: ModelSource, device: str
+) -> Callable[[list[np.ndarray], np.ndarray | None], np.ndarray]:
+    import torch
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    kwargs = {"revision": source.revision}
+    model = Dinov2Model.from_pretrained(source.location, use_safetensors=True, **kwargs)
+    model = model.to(device).eval()
+    # The PIL backend on every machine, as for CLIP: a feature must not depend on which optional
+    # package a worker has.
+    processor = AutoImageProcessor.from_pretrained(source.location, backend="pil", **kwargs)
+    # Stein et al.'s dgm-eval resizes the whole image to the network's input (224 px for the
+    # hub models); the processor's default would first crop away its border (256 -> 224).
+    size = {"height": processor.crop_size["height"], "width": processor.crop_size["width"]}
+
+    def extract(images: list[np.ndarray], embedded: np.ndarray | None) -> np.ndarray:
+        pixels = processor(images=images, size=size, do_center_crop=False, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(pixel_values=pixels["pixel_values"].to(device)).last_hidden_state
+        # the CLS token after the final layernorm: dgm-eval's x_norm_clstoken
+        return hidden[:, 0].double().cpu().numpy()
+
+    return extract
+
+
+def _model_json(source: ModelSource, name: str) -> dict[str, Any]:
+    """One of a model's JSON files, or an InputError naming `fid.model`."""
+    try:
+        return _read_json(model_file(source, name))
+    except Exception as e:  # a missing file, a hub miss offline, bad JSON: all "not a model"
+        raise InputError(
+            f"fid.model: cannot read {source.ref}'s {name} ({first_line(e)})"
+        ) from None
 
 
 def _inception_weights(weights: str | None) -> Path:

@@ -436,7 +436,8 @@ def _provenance(run: Run) -> Section:
     if m.extractor:
         e = m.extractor
         lines.append(
-            f"FID features: `{e.name}`, {e.dim}-d, weights {e.weights}, resize `{e.resize}`."
+            f"{e.distance} features: `{e.name}`, {e.dim}-d, weights {e.weights}, "
+            f"resize `{e.resize}`."
         )
     if m.reference:
         lines.append(

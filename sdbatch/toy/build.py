@@ -1,10 +1,11 @@
 """Build the shipped files of every builtin model, from a fixed seed, into the package.
 
-`tiny` and `tiny-clip` are the real classes at toy size with fixed random weights (seconds);
-`toy-clip` and `toy` are trained on the shapes world by `sdbatch.toy.train` (minutes):
+`tiny`, `tiny-clip` and `tiny-dinov2` are the real classes at toy size with fixed random weights
+(seconds); `toy-clip` and `toy` are trained on the shapes world by `sdbatch.toy.train` (minutes):
 
     python -m sdbatch.toy.build tiny
     python -m sdbatch.toy.build tiny-clip
+    python -m sdbatch.toy.build tiny-dinov2
     python -m sdbatch.toy.build toy-clip      # the same as python -m sdbatch.toy.train toy-clip
     python -m sdbatch.toy.build toy
 """
@@ -16,7 +17,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from sdbatch.builtin import builtin_path
+from sdbatch.builtin import MODELS_DIR
 from sdbatch.toy.components import make_byte_tokenizer, make_clip, save_sd_pipeline
 from sdbatch.toy.train import train_toy, train_toy_clip
 
@@ -85,9 +86,46 @@ def build_tiny_clip(destination: Path, seed: int = 2) -> None:
     processor.save_pretrained(destination)
 
 
+def build_tiny_dinov2(destination: Path, seed: int = 0) -> None:
+    """Build `builtin:tiny-dinov2` into `destination` as safetensors: a `Dinov2Model` and the
+    image processor facebook/dinov2-* ship (BiT's: shortest edge, center crop, bicubic, ImageNet
+    mean and std), both at 32 px instead of 224."""
+    import torch
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+    from transformers.image_utils import (
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+        PILImageResampling,
+    )
+
+    torch.manual_seed(seed)
+    model = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            mlp_ratio=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    processor = BitImageProcessorPil(
+        size={"shortest_edge": 36},  # the hub models' 256 -> 224 ratio
+        crop_size={"height": 32, "width": 32},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
+    )
+    if destination.exists():
+        shutil.rmtree(destination)
+    model.save_pretrained(destination, safe_serialization=True)
+    processor.save_pretrained(destination)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny": build_tiny,
     "tiny-clip": build_tiny_clip,
+    "tiny-dinov2": build_tiny_dinov2,
     "toy-clip": train_toy_clip,
     "toy": train_toy,
 }
@@ -98,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name", choices=sorted(BUILDERS))
     parser.add_argument("--dest", type=Path, help="folder to write (default: the package's own)")
     args = parser.parse_args(argv)
-    destination = args.dest or builtin_path(args.name)
+    destination = args.dest or MODELS_DIR / args.name
     BUILDERS[args.name](destination)
     print(destination)
 
