@@ -41,7 +41,7 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.reference            reference images or .npz -> cached reference statistics
     evaluation.images               decoding a shard's images
     evaluation.shards               units of evaluation work and their .npz files
-    evaluation.extractors           feature extractors: inception, clip, any nn.Module
+    evaluation.extractors           feature extractors: inception, clip, dinov2, any nn.Module
     evaluation.clip                 CLIP in a worker: image and text embeddings
     evaluation.metric_math          pure math: statistics that merge, FID, KID, intervals
     generation                      generate(): spec -> committed image dataset, resumable
