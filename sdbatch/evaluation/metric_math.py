@@ -161,12 +161,15 @@ class FrechetResamples:
         order = np.argsort(sizes, kind="stable")  # neighbours in size share a batch's padding
         per_batch = max(1, BATCH_BYTES // (8 * int(sizes.max(initial=1)) ** 2))
         batches = [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
+        # G w of every replicate in one product, before the threads (whose BLAS calls would
+        # start threads of their own).
+        gram_weights = (self._gram @ weights.T).T if sizes.min(initial=dim) < dim else weights
 
         def solve(batch: np.ndarray) -> np.ndarray:
             size = sizes[batch].max()
             stack = np.zeros((len(batch), size, size))
-            for matrix, w in zip(stack, weights[batch], strict=True):
-                self._fill(matrix, w)
+            for matrix, w, gw in zip(stack, weights[batch], gram_weights[batch], strict=True):
+                self._fill(matrix, w, gw)
             return sqrt_eigenvalue_sums(stack)
 
         roots = np.empty(len(weights))
@@ -175,9 +178,9 @@ class FrechetResamples:
                 roots[batch] = solved
         return roots
 
-    def _fill(self, matrix: np.ndarray, w: np.ndarray) -> None:
+    def _fill(self, matrix: np.ndarray, w: np.ndarray, gram_w: np.ndarray) -> None:
         """Writes into the top-left corner of `matrix` the smaller matrix whose nonzero
-        eigenvalues are S_r^½ C_w S_r^½'s."""
+        eigenvalues are S_r^½ C_w S_r^½'s (gram_w: G w, used when that is the k x k one)."""
         drawn = np.flatnonzero(w)
         w = w[drawn]
         total = w.sum()
@@ -185,10 +188,10 @@ class FrechetResamples:
         if k < dim:
             block = matrix[:k, :k]
             block[...] = self._gram[np.ix_(drawn, drawn)]
-            g = block @ w / total
+            g = gram_w[drawn] / total
             block -= g[:, None]
             block -= g
-            block += w @ g / total
+            block += (w * g).sum() / total
             scale = np.sqrt(w / (total - 1))
             block *= scale[:, None]
             block *= scale
