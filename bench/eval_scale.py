@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,7 +45,14 @@ def synthetic(rng: np.random.Generator, n: int, d: int, shift: float) -> np.ndar
     return rng.normal(size=(n, d)) @ mixing + shift
 
 
-def fid_bootstrap(args: argparse.Namespace, d: int) -> None:
+def timed(call: Callable[[], object]) -> tuple[np.ndarray, object]:
+    """(wall seconds, CPU seconds of every thread of this process), and what the call returned."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = call()
+    return np.array([time.perf_counter() - wall, time.process_time() - cpu]), result
+
+
+def fid_bootstrap(args: argparse.Namespace, d: int, threads: int) -> None:
     """Prints the section's table for one feature dimension."""
     rng = np.random.default_rng(d)
     real = synthetic(rng, args.reference, d, shift=0.3)
@@ -56,26 +63,28 @@ def fid_bootstrap(args: argparse.Namespace, d: int) -> None:
     drawn = (weights > 0).sum(axis=1)
 
     # 1. all at once, on whole configurations: projection and estimate, then the replicates
+    def prepared(x: np.ndarray) -> FrechetResamples:
+        resamples = FrechetResamples(x, frechet)
+        resamples.distances(np.ones((1, len(x))))  # the estimate
+        return resamples
+
     setup, fast = [], []
     for c in range(args.measure):
         x = synthetic(rng, len(weights[0]), d, shift=0.3 + 0.01 * c)
-        began = time.perf_counter()
-        resamples = FrechetResamples(x, frechet)
-        resamples.distances(np.ones((1, len(x))))
-        setup.append(time.perf_counter() - began)
-        began = time.perf_counter()
-        replicates = resamples.distances(weights)
-        fast.append(time.perf_counter() - began)
-    fast_setup, fast_replicate = statistics.median(setup), statistics.median(fast) / len(weights)
+        took, resamples = timed(lambda x=x: prepared(x))
+        setup.append(took)
+        took, replicates = timed(lambda r=resamples: r.distances(weights))
+        fast.append(took)
+    fast_setup = np.median(setup, axis=0)
+    fast_replicate = np.median(fast, axis=0) / len(weights)
 
     # 2. direct, one replicate at a time, on the last configuration
-    timed, difference = [], 0.0
+    direct, difference = [], 0.0
     for w, expected in zip(weights[: args.direct], replicates, strict=False):
-        began = time.perf_counter()
-        value = fid(FeatureStats.of(x, w), frechet)
-        timed.append(time.perf_counter() - began)
+        took, value = timed(lambda w=w: fid(FeatureStats.of(x, w), frechet))
+        direct.append(took)
         difference = max(difference, abs(expected - value) / abs(value))
-    direct_replicate = statistics.median(timed)
+    direct_replicate = np.median(direct, axis=0)
 
     # the estimate costs the direct side about one replicate more (its statistics are merged)
     direct_config = direct_replicate * (len(weights) + 1)
@@ -84,23 +93,29 @@ def fid_bootstrap(args: argparse.Namespace, d: int) -> None:
         f"\nd = {d}: {args.images} images ({prompts} prompts), reference {args.reference}, "
         f"{len(weights)} replicates drawing {drawn.min()}-{drawn.max()} images"
     )
-    print(f"{'':36}{'direct':>10}{'fast':>10}{'ratio':>8}")
+    print(f"{'':40}{'direct':>10}{'fast':>10}{'ratio':>8}")
+    sweep = args.configs / 60
     rows = [
-        ("seconds per replicate", direct_replicate, fast_replicate, "10.4f"),
-        ("seconds per configuration", direct_config, fast_config, "10.2f"),
+        ("seconds per replicate", direct_replicate[0], fast_replicate[0], "10.4f"),
+        ("  CPU seconds per replicate", direct_replicate[1], fast_replicate[1], "10.4f"),
+        ("seconds per configuration", direct_config[0], fast_config[0], "10.2f"),
         (
             f"{args.configs} configurations, minutes",
-            direct_config * args.configs / 60,
-            fast_config * args.configs / 60,
+            *(sweep * direct_config[0], sweep * fast_config[0]),
+            "10.1f",
+        ),
+        (
+            f"  CPU / {threads} (idle cores, at best)",
+            *(sweep * direct_config[1] / threads, sweep * fast_config[1] / threads),
             "10.1f",
         ),
     ]
     for label, slow, quick, spec in rows:
-        print(f"{label:36}{slow:{spec}}{quick:{spec}}{slow / quick:8.1f}")
+        print(f"{label:40}{slow:{spec}}{quick:{spec}}{slow / quick:8.1f}")
     print(
-        f"largest relative difference, {len(timed)} replicates: {difference:.1e}\n"
-        f"direct: median of {len(timed)} replicates; fast: median of {args.measure} "
-        f"configurations, per configuration {fast_setup:.2f} s projection and estimate"
+        f"largest relative difference, {len(direct)} replicates: {difference:.1e}\n"
+        f"direct: median of {len(direct)} replicates; fast: median of {args.measure} "
+        f"configurations, each {fast_setup[0]:.2f} s projection and estimate"
     )
 
 
@@ -127,9 +142,13 @@ def main() -> None:
     if args.threads and os.environ.get(THREAD_VARIABLES[0]) != str(args.threads):
         os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(args.threads)))
         os.execv(sys.executable, [sys.executable, *sys.argv])
-    print(f"FID bootstrap, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs")
+    threads = torch.get_num_threads()
+    print(f"FID bootstrap, {threads} threads on {os.cpu_count()} CPUs")
+    before = os.getloadavg()[0]
     for d in args.dim:
-        fid_bootstrap(args, d)
+        fid_bootstrap(args, d, threads)
+    # On a shared machine other processes take CPUs: the wall times grow, the CPU times less.
+    print(f"\nload average {before:.1f} before, {os.getloadavg()[0]:.1f} after")
 
 
 if __name__ == "__main__":

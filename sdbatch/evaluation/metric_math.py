@@ -2,6 +2,8 @@
 
 Feature sets are summarised by `FeatureStats` (count, sum, sum of outer products, in float64),
 which add up across shards and workers: FID from merged statistics equals FID from one pass.
+`FrechetResamples` computes FID for many weightings of one feature set at once (bootstrap
+replicates), with the same numbers as the statistics would give, at a fraction of the cost.
 
 References:
     FID: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local
