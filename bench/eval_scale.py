@@ -10,7 +10,8 @@ both would take for a sweep's configurations (`--configs`), each with its estima
 The reference's Gaussian is fitted and its square root taken once per run, outside the timings.
 The fast side's time per configuration includes the projection and the Gram matrix, and is
 measured on a few whole configurations (`--measure`); the direct side's is the median of 3 timed
-replicates.
+replicates. Wall seconds grow with the machine's load (printed at the end); CPU seconds over the
+threads are what idle cores would take at best.
 
     python bench/eval_scale.py                 # d = 2048 and 1024: 1000 images, 200 replicates
     python bench/eval_scale.py --dim 2048 --threads 1
