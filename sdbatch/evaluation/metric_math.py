@@ -164,7 +164,7 @@ class FrechetResamples:
         per_batch = max(1, BATCH_BYTES // (8 * int(sizes.max(initial=1)) ** 2))
         batches = [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
         # G w of every replicate in one product, before the threads (whose BLAS calls would
-        # start threads of their own).
+        # start threads of their own); the d x d path, for many images, needs none.
         gram_weights = (self._gram @ weights.T).T if sizes.min(initial=dim) < dim else weights
 
         def solve(batch: np.ndarray) -> np.ndarray:
@@ -207,7 +207,8 @@ class FrechetResamples:
 def _solvers() -> Iterator[int]:
     """How many batches to solve at once: torch's thread count, each batch on one thread (on
     the GPU, one at a time). An eigensolve of a few hundred rows gains little from threads
-    inside LAPACK, and on a busy machine they wait on descheduled siblings."""
+    inside LAPACK, and on a busy machine they wait on descheduled siblings. torch, not numpy,
+    because its thread count can be set here (numpy's BLAS fixes its own when it loads)."""
     import torch
 
     if torch.cuda.is_available():
