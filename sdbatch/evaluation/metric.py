@@ -31,6 +31,7 @@ from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.metric_math import (
     FeatureStats,
     FrechetReference,
+    FrechetResamples,
     normal_interval,
     percentile_interval,
     weighted_mean,
@@ -167,6 +168,11 @@ class ConfigGroup:
             return self.merged
         return FeatureStats.of(self.features, self.weights)
 
+    @cached_property
+    def frechet_resamples(self) -> FrechetResamples:
+        """Their features projected once for FID under any weights (`FrechetResamples`)."""
+        return FrechetResamples(self.features, self.frechet)
+
     def resampled(self, weights: np.ndarray) -> ConfigGroup:
         """The same images as a bootstrap replicate drew them (weights: per image, how often)."""
         if len(weights) != len(self.images):
@@ -203,6 +209,10 @@ class Metric:
     # argument is the suite section named by `settings` (None without one).
     aggregate: Callable[[ConfigGroup, Any], dict[str, Any]]
     scores: tuple[Score, ...]  # the columns the report's table shows
+    # All bootstrap replicates at once, where that is faster than `aggregate` on each resampled
+    # group: (group, settings, weights (replicates, images)) -> per score column with an
+    # interval, its replicates, the numbers `aggregate` would give. None: `aggregate` each.
+    replicates: Callable[[ConfigGroup, Any, np.ndarray], dict[str, np.ndarray]] | None = None
     # Per-image columns a worker writes into each shard (and images.parquet), and how.
     image_columns: tuple[str, ...] = ()
     score_images: Callable[[UnitImages], dict[str, np.ndarray]] | None = None
@@ -247,8 +257,11 @@ def aggregate_with_intervals(
     """
     estimate = metric.aggregate(group, settings)
     columns = [s.column for s in metric.scores if s.interval]
-    replicates = {c: np.full(len(weights), math.nan) for c in columns}
-    if columns:
+    replicates: dict[str, np.ndarray] = {}
+    if columns and metric.replicates is not None:
+        replicates = metric.replicates(group, settings, weights)
+    elif columns:
+        replicates = {c: np.full(len(weights), math.nan) for c in columns}
         for r, drawn in enumerate(weights):
             resampled = metric.aggregate(group.resampled(drawn), settings)
             for c in columns:
