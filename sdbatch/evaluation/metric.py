@@ -31,6 +31,7 @@ from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.metric_math import (
     FeatureStats,
     FrechetReference,
+    KidReference,
     normal_interval,
     percentile_interval,
     weighted_mean,
@@ -144,6 +145,9 @@ class ConfigGroup:
     bootstrap: Bootstrap
     load_features: Callable[[], np.ndarray]  # their feature vectors, read when a metric asks
     weights: np.ndarray | None = None  # per image, how often a replicate drew it; None: once
+    # The reference's features for KID, its kernel sums computed once for every configuration
+    # (None: KID computes them for this group alone, from `reference`).
+    kernels: KidReference | None = None
 
     @cached_property
     def features(self) -> np.ndarray:
