@@ -73,14 +73,16 @@ def agreement(args, kernels: KidReference, generated: np.ndarray, kid: float) ->
     return worst / abs(kid)
 
 
-def timed(compute, configs: list[np.ndarray]) -> tuple[list, float]:
-    """Each configuration's result, and the median seconds per configuration."""
-    results, seconds = [], []
+def timed(compute, configs: list[np.ndarray]) -> tuple[list, float, float]:
+    """Each configuration's result, and the median wall and CPU seconds per configuration (CPU:
+    this process's, all threads; on a busy machine the wall time also counts others' work)."""
+    results, wall, cpu = [], [], []
     for generated in configs:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         results.append(compute(generated))
-        seconds.append(time.perf_counter() - began)
-    return results, statistics.median(seconds)
+        wall.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - began_cpu)
+    return results, statistics.median(wall), statistics.median(cpu)
 
 
 def measure(args, dim: int) -> bool:
@@ -93,21 +95,29 @@ def measure(args, dim: int) -> bool:
         for c in range(args.configs)
     ]
 
-    theirs, before = timed(lambda g: torchmetrics_kid(args, g, reference), configs)
+    theirs, before, before_cpu = timed(lambda g: torchmetrics_kid(args, g, reference), configs)
     kernels = KidReference(reference)
-    began = time.perf_counter()
-    kernels.subsets(args.subsets, args.subset_size, SEED)
-    once = time.perf_counter() - began
-    ours, after = timed(lambda g: kernels.kid(g, args.subsets, args.subset_size, SEED), configs)
+    [_], once, once_cpu = timed(
+        lambda r: kernels.subsets(args.subsets, args.subset_size, SEED), [reference]
+    )
+    ours, after, after_cpu = timed(
+        lambda g: kernels.kid(g, args.subsets, args.subset_size, SEED), configs
+    )
     worst = agreement(args, kernels, configs[0], ours[0][0])
 
     print(f"\nd = {dim}: n = {args.n} per configuration, reference {args.reference}, ", end="")
     print(f"{args.subsets} subsets of {args.subset_size}, median of {args.configs} configurations")
-    print(f"{'':28}{'s/config':>10}{'once s':>10}{f'{args.total} configs, min':>20}")
-    print(f"{'torchmetrics KID':28}{before:10.2f}{'':>10}{args.total * before / 60:20.1f}")
+    print(f"{'':22}{'s/config':>10}{'CPU s':>8}{'once s':>8}{'CPU s':>8}", end="")
+    print(f"{f'{args.total} configs, min':>20}")
+    print(f"{'torchmetrics KID':22}{before:10.2f}{before_cpu:8.2f}{'':16}", end="")
+    print(f"{args.total * before / 60:20.1f}")
     total = (once + args.total * after) / 60
-    print(f"{'sdbatch KidReference':28}{after:10.2f}{once:10.2f}{total:20.1f}")
-    print(f"{'speed-up per configuration':28}{before / after:9.1f}x")
+    print(
+        f"{'sdbatch KidReference':22}{after:10.2f}{after_cpu:8.2f}{once:8.2f}{once_cpu:8.2f}",
+        end="",
+    )
+    print(f"{total:20.1f}")
+    print(f"{'speed-up per config':22}{before / after:9.1f}x{before_cpu / after_cpu:7.1f}x")
     for c, (mine, their) in enumerate(zip(ours, theirs, strict=True), 1):
         print(f"  configuration {c}: KID sdbatch {mine[0]:.6f} +- {mine[1]:.6f}, ", end="")
         print(f"torchmetrics (its own draws) {their[0]:.6f} +- {their[1]:.6f}")
