@@ -48,12 +48,17 @@ def direct_kid(generated, reference, subsets: int, size: int, seed: int) -> tupl
     return statistics.fmean(values), statistics.pstdev(values)
 
 
+@pytest.mark.parametrize("block", [7, metric_math.KERNEL_BLOCK], ids=["blocks", "one-block"])
 @pytest.mark.parametrize(
     ("n", "subset_size", "size"),
     [(25, 10, 10), (8, 10, 8)],  # the second lowered to the generated set's size
     ids=["subsets", "lowered"],
 )
-def test_kid_equals_the_formula_written_out_on_the_same_subsets(n, subset_size, size):
+def test_kid_equals_the_formula_written_out_on_the_same_subsets(
+    n, subset_size, size, block, monkeypatch
+):
+    # Kernels are computed a block of rows at a time: with several blocks too.
+    monkeypatch.setattr(metric_math, "KERNEL_BLOCK", block)
     reference, generated = features(40, seed=1), features(n, seed=2, shift=0.4)
     mean, std, used = KidReference(reference).kid(generated, 4, subset_size, seed=3)
     assert used == size

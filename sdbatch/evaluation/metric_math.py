@@ -203,23 +203,37 @@ def indicator(indices: np.ndarray, count: int) -> np.ndarray:
     return marks
 
 
-def subset_kernel_sums(
+def block_kernel_sums(
     x: np.ndarray, y: np.ndarray, rows: np.ndarray, columns: np.ndarray
 ) -> np.ndarray:
     """Per subset s, the sum of k(x_i, y_j) over the rows i that rows[s] marks and the columns j
-    that columns[s] marks (`indicator`s): every subset's block sum from one kernel pass."""
+    that columns[s] marks (`indicator`s): every subset's sum from one kernel."""
+    marked = rows.astype(np.float64)  # so that the product runs in BLAS
+    return ((marked @ poly_kernel(x, y)) * columns).sum(axis=1)
+
+
+def subset_kernel_sums(
+    x: np.ndarray, y: np.ndarray, rows: np.ndarray, columns: np.ndarray
+) -> np.ndarray:
+    """`block_kernel_sums` over all of x, KERNEL_BLOCK rows at a time."""
     sums = np.zeros(len(rows))
     for start in range(0, len(x), KERNEL_BLOCK):
         block = slice(start, start + KERNEL_BLOCK)
-        marked = rows[:, block].astype(np.float64)  # so that the product runs in BLAS
-        sums += ((marked @ poly_kernel(x[block], y)) * columns).sum(axis=1)
+        sums += block_kernel_sums(x[block], y, rows[:, block], columns)
     return sums
 
 
 def within_kernel_sums(x: np.ndarray, marks: np.ndarray) -> np.ndarray:
     """Per subset, the sum of k(x_i, x_j) over its pairs i != j (the off-diagonal block)."""
     self_similarity = (np.einsum("ij,ij->i", x, x) / x.shape[1] + 1) ** 3
-    return subset_kernel_sums(x, x, marks, marks) - marks @ self_similarity
+    sums = -(marks @ self_similarity)
+    for start in range(0, len(x), KERNEL_BLOCK):
+        block, after = slice(start, start + KERNEL_BLOCK), slice(start + KERNEL_BLOCK, None)
+        sums += block_kernel_sums(x[block], x[block], marks[:, block], marks[:, block])
+        # k is symmetric: the blocks right of the diagonal count for those left of it, halving
+        # the work.
+        sums += 2 * block_kernel_sums(x[block], x[after], marks[:, block], marks[:, after])
+    return sums
 
 
 @dataclass(frozen=True)
