@@ -32,6 +32,7 @@ from sdbatch.evaluation.metric_math import (
     FeatureStats,
     FrechetReference,
     FrechetResamples,
+    KidReference,
     normal_interval,
     percentile_interval,
     weighted_mean,
@@ -152,6 +153,9 @@ class ConfigGroup:
     # What a metric computes once per configuration and reuses in every replicate (CMMD's kernel
     # matrix): resampled groups share it.
     derived: dict[str, Any] = field(default_factory=dict)
+    # The reference's features for KID, its kernel sums computed once for every configuration
+    # (None: KID computes them for this group alone, from `reference`).
+    kernels: KidReference | None = None
 
     @cached_property
     def features(self) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""KID (Binkowski et al. 2018): torchmetrics' KernelInceptionDistance on the extractor's features
-(polynomial kernel, unbiased MMD², mean and std over random subsets, seeded). It needs the
-reference's features, which sdbatch's cached statistics keep; a .npz of mu and sigma alone gives
-NaN."""
+"""KID (Binkowski et al. 2018, "Demystifying MMD GANs") on the extractor's features: the unbiased
+MMD² with torchmetrics' polynomial kernel, mean and std over random subsets drawn from the
+bootstrap seed (`KidReference`). The reference's kernel sums are computed once per evaluation
+(`ConfigGroup.kernels`), so a configuration costs its own kernels only. It needs the reference's
+features, which sdbatch's cached statistics keep; a .npz of mu and sigma alone gives NaN."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdbatch.evaluation.metric import QUALITY, ConfigGroup, Interval, Metric, Need, Score
-from sdbatch.evaluation.metric_math import kid
+from sdbatch.evaluation.metric_math import KidReference
 from sdbatch.typed_data import conform, within
 
-# torchmetrics' defaults are 100 subsets of 1,000; a subset costs its size squared.
+# torchmetrics' defaults are 100 subsets of 1,000. A configuration of n images costs an n x n and
+# an n x (reference rows drawn) kernel; the reference, once, its rows drawn squared.
 MAX_SUBSETS = 10_000
 MAX_SUBSET_SIZE = 100_000
 
@@ -35,12 +37,9 @@ class KidSettings:
 def aggregate(group: ConfigGroup, settings: KidSettings) -> dict[str, Any]:
     if group.reference.features is None:
         return {"kid_mean": math.nan, "kid_std": math.nan}
-    mean, std, size = kid(
-        group.features,
-        group.reference.features,
-        settings.subsets,
-        settings.subset_size,
-        group.bootstrap.seed,
+    kernels = group.kernels or KidReference(group.reference.features)
+    mean, std, size = kernels.kid(
+        group.features, settings.subsets, settings.subset_size, group.bootstrap.seed
     )
     return {"kid_mean": mean, "kid_std": std, "kid_subset_size": size}
 
