@@ -298,7 +298,6 @@ def main() -> None:
     # Imported before any timing: each side would pay them once per process.
     import ray
     import torch
-    import torchmetrics.image.kid  # noqa: F401  (sdbatch's KID, on the driver)
     import transformers  # noqa: F401
 
     if args.threads:
