@@ -200,6 +200,7 @@ class Metric:
     # The least value its scores can take (FID: 0). A normal interval can reach below it; its
     # bound is raised to it, which loses no coverage since the true value is never lower.
     least: float | None = None
+    most: float | None = None  # the greatest (a share's: 1), likewise for the upper bound
 
     def bounds(
         self, estimate: float, replicates: np.ndarray, confidence: float
@@ -208,6 +209,8 @@ class Metric:
         low, high = self.interval.bounds(estimate, replicates, confidence)
         if self.least is not None and low < self.least:
             low = self.least
+        if self.most is not None and high > self.most:
+            high = self.most
         return low, high
 
     @property
