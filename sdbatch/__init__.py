@@ -33,6 +33,7 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.suite                the evaluation suite: typed, validated, up front
     evaluation.registry             every metric, in column order; the report's trade-off
     evaluation.metrics.kid          KID and its settings
+    evaluation.metrics.prdc         precision, recall, density, coverage (k-NN) and their k
     evaluation.metrics.fid          FID
     evaluation.metrics.attributes   shapes-world attribute accuracy, judged from pixels
     evaluation.metrics.clip_score   CLIP score

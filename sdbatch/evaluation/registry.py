@@ -11,8 +11,9 @@ from sdbatch.evaluation.metrics.attributes import ATTRIBUTE_ACCURACY
 from sdbatch.evaluation.metrics.clip_score import CLIP_SCORE
 from sdbatch.evaluation.metrics.fid import FID
 from sdbatch.evaluation.metrics.kid import KID
+from sdbatch.evaluation.metrics.prdc import PRDC
 
-REGISTRY: dict[str, Metric] = {m.name: m for m in (CLIP_SCORE, ATTRIBUTE_ACCURACY, FID, KID)}
+REGISTRY: dict[str, Metric] = {m.name: m for m in (CLIP_SCORE, ATTRIBUTE_ACCURACY, FID, KID, *PRDC)}
 # The report's trade-off, (x, y): agreement with the prompt against quality next to the reference;
 # its plot, and the Pareto front of configurations no other one beats on both.
 TRADEOFF = (CLIP_SCORE, FID)
