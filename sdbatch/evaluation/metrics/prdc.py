@@ -127,13 +127,14 @@ def neighbourhoods(
     else:  # a single image: no ball, no recall
         near, near_d2, farthest = np.empty((n, 0), dtype=np.int64), np.empty((n, 0)), np.zeros(n)
     covering, reach = ([], []), ([], [], [])
+    # int32 indices: the pairs are what a configuration keeps
     for start, d2 in distance_blocks(reference, generated):
         r, g = np.nonzero(d2 < radii[start : start + len(d2), None])
-        covering[0].append(r + start)
-        covering[1].append(g)
+        covering[0].append((r + start).astype(np.int32))
+        covering[1].append(g.astype(np.int32))
         r, g = np.nonzero(d2 < farthest[None, :])
-        reach[0].append(r + start)
-        reach[1].append(g)
+        reach[0].append((r + start).astype(np.int32))
+        reach[1].append(g.astype(np.int32))
         reach[2].append(d2[r, g])
     inside = (np.concatenate(covering[0]), np.concatenate(covering[1]))
     return Neighbourhoods(
