@@ -73,6 +73,19 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(prdc, "BLOCK_BYTES", 8 * 40 * 3)
 
 
+@pytest.mark.parametrize("others", [1, 500])
+def test_distances_come_in_blocks_of_bounded_size(others, monkeypatch):
+    monkeypatch.setattr(prdc, "BLOCK_BYTES", 8 * 64 * 10)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(100, 64)).astype(np.float32), rng.normal(size=(others, 64))
+    blocks = list(prdc.distance_blocks(a, b))
+    # neither a block of distances nor the rows of `a` in float64 it is made from pass the bound
+    assert max(len(block) * max(others, 64) * 8 for _, block in blocks) <= prdc.BLOCK_BYTES
+    assert [start for start, _ in blocks] == list(range(0, 100, len(blocks[0][1])))
+    expected = ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(axis=2)
+    assert np.allclose(np.concatenate([block for _, block in blocks]), expected)
+
+
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_equals_the_formulas_on_random_sets(k, small_blocks):
     rng = np.random.default_rng(k)

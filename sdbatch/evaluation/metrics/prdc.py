@@ -18,15 +18,19 @@ Bootstrap replicates (over prompts, `sdbatch.evaluation.metric`): precision and 
 of per-image values given the reference's fixed balls, so a replicate weighs each image by how
 often it was drawn (percentile intervals). Recall and coverage depend on which generated images are
 there, not on how often (a repeated image would be its own nearest neighbour): a replicate is
-computed on the distinct images drawn, about 63% of the prompts, so it runs low against the
-estimate; their interval is estimate +- z SE, the SE from these smaller sets (erring wide).
+computed on the distinct images drawn, about 63% of the prompts, so it is off the estimate by a
+bias (coverage only falls with fewer images); their interval is estimate +- z SE, the SE from these
+smaller sets (erring wide).
 
 Cost, for n generated images, m reference images, d dimensions: the reference's radii once per
 reference (m^2 d multiply-adds), then n m d + n^2 d per configuration, distances computed in blocks
-of at most `BLOCK_BYTES`; kept per configuration are the pairs (reference, generated) that the
-metrics read (about k n for coverage, `SPARE` k m for recall when the sets are alike), from which a
-replicate costs O(n k + pairs). Needs the reference's features: a .npz of mu and sigma alone, or
-fewer than k + 1 reference images, gives NaN; recall needs more than k generated images.
+of at most `BLOCK_BYTES`. Kept per configuration: the (reference, generated) pairs the metrics
+read, about k n for coverage (8 bytes each), and for recall (16 bytes each) the reference images
+nearer to a generated image than its `SPARE` k-th generated neighbour (16 m in
+bench/prdc_scale.py; n m at worst); a replicate then costs O(n `SPARE` k + pairs).
+
+Needs the reference's features: a .npz of mu and sigma alone, or k reference images or fewer,
+gives NaN; recall needs more than k generated images.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ MAX_K = 1000
 # Bounds the memory of a distance computation, whatever the reference's size.
 BLOCK_BYTES = 64 * 2**20
 # Each generated image keeps its SPARE * k nearest generated neighbours: a replicate finds its k-th
-# nearest drawn one among them unless fewer than k of them were drawn (then it is computed from the
-# features). At 63% drawn, P(fewer than 5 of 20) is about 2e-4.
-SPARE = 4
+# nearest drawn one among them unless fewer than k of them were drawn; then it is computed from the
+# features, at m d per image. With 63% of prompts drawn, P(fewer than 5 of 40) is about 4e-12 (of
+# 20, 1e-4: at n 1000 and m 10,000, 12 replicates in 200 fell back, and took 5x longer in all).
+SPARE = 8
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,11 @@ class PrdcSettings:
 
 def distance_blocks(a: np.ndarray, b: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """Squared Euclidean distances from the rows of `a` to those of `b` in float64, some rows of
-    `a` at a time (`BLOCK_BYTES` each): (index of the block's first row, block)."""
+    `a` at a time: (index of the block's first row, block). A block, and the rows of `a` it is
+    computed from, take at most `BLOCK_BYTES` each."""
     b = np.asarray(b, dtype=np.float64)
     b_norms = np.einsum("ij,ij->i", b, b)
-    rows = max(1, BLOCK_BYTES // (8 * max(len(b), 1)))
+    rows = max(1, BLOCK_BYTES // (8 * max(len(b), a.shape[1], 1)))
     for start in range(0, len(a), rows):
         part = np.asarray(a[start : start + rows], dtype=np.float64)
         d2 = np.einsum("ij,ij->i", part, part)[:, None] + b_norms[None, :] - 2 * part @ b.T
