@@ -136,7 +136,7 @@ def test_replicates_equal_the_formulas_on_what_each_replicate_drew(spare, monkey
             else:  # the distinct images drawn
                 assert value == pytest.approx(direct(real, fake[w > 0], k)[name]), name
         assert row[f"{name}_low"] <= row[name] <= row[f"{name}_high"]
-        if metric.interval is Interval.NORMAL:
+        if metric.interval is Interval.NORMAL_DISTINCT:
             assert row[f"{name}_low"] >= 0 and row[f"{name}_high"] <= 1
         # the replicates vary, so the interval is not a point
         assert np.std(replicates[name]) > 0
@@ -176,3 +176,4 @@ def test_an_evaluation_writes_them_with_intervals_and_the_report_shows_them(
     report = (out / "report" / "report.md").read_text()
     for name in NAMES:
         assert f"| {name} [CI] |" in report and f"Best by {name}:" in report
+    assert "recall: estimate +- z * SE" in report and "on the distinct images" in report

@@ -57,6 +57,11 @@ class Interval(enum.Enum):
         "estimate +- z * SE, SE the standard deviation of bootstrap replicates over prompts, "
         "each drawn with all its images (the reference held fixed)"
     )
+    # for statistics of which images are present, not how often (recall, coverage)
+    NORMAL_DISTINCT = (
+        "estimate +- z * SE, SE the standard deviation of bootstrap replicates over prompts, each "
+        "computed on the distinct images of the prompts drawn (the reference held fixed)"
+    )
     NONE = "none; the spread over random subsets is given instead"
 
     def bounds(
@@ -65,7 +70,7 @@ class Interval(enum.Enum):
         """The interval of `estimate` from its bootstrap replicates, by this method."""
         if self is Interval.PERCENTILE:
             return percentile_interval(replicates, confidence)
-        if self is Interval.NORMAL:
+        if self in (Interval.NORMAL, Interval.NORMAL_DISTINCT):
             return normal_interval(estimate, replicates, confidence)
         raise ValueError(f"{self.name}: a metric without intervals has no replicates")
 
