@@ -261,7 +261,10 @@ def aggregate_coverage(group: ConfigGroup, settings: PrdcSettings) -> dict[str, 
 
 
 def _metric(
-    name: str, aggregate: Callable[[ConfigGroup, Any], dict[str, Any]], interval: Interval
+    name: str,
+    aggregate: Callable[[ConfigGroup, Any], dict[str, Any]],
+    interval: Interval,
+    most: float | None,
 ) -> Metric:
     return Metric(
         name=name,
@@ -276,14 +279,14 @@ def _metric(
         scores=(Score(name, name, digits=3),),
         settings="prdc",
         least=0.0,
-        # a share; a normal interval of recall or coverage could otherwise pass 1
-        most=None if name == "density" else 1.0,
+        most=most,
     )
 
 
-PRECISION = _metric("precision", aggregate_precision, Interval.PERCENTILE)
-# Replicates on the distinct drawn images are biased: percentiles would not bracket the estimate.
-RECALL = _metric("recall", aggregate_recall, Interval.NORMAL_DISTINCT)
-DENSITY = _metric("density", aggregate_density, Interval.PERCENTILE)
-COVERAGE = _metric("coverage", aggregate_coverage, Interval.NORMAL_DISTINCT)
+# Replicates on the distinct drawn images are biased: percentiles would not bracket the estimate;
+# a normal interval of a share could pass 1 but for `most`.
+PRECISION = _metric("precision", aggregate_precision, Interval.PERCENTILE, most=1.0)
+RECALL = _metric("recall", aggregate_recall, Interval.NORMAL_DISTINCT, most=1.0)
+DENSITY = _metric("density", aggregate_density, Interval.PERCENTILE, most=None)  # m / k at most
+COVERAGE = _metric("coverage", aggregate_coverage, Interval.NORMAL_DISTINCT, most=1.0)
 PRDC = (PRECISION, RECALL, DENSITY, COVERAGE)
