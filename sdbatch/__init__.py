@@ -34,6 +34,7 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.registry             every metric, in column order; the report's trade-off
     evaluation.metrics.cmmd         CMMD: kernel MMD on CLIP image embeddings
     evaluation.metrics.kid          KID and its settings
+    evaluation.metrics.prdc         precision, recall, density, coverage (k-NN) and their k
     evaluation.metrics.fid          FID
     evaluation.metrics.attributes   shapes-world attribute accuracy, judged from pixels
     evaluation.metrics.clip_score   CLIP score

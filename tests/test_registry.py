@@ -30,6 +30,7 @@ from sdbatch.evaluation.metric import (
 )
 from sdbatch.evaluation.metric_math import FeatureStats, FrechetReference, cluster_counts
 from sdbatch.evaluation.metrics.kid import KidSettings
+from sdbatch.evaluation.metrics.prdc import PrdcSettings
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.evaluation.registry import REGISTRY
 from sdbatch.evaluation.run import evaluate
@@ -40,7 +41,7 @@ from sdbatch.reporting.write import write_report
 # Ray's actors cannot import this test module: its metric travels to them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 KEY = ["prompt_id", "sample_index", "config_id"]
-SETTINGS = {"kid": KidSettings(subsets=5, subset_size=10)}
+SETTINGS = {"kid": KidSettings(subsets=5, subset_size=10), "prdc": PrdcSettings()}
 
 
 def decode(blob: bytes) -> np.ndarray:

@@ -61,6 +61,11 @@ class Interval(enum.Enum):
         "estimate +- z * SE, SE the standard deviation of bootstrap replicates over prompts, "
         "each drawn with all its images (the reference held fixed)"
     )
+    # for statistics of which images are present, not how often (recall, coverage)
+    NORMAL_DISTINCT = (
+        "estimate +- z * SE, SE the standard deviation of bootstrap replicates over prompts, each "
+        "computed on the distinct images of the prompts drawn (the reference held fixed)"
+    )
     NONE = "none; the spread over random subsets is given instead"
 
     def bounds(
@@ -69,7 +74,7 @@ class Interval(enum.Enum):
         """The interval of `estimate` from its bootstrap replicates, by this method."""
         if self is Interval.PERCENTILE:
             return percentile_interval(replicates, confidence)
-        if self is Interval.NORMAL:
+        if self in (Interval.NORMAL, Interval.NORMAL_DISTINCT):
             return normal_interval(estimate, replicates, confidence)
         raise ValueError(f"{self.name}: a metric without intervals has no replicates")
 
@@ -230,6 +235,7 @@ class Metric:
     # The least value its scores can take (FID: 0). A normal interval can reach below it; its
     # bound is raised to it, which loses no coverage since the true value is never lower.
     least: float | None = None
+    most: float | None = None  # the greatest (a share's: 1), likewise for the upper bound
 
     def bounds(
         self, estimate: float, replicates: np.ndarray, confidence: float
@@ -238,6 +244,8 @@ class Metric:
         low, high = self.interval.bounds(estimate, replicates, confidence)
         if self.least is not None and low < self.least:
             low = self.least
+        if self.most is not None and high > self.most:
+            high = self.most
         return low, high
 
     @property

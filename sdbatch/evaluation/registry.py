@@ -12,8 +12,11 @@ from sdbatch.evaluation.metrics.clip_score import CLIP_SCORE
 from sdbatch.evaluation.metrics.cmmd import CMMD
 from sdbatch.evaluation.metrics.fid import FID
 from sdbatch.evaluation.metrics.kid import KID
+from sdbatch.evaluation.metrics.prdc import PRDC
 
-REGISTRY: dict[str, Metric] = {m.name: m for m in (CLIP_SCORE, ATTRIBUTE_ACCURACY, FID, KID, CMMD)}
+REGISTRY: dict[str, Metric] = {
+    m.name: m for m in (CLIP_SCORE, ATTRIBUTE_ACCURACY, FID, KID, CMMD, *PRDC)
+}
 # The report's trade-off, (x, y): agreement with the prompt against quality next to the reference;
 # its plot, and the Pareto front of configurations no other one beats on both.
 TRADEOFF = (CLIP_SCORE, FID)

@@ -2,8 +2,9 @@
 
 Like a job spec, a suite checks its own fields when it is made, from YAML or in Python; each
 section is declared beside what it configures (`clip:` in evaluation.clip, `fid:` in
-evaluation.extractors, `kid:` in metrics.kid, `reference:` in evaluation.reference, `bootstrap:`
-in evaluation.metric). Files it names are checked by `check_files`, before any work.
+evaluation.extractors, `kid:` in metrics.kid, `prdc:` in metrics.prdc, `reference:` in
+evaluation.reference, `bootstrap:` in evaluation.metric). Files it names are checked by
+`check_files`, before any work.
 
 Example:
     >>> suite = load_suite("eval/demo.yaml")
@@ -24,6 +25,7 @@ from sdbatch.evaluation.clip import ClipSettings
 from sdbatch.evaluation.extractors import FidSettings
 from sdbatch.evaluation.metric import Bootstrap, Metric, Need
 from sdbatch.evaluation.metrics.kid import KidSettings
+from sdbatch.evaluation.metrics.prdc import PrdcSettings
 from sdbatch.evaluation.reference import ReferenceSource
 from sdbatch.evaluation.registry import REGISTRY, metrics_named
 from sdbatch.spec import MAX_ACTORS, MAX_BATCH_SIZE, MAX_RETRIES
@@ -69,6 +71,7 @@ class Suite:
     clip: ClipSettings = field(default_factory=ClipSettings)
     fid: FidSettings = field(default_factory=FidSettings)
     kid: KidSettings = field(default_factory=KidSettings)
+    prdc: PrdcSettings = field(default_factory=PrdcSettings)
     reference: ReferenceSource | None = None
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     cache: str = DEFAULT_CACHE  # where computed reference statistics are kept
