@@ -8,10 +8,10 @@ evaluation.reference, `bootstrap:` in evaluation.metric). Files it names are che
 
 Example:
     >>> suite = load_suite("eval/demo.yaml")
-    >>> suite.metrics, suite.clip.model
+    >>> suite.metrics[:4], suite.clip.model
     (('clip_score', 'fid', 'kid', 'attribute_accuracy'), 'builtin:toy-clip')
-    >>> [m.label for m in suite.chosen_metrics]
-    ['CLIP score', 'attribute accuracy', 'FID', 'KID']
+    >>> [m.label for m in suite.chosen_metrics][:5]
+    ['CLIP score', 'attribute accuracy', 'FID', 'KID', 'CMMD']
 """
 
 from __future__ import annotations
