@@ -107,7 +107,8 @@ def test_the_default_model_is_pinned_and_loaded_from_the_offline_hub_cache(tmp_p
     assert info.weights == f"hub:facebook/dinov2-large@{COMMIT}"
     assert info.model.revision == COMMIT
     images = some_images()
-    assert np.allclose(build_extractor(info, "cpu", None)(images, None), dgm_eval_features(images))
+    features = build_extractor(info, "cpu", None)(images, None)
+    assert np.allclose(features, dgm_eval_features(images), rtol=1e-4, atol=1e-5)
 
 
 def test_an_evaluation_writes_the_frechet_distance_of_dinov2_features(
