@@ -26,7 +26,7 @@ import warnings
 
 import numpy as np
 
-from sdbatch.evaluation.metric_math import KidReference, kid_subsets
+from sdbatch.evaluation.kid_math import KidReference, kid_subsets
 
 TOLERANCE = 1e-6  # relative to KID
 SEED = 0

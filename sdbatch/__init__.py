@@ -44,7 +44,8 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.shards               units of evaluation work and their .npz files
     evaluation.extractors           feature extractors: inception, clip, dinov2, any nn.Module
     evaluation.clip                 CLIP in a worker: image and text embeddings
-    evaluation.metric_math          pure math: statistics that merge, FID, KID, intervals
+    evaluation.kid_math             pure math: KID's kernels, the reference's part computed once
+    evaluation.metric_math          pure math: statistics that merge, FID, intervals
     generation                      generate(): spec -> committed image dataset, resumable
     integrity                       committed units checked against their markers; verify()
     worker                          plain class: loaded pipeline -> PNG rows -> unit commit

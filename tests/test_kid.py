@@ -15,8 +15,8 @@ import pytest
 import torch
 from torchmetrics.image.kid import KernelInceptionDistance, maximum_mean_discrepancy, poly_kernel
 
-from sdbatch.evaluation import metric_math
-from sdbatch.evaluation.metric_math import KidReference, kid_subsets
+from sdbatch.evaluation import kid_math
+from sdbatch.evaluation.kid_math import KidReference, kid_subsets
 from sdbatch.evaluation.run import evaluate
 
 DIM = 6
@@ -48,7 +48,7 @@ def direct_kid(generated, reference, subsets: int, size: int, seed: int) -> tupl
     return statistics.fmean(values), statistics.pstdev(values)
 
 
-@pytest.mark.parametrize("block", [7, metric_math.KERNEL_BLOCK], ids=["blocks", "one-block"])
+@pytest.mark.parametrize("block", [7, kid_math.KERNEL_BLOCK], ids=["blocks", "one-block"])
 @pytest.mark.parametrize(
     ("n", "subset_size", "size"),
     [(25, 10, 10), (8, 10, 8)],  # the second lowered to the generated set's size
@@ -58,7 +58,7 @@ def test_kid_equals_the_formula_written_out_on_the_same_subsets(
     n, subset_size, size, block, monkeypatch
 ):
     # Kernels are computed a block of rows at a time: with several blocks too.
-    monkeypatch.setattr(metric_math, "KERNEL_BLOCK", block)
+    monkeypatch.setattr(kid_math, "KERNEL_BLOCK", block)
     reference, generated = features(40, seed=1), features(n, seed=2, shift=0.4)
     mean, std, used = KidReference(reference).kid(generated, 4, subset_size, seed=3)
     assert used == size
@@ -107,13 +107,13 @@ def reference_sums(monkeypatch) -> list[int]:
     """Records the number of rows of every off-diagonal kernel sum computed (the reference's and
     each configuration's)."""
     calls: list[int] = []
-    original = metric_math.within_kernel_sums
+    original = kid_math.within_kernel_sums
 
     def spy(x, marks):
         calls.append(len(x))
         return original(x, marks)
 
-    monkeypatch.setattr(metric_math, "within_kernel_sums", spy)
+    monkeypatch.setattr(kid_math, "within_kernel_sums", spy)
     return calls
 
 

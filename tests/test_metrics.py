@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from sdbatch.evaluation.kid_math import kid
 from sdbatch.evaluation.metric_math import (
     FeatureStats,
     FrechetReference,
@@ -18,7 +19,6 @@ from sdbatch.evaluation.metric_math import (
     cluster_counts,
     fid,
     frechet_distance,
-    kid,
     normal_interval,
     percentile_interval,
     weighted_mean,

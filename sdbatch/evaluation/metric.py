@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 
 from sdbatch.evaluation.clip import ClipEncoder
+from sdbatch.evaluation.kid_math import KidReference
 from sdbatch.evaluation.metric_math import (
     FeatureStats,
     FrechetReference,
     FrechetResamples,
-    KidReference,
     normal_interval,
     percentile_interval,
     weighted_mean,

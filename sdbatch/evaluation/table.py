@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from sdbatch.evaluation.gather import Gathered
+from sdbatch.evaluation.kid_math import KidReference
 from sdbatch.evaluation.metric import ConfigGroup, aggregate_with_intervals
-from sdbatch.evaluation.metric_math import FrechetReference, KidReference, cluster_counts
+from sdbatch.evaluation.metric_math import FrechetReference, cluster_counts
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.evaluation.suite import Suite
 from sdbatch.records import BatchTiming, RunRecord, UnitMarker

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from sdbatch.evaluation.kid_math import KidReference
 from sdbatch.evaluation.metric import QUALITY, ConfigGroup, Interval, Metric, Need, Score
-from sdbatch.evaluation.metric_math import KidReference
 from sdbatch.typed_data import conform, within
 
 # torchmetrics' defaults are 100 subsets of 1,000. A configuration of n images costs an n x n and
