@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 
 from sdbatch.evaluation.clip import ClipEncoder
-from sdbatch.evaluation.kid_math import KidReference
 from sdbatch.evaluation.metric_math import (
     FeatureStats,
     FrechetReference,
@@ -156,11 +155,8 @@ class ConfigGroup:
     # their CLIP image embeddings (Need.EMBEDDINGS), read when a metric asks
     load_clip_embeddings: Callable[[], np.ndarray] | None = None
     # What a metric computes once per configuration and reuses in every replicate (CMMD's kernel
-    # matrix): resampled groups share it.
+    # matrix): resampled groups share it (`per_configuration`).
     derived: dict[str, Any] = field(default_factory=dict)
-    # The reference's features for KID, its kernel sums computed once for every configuration
-    # (None: KID computes them for this group alone, from `reference`).
-    kernels: KidReference | None = None
 
     @cached_property
     def features(self) -> np.ndarray:
@@ -192,6 +188,20 @@ class ConfigGroup:
             load_features=lambda: self.features,
             load_clip_embeddings=lambda: self.clip_embeddings,
         )
+
+    def per_configuration(self, key: str, compute: Callable[[], Any]) -> Any:
+        """compute(), once per configuration: every bootstrap replicate of it reuses the result."""
+        if key not in self.derived:
+            self.derived[key] = compute()
+        return self.derived[key]
+
+    def per_reference(self, key: str, compute: Callable[[], Any]) -> Any:
+        """compute(), once per reference: every configuration measured against it reuses the
+        result."""
+        kept = self.reference.derived
+        if key not in kept:
+            kept[key] = compute()
+        return kept[key]
 
     def mean(self, column: str, name: str | None = None) -> dict[str, float]:
         """The mean of a per-image column over the images (rows with NaN, which a metric could

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from sdbatch.evaluation.gather import Gathered
-from sdbatch.evaluation.kid_math import KidReference
 from sdbatch.evaluation.metric import ConfigGroup, aggregate_with_intervals
 from sdbatch.evaluation.metric_math import FrechetReference, cluster_counts
 from sdbatch.evaluation.reference import ReferenceStats
@@ -73,9 +72,6 @@ def config_table(
     frechet = None
     if reference is not None and reference.mu is not None:  # None: CLIP embeddings alone (CMMD)
         frechet = FrechetReference(reference.mu, reference.sigma)
-    has_features = reference is not None and reference.features is not None
-    # Holds KID's reference-only kernel sums, so that each configuration computes only its own.
-    kernels = KidReference(reference.features) if has_features else None
     batches = batch_frame(markers)
     images = gathered.images
     # Each replicate draws the run's prompts once for every configuration: that pairs them.
@@ -108,7 +104,6 @@ def config_table(
             bootstrap=suite.bootstrap,
             load_features=lambda counted=counted: gathered.features_of(counted, feature_dim),
             load_clip_embeddings=lambda counted=counted: gathered.clip_embeddings_of(counted),
-            kernels=kernels,
         )
         weights = draws[:, prompts.get_indexer(counted["prompt_id"])]
         drawn = {"config_id": config_id, "replicate": np.arange(len(draws))}

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sdbatch.evaluation.metric import QUALITY, ConfigGroup, Interval, Metric, Need, Score
+from sdbatch.evaluation.reference import ReferenceStats
 
 SIGMA = 10.0  # the reference code's bandwidth, chosen in the paper for CLIP embeddings
 SCALE = 1000.0  # the reference code's scale, to make the numbers readable
@@ -96,14 +97,17 @@ def aggregate(group: ConfigGroup, settings: Any) -> dict[str, Any]:
     reference = group.reference
     if reference.clip_embeddings is None or len(group.images) == 0:
         return {"cmmd": math.nan}
-    if "cmmd" not in group.derived:
-        # The reference's own term is the same for every configuration: computed once.
-        if "cmmd" not in reference.derived:
-            embedded = normalized(reference.clip_embeddings)
-            reference.derived["cmmd"] = (embedded, reference_kernel_mean(embedded))
-        embedded, mean = reference.derived["cmmd"]
-        group.derived["cmmd"] = MmdKernels.of(normalized(group.clip_embeddings), embedded, mean)
-    return {"cmmd": group.derived["cmmd"].cmmd(group.weights)}
+    # The reference's own term is the same for every configuration.
+    embedded, mean = group.per_reference("cmmd", lambda: _reference_term(reference))
+    kernels = group.per_configuration(
+        "cmmd", lambda: MmdKernels.of(normalized(group.clip_embeddings), embedded, mean)
+    )
+    return {"cmmd": kernels.cmmd(group.weights)}
+
+
+def _reference_term(reference: ReferenceStats) -> tuple[np.ndarray, float]:
+    embedded = normalized(reference.clip_embeddings)
+    return embedded, reference_kernel_mean(embedded)
 
 
 CMMD = Metric(

@@ -1,8 +1,9 @@
 """KID (Binkowski et al. 2018, "Demystifying MMD GANs") on the extractor's features: the unbiased
 MMD² with torchmetrics' polynomial kernel, mean and std over random subsets drawn from the
-bootstrap seed (`KidReference`). The reference's kernel sums are computed once per evaluation
-(`ConfigGroup.kernels`), so a configuration costs its own kernels only. It needs the reference's
-features, which sdbatch's cached statistics keep; a .npz of mu and sigma alone gives NaN."""
+bootstrap seed (`KidReference`). The reference's kernel sums are computed once per reference
+(`ConfigGroup.per_reference`), so a configuration costs its own kernels only. It needs the
+reference's features, which sdbatch's cached statistics keep; a .npz of mu and sigma alone gives
+NaN."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class KidSettings:
 def aggregate(group: ConfigGroup, settings: KidSettings) -> dict[str, Any]:
     if group.reference.features is None:
         return {"kid_mean": math.nan, "kid_std": math.nan}
-    kernels = group.kernels or KidReference(group.reference.features)
+    features = group.reference.features
+    kernels = group.per_reference("kid", lambda: KidReference(features))
     mean, std, size = kernels.kid(
         group.features, settings.subsets, settings.subset_size, group.bootstrap.seed
     )

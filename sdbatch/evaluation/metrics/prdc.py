@@ -36,7 +36,6 @@ gives NaN; recall needs more than k generated images.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -203,22 +202,6 @@ def recall(
     return float(recalled.mean())
 
 
-# Results computed once per reference and per configuration, while their arrays live, by identity.
-_KEPT: dict[tuple[int, ...], Any] = {}
-
-
-def _once(compute: Callable[[], Any], *arrays: np.ndarray, k: int) -> Any:
-    """compute(), or what it returned for these very arrays (and k): every configuration shares
-    the reference's radii, and every bootstrap replicate its configuration's neighbourhoods (a
-    replicate's group holds the configuration's feature array itself). Dropped with the arrays."""
-    key = (*map(id, arrays), k)
-    if key not in _KEPT:
-        _KEPT[key] = compute()
-        for array in arrays:
-            weakref.finalize(array, _KEPT.pop, key, None)
-    return _KEPT[key]
-
-
 def _neighbourhoods(group: ConfigGroup, settings: PrdcSettings) -> Neighbourhoods | None:
     """The configuration's neighbourhoods, or None when the reference has no features or too
     few, or the configuration no image."""
@@ -226,9 +209,11 @@ def _neighbourhoods(group: ConfigGroup, settings: PrdcSettings) -> Neighbourhood
     k = settings.k
     if reference is None or len(reference) <= k or len(group.images) == 0:
         return None
-    generated = group.features
-    radii = _once(lambda: ball_radii(reference, k), reference, k=k)
-    return _once(lambda: neighbourhoods(generated, reference, radii, k), generated, reference, k=k)
+    # the reference's radii shared by every configuration, the neighbourhoods by every replicate
+    radii = group.per_reference(f"prdc-radii-{k}", lambda: ball_radii(reference, k))
+    return group.per_configuration(
+        f"prdc-{k}", lambda: neighbourhoods(group.features, reference, radii, k)
+    )
 
 
 def _drawn(group: ConfigGroup) -> np.ndarray:
