@@ -19,6 +19,7 @@ def markdown(
 ) -> str:
     """report.md: the sections, then the figures and galleries as links to the PNGs beside it."""
     parts = [f"# sdbatch report: {' vs '.join(run.name for run in runs)}", ""]
+    answers, appendix = _split(sections)
 
     def add(section: Section) -> None:
         parts.extend([f"## {section.title}", "", *(f"- {line}" for line in section.lines)])
@@ -26,19 +27,22 @@ def markdown(
             parts.extend(["", _markdown_table(section.table)])
         parts.append("")
 
-    for section in sections:
-        if not section.appendix:
-            add(section)
+    for section in answers:
+        add(section)
     parts += ["## Plots", ""] + [f"![{f.title}]({f.name})" for f in figures]
     for gallery in galleries:
         parts += ["", f"## {gallery.title}", ""] + [f"- {line}" for line in gallery.lines]
         for f in gallery.figures:
             parts += ["", f"**{f.title}**", "", f"![{f.title}]({f.name})"]
     parts.append("")
-    for section in sections:
-        if section.appendix:
-            add(section)
+    for section in appendix:
+        add(section)
     return "\n".join(parts) + "\n"
+
+
+def _split(sections: list[Section]) -> tuple[list[Section], list[Section]]:
+    """The answers, which go before the plots and images, and the appendix, which goes after."""
+    return [s for s in sections if not s.appendix], [s for s in sections if s.appendix]
 
 
 def _markdown_table(table: pd.DataFrame) -> str:
@@ -93,32 +97,28 @@ def page(
     """index.html: the same, one self-contained file."""
     title = f"sdbatch report: {' vs '.join(run.name for run in runs)}"
     body = [f"<h1>{html.escape(title)}</h1>"]
+    answers, appendix = _split(sections)
 
     def add(section: Section) -> None:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
-        if section.lines:
-            items = "".join(f"<li>{_inline(line)}</li>" for line in section.lines)
-            body.append(f"<ul>{items}</ul>")
+        body.append(_bullets(section.lines))
         if section.table is not None:
             body.append(
                 section.table.to_html(index=False, border=0, escape=True, classes="sortable")
             )
 
-    for section in sections:
-        if not section.appendix:
-            add(section)
+    for section in answers:
+        add(section)
     body.append("<h2>Plots</h2>")
     body += [_figure(f, "plot") for f in figures]
     for gallery in galleries:
         body.append(f"<h2>{html.escape(gallery.title)}</h2>")
-        if gallery.lines:
-            body.append(f"<ul>{''.join(f'<li>{_inline(x)}</li>' for x in gallery.lines)}</ul>")
+        body.append(_bullets(gallery.lines))
         body += [
             _figure(f, "grid half" if _width(f.png) <= HALF else "grid") for f in gallery.figures
         ]
-    for section in sections:
-        if section.appendix:
-            add(section)
+    for section in appendix:
+        add(section)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
@@ -142,6 +142,11 @@ def _figure(figure: Figure, kind: str) -> str:
         f'<figure class="{kind}"><img alt="{caption}" src="data:image/png;base64,{data}">'
         f"<figcaption>{caption}</figcaption></figure>"
     )
+
+
+def _bullets(lines: list[str]) -> str:
+    """Sentences as a list; nothing for none."""
+    return f"<ul>{''.join(f'<li>{_inline(line)}</li>' for line in lines)}</ul>" if lines else ""
 
 
 def _inline(line: str) -> str:
