@@ -82,7 +82,8 @@ def compare(
 ) -> Difference:
     """Configuration b minus configuration a in `column` (configs.parquet, replicates.parquet
     of one run), with its paired interval at `confidence`."""
-    estimates, drawn = _estimates(configs, column), _replicates(replicates, column, configs)
+    estimates = _estimates(configs, column)
+    drawn = replicates_by_config(replicates, column, configs)
     for config_id in (a, b):
         if config_id not in estimates.index:
             raise ValueError(f"{config_id}: not a configuration of this run")
@@ -111,7 +112,7 @@ def best_versus_others(
         best = estimates.idxmax() if metric.higher_is_better else estimates.idxmin()
         comparisons = len(estimates) - 1
         level = 1 - (1 - confidence) / comparisons
-        drawn = _replicates(replicates, column, configs)
+        drawn = replicates_by_config(replicates, column, configs)
         for other in estimates.index.drop(best):
             difference, low, high = paired_difference(
                 estimates[best], drawn[best], estimates[other], drawn[other],
@@ -153,7 +154,7 @@ def main_effects(
         for column in columns:
             metric = metric_of(column)
             estimates = _estimates(configs, column)
-            drawn = _replicates(replicates, column, configs)
+            drawn = replicates_by_config(replicates, column, configs)
             means, drawn_means = {}, {}
             for level in levels:
                 ids = configs.loc[configs[axis] == level, "config_id"]
@@ -189,7 +190,9 @@ def _estimates(configs: pd.DataFrame, column: str) -> pd.Series:
     return configs.set_index("config_id")[column].astype(float)
 
 
-def _replicates(replicates: pd.DataFrame, column: str, configs: pd.DataFrame) -> pd.DataFrame:
+def replicates_by_config(
+    replicates: pd.DataFrame, column: str, configs: pd.DataFrame
+) -> pd.DataFrame:
     """(replicate, config_id) -> value: one column of replicates per configuration (empty when
     the suite has no bootstrap samples)."""
     wide = replicates.pivot(index="replicate", columns="config_id", values=column)

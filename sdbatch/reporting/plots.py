@@ -17,16 +17,11 @@ from sdbatch.evaluation.metric import Metric
 from sdbatch.evaluation.registry import TRADEOFF, ranked_metrics
 from sdbatch.reporting.parts import Figure
 from sdbatch.reporting.runs import Run
-from sdbatch.reporting.summary import pareto_front
+from sdbatch.reporting.summary import AXIS_NAMES, pareto_front
 
 if TYPE_CHECKING:
     import matplotlib.figure
 
-AXIS_NAMES = {
-    "scheduler": "scheduler",
-    "num_inference_steps": "steps",
-    "guidance_scale": "guidance scale",
-}
 # The page is 1100 px wide (render.py): at this size and dpi a figure is never scaled down, so a
 # 9 pt font stays 9 pt.
 WIDTH, DPI, FONT = 11.0, 100, 9

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sdbatch.evaluation.compare import metric_of, paired_difference
+from sdbatch.evaluation.compare import paired_difference, replicates_by_config
 from sdbatch.evaluation.metric import ALIGNMENT, QUALITY, Metric
 from sdbatch.evaluation.registry import REGISTRY, TRADEOFF, ranked_metrics
 from sdbatch.reporting.parts import Section
@@ -196,7 +196,12 @@ def _count(n: int, noun: str) -> str:
     return f"{'no' if n == 0 else n} {noun}{'' if n == 1 else 's'} {'is' if n == 1 else 'are'}"
 
 
-AXIS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}  # others as named
+# The sweep's axes as the report names them (in sentences, tables and plots).
+AXIS_NAMES = {
+    "scheduler": "scheduler",
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance scale",
+}
 
 
 def _level(text: str) -> str:
@@ -226,7 +231,9 @@ def _main_effects(run: Run) -> Section:
                 if pd.isna(r["difference"]):
                     row[f"{metric.label}: difference"] = "(first level)"
                     continue
-                shift = _shift(r, score.digits)
+                shift = _ranged(
+                    r["difference"], r["difference_low"], r["difference_high"], score.digits
+                )
                 row[f"{metric.label}: difference"] = shift
                 if r["difference_low"] > 0 or r["difference_high"] < 0:
                     clear.append(f"{metric.label} {shift}")
@@ -248,12 +255,9 @@ def _main_effects(run: Run) -> Section:
     return Section(f"Main effects: {run.name}", lines, pd.DataFrame(rows))
 
 
-def _shift(effect: pd.Series, digits: int) -> str:
-    """A main effect's difference from its axis's first level, with its interval."""
-    low, high = effect["difference_low"], effect["difference_high"]
-    return (
-        f"{_signed(effect['difference'], digits)} [{_signed(low, digits)}, {_signed(high, digits)}]"
-    )
+def _ranged(value: float, low: float, high: float, digits: int) -> str:
+    """A signed difference with its interval: +1.23 [+0.45, +2.01]."""
+    return f"{_signed(value, digits)} [{_signed(low, digits)}, {_signed(high, digits)}]"
 
 
 def _signed(value: float, digits: int) -> str:
@@ -354,30 +358,34 @@ def _comparison(a: Run, b: Run) -> Section:
     confidence = a.metrics.suite.bootstrap.confidence
     # every configuration's difference holds together with the others' (Bonferroni)
     level = 1 - (1 - confidence) / max(len(joined), 1)
+    metrics = [m for m in ranked_metrics() if a.has_metric(m) and b.has_metric(m)]
+    if paired:  # (replicate, config_id) per metric and run
+        drawn = {
+            (m.name, run.name): replicates_by_config(run.replicates, m.headline.column, run.configs)
+            for m in metrics
+            for run in (a, b)
+        }
     rows = []
     for _, r in joined.iterrows():
         row = {"configuration": label(r)}
-        for metric in ranked_metrics():
-            if not (a.has_metric(metric) and b.has_metric(metric)):
-                continue
+        for metric in metrics:
             score, name = metric.headline, metric.label
             ra, rb = _side(r, "_a"), _side(r, "_b")
             row[f"{name} {a.name}"] = score.cell(ra)
             row[f"{name} {b.name}"] = score.cell(rb)
             if paired:
                 difference, low, high = paired_difference(
-                    ra[score.column], _drawn(a, ra["config_id"], score.column),
-                    rb[score.column], _drawn(b, rb["config_id"], score.column),
-                    metric_of(score.column).interval, level,
+                    ra[score.column], drawn[(metric.name, a.name)][ra["config_id"]],
+                    rb[score.column], drawn[(metric.name, b.name)][rb["config_id"]],
+                    metric.interval, level,
                 )  # fmt: skip
-                row[f"{name} {b.name} - {a.name}"] = (
-                    f"{_signed(difference, score.digits)} "
-                    f"[{_signed(low, score.digits)}, {_signed(high, score.digits)}]"
-                )
-                better = (low > 0) if metric.higher_is_better else (high < 0)
-                worse = (high < 0) if metric.higher_is_better else (low > 0)
-                verdict = {better: f"{b.name} better", worse: f"{a.name} better"}.get(True)
-                row[f"{name} verdict"] = verdict or "no clear difference"
+                row[f"{name} {b.name} - {a.name}"] = _ranged(difference, low, high, score.digits)
+                b_higher, a_higher = low > 0, high < 0
+                if b_higher or a_higher:
+                    winner = b if b_higher == metric.higher_is_better else a
+                    row[f"{name} verdict"] = f"{winner.name} better"
+                else:
+                    row[f"{name} verdict"] = "no clear difference"
             else:
                 difference = rb[score.column] - ra[score.column]
                 row[f"{name} {b.name} - {a.name}"] = _signed(difference, score.digits)
@@ -403,12 +411,6 @@ def _comparison(a: Run, b: Run) -> Section:
         f"runs have; {how}."
     ]
     return Section(f"Comparison: {a.name} vs {b.name}", lines, pd.DataFrame(rows))
-
-
-def _drawn(run: Run, config_id: str, column: str) -> np.ndarray:
-    """One configuration's bootstrap replicates of `column`, in replicate order."""
-    mine = run.replicates[run.replicates["config_id"] == config_id].sort_values("replicate")
-    return mine[column].to_numpy()
 
 
 def _side(row: pd.Series, suffix: str) -> pd.Series:
