@@ -51,6 +51,18 @@ def ray_address():
     ray.shutdown()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run only where CUDA is (bench/gpu_check.sh runs them on a lent GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs it on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def prompt_file(tmp_path):
     """Write a Parquet prompt file; returns a function (texts, **extra columns) -> path."""
