@@ -7,7 +7,9 @@ output is on a real S3-compatible server (moto) throughout."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -24,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO, job, suite_data
+from ray import cloudpickle
 from test_faults import KEY, SLOW_EVAL
 from test_hangs import (
     MANY,
@@ -37,10 +40,15 @@ from test_hangs import (
     write_job,
 )
 
+from sdbatch import distribute
 from sdbatch.cli import EXIT_OK
-from sdbatch.spec import load_spec
+from sdbatch.generation import generate
+from sdbatch.spec import load_spec, parse_spec
 from sdbatch.toy.world import write_reference
+from sdbatch.worker import Worker
 
+# Ray's actor processes cannot import this test module: ship its classes by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 CLUSTER = REPO / "jobs" / "cluster"
 MANIFEST = CLUSTER / "kuberay-rayjob.yaml"
 RUNTIME_ENV = CLUSTER / "runtime-env.yaml"
@@ -78,6 +86,34 @@ def test_the_kuberay_manifest_submits_a_gpu_sweep_with_the_documented_runtime_en
     assert argv[4].startswith("s3://") and load_spec(REPO / argv[2]).name == "sd15_parti"
 
 
+class SlowBatches(Worker):
+    """A worker whose batches take at least 0.3 s."""
+
+    def _generate(self, unit, prompts, seeds):
+        time.sleep(0.3)
+        return super()._generate(unit, prompts, seeds)
+
+
+def test_progress_without_a_terminal_is_plain_lines_with_rate_and_eta(
+    tmp_path, ray_address, monkeypatch, capfd, caplog
+):
+    # A line every half second instead of every 30, and batches slow enough to see a few.
+    monkeypatch.setattr(distribute, "LOG_PROGRESS_SECONDS", 0.5)
+    monkeypatch.setattr("sdbatch.generation.Worker", SlowBatches)
+    caplog.set_level(logging.INFO, logger="sdbatch")
+    spec = parse_spec(yaml.safe_load(write_job(tmp_path, actors=1, batch_size=4).read_text()))
+    generate(spec, output=str(tmp_path / "out"), address=ray_address)
+
+    assert "\r" not in capfd.readouterr().err  # no bar drawn on the captured stderr
+    lines = [m for m in caplog.messages if m.startswith("generating: ")]
+    assert lines[0] == "generating: 0/24 images (0%)", lines
+    periodic = r"generating: \d+/24 images \(\d+%\), [\d.]+ images/s, ETA \d\d:\d\d"
+    assert any(re.fullmatch(periodic, m) for m in lines), lines
+    assert re.fullmatch(
+        r"generating: 24/24 images \(100%\), [\d.]+ images/s, \d\d:\d\d elapsed", lines[-1]
+    ), lines
+
+
 def working_dir(root: Path) -> Path:
     """A folder as a user submits it: jobs/x.yaml, its prompts, its suite and reference images,
     and clutter (a virtual environment, old outputs, git objects) that must not be uploaded."""
@@ -109,8 +145,11 @@ def jobs_api(ray_head, s3_server, tmp_path):  # noqa: F811 (test_hangs's fixture
     """A Ray head on 127.0.0.1 with its dashboard (the Jobs API) on loopback, whose node holds
     the storage credentials; yields a client, the working dir, the documented runtime env for
     it, the bucket and the head's temp dir."""
+    from ray._private.utils import get_dashboard_dependency_error
     from ray.job_submission import JobSubmissionClient
 
+    if missing := get_dashboard_dependency_error():
+        pytest.fail(f"the Ray dashboard needs ray[default] (pip install -e '.[dev]'): {missing}")
     port = free_port()
     credentials = {k: v for k, v in s3_server.items() if k.startswith("AWS_")}
     # `sdbatch` is found on the PATH of the Python that runs the tests, installed or not.

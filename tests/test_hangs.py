@@ -227,8 +227,10 @@ def ray_head():
         ray = Path(sys.executable).with_name("ray")
         dashboard = ["--include-dashboard=false"]
         if dashboard_port:
+            # The head's agent serves the job server; its default port may be taken.
             dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                         f"--dashboard-port={dashboard_port}"]  # fmt: skip
+                         f"--dashboard-port={dashboard_port}",
+                         f"--dashboard-agent-listen-port={free_port()}"]  # fmt: skip
         subprocess.run(
             [str(ray), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
              f"--temp-dir={temp}", "--num-cpus=1", *dashboard, "--disable-usage-stats"],
