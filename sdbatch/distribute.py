@@ -3,7 +3,8 @@ work units one at a time, so fast actors take more of them.
 
 Each actor is a plain worker class made remote (`worker.Worker` generates,
 `evaluation.worker.FeatureWorker` extracts features). Its `run(unit)` streams one count per
-finished batch, which drives a single progress bar over all actors, and ends with the unit's
+finished batch, which drives a single progress bar over all actors (plain log lines with the
+rate and ETA when stderr is not a terminal: a log file, `ray job logs`), and ends with the unit's
 result (a done marker, shard statistics).
 Units are retried when they raise, their actor dies or stops making progress (its deadline is
 derived from the job's observed batch times); dead and stuck actors are replaced. A job whose
