@@ -1,8 +1,9 @@
 """Ray clusters as users run them, on 127.0.0.1: a job submitted through the real Ray Jobs API to
 a `ray start` head (its dashboard on loopback) and followed to SUCCEEDED, as the KubeRay
 manifest's entrypoint would be; a submitted job stopped and submitted again; and a two-node
-cluster that loses its second node (the raylet killed) mid-generation and mid-evaluation. The
-output is on a real S3-compatible server (moto) throughout."""
+cluster that loses its second node (the raylet killed) mid-generation and mid-evaluation; and
+progress as plain lines when stderr is not a terminal. Outputs are on a real S3-compatible server
+(moto)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 CLUSTER = REPO / "jobs" / "cluster"
 MANIFEST = CLUSTER / "kuberay-rayjob.yaml"
 RUNTIME_ENV = CLUSTER / "runtime-env.yaml"
-# What the excludes keep out of the upload, and what must travel.
+# Files beside the specs (4 MiB each) that the runtime env's excludes keep out of the upload.
 CLUTTER = (".venv/lib/big.bin", "out/demo/images/part.parquet", ".git/objects/pack.pack")
 # Ray declares a node dead after this many missed health checks of this period (default 5 x 3 s).
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
@@ -82,7 +83,7 @@ def test_the_kuberay_manifest_submits_a_gpu_sweep_with_the_documented_runtime_en
     # the entrypoint is the command test_a_job_submitted_to_the_ray_jobs_api_... runs, on a spec
     # this checkout ships
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:2] == ["sdbatch", "run"] and argv[3:5] == ["--out", argv[4]]
+    assert argv[:2] == ["sdbatch", "run"] and argv[3] == "--out"
     assert argv[4].startswith("s3://") and load_spec(REPO / argv[2]).name == "sd15_parti"
 
 
@@ -143,8 +144,8 @@ def working_dir(root: Path) -> Path:
 @pytest.fixture
 def jobs_api(ray_head, s3_server, tmp_path):  # noqa: F811 (test_hangs's fixture)
     """A Ray head on 127.0.0.1 with its dashboard (the Jobs API) on loopback, whose node holds
-    the storage credentials; yields a client, the working dir, the documented runtime env for
-    it, the bucket and the head's temp dir."""
+    the storage credentials; returns a client of the Jobs API, the documented runtime env with a
+    user's working dir, the bucket and the head's temp dir."""
     from ray._private.utils import get_dashboard_dependency_error
     from ray.job_submission import JobSubmissionClient
 
