@@ -479,9 +479,14 @@ def _progress_bar(total: int, done: int, doing: str) -> tqdm:
             file=io.StringIO(),  # it logs instead; the bar's closing newline goes nowhere
         )  # fmt: skip
     return tqdm(
-        total=total, initial=done, unit="img", desc=doing, dynamic_ncols=True, smoothing=0.1,
+        total=total,
+        initial=done,
+        unit="img",
+        desc=doing,
+        dynamic_ncols=True,
+        smoothing=0.1,
         mininterval=0.5,
-    )  # fmt: skip
+    )
 
 
 class _LogProgress(tqdm):
