@@ -3,7 +3,8 @@ work units one at a time, so fast actors take more of them.
 
 Each actor is a plain worker class made remote (`worker.Worker` generates,
 `evaluation.worker.FeatureWorker` extracts features). Its `run(unit)` streams one count per
-finished batch, which drives a single progress bar over all actors, and ends with the unit's
+finished batch, which drives a single progress bar over all actors (plain log lines with the
+rate and ETA when stderr is not a terminal: a log file, `ray job logs`), and ends with the unit's
 result (a done marker, shard statistics).
 Units are retried when they raise, their actor dies or stops making progress (its deadline is
 derived from the job's observed batch times); dead and stuck actors are replaced. A job whose
@@ -13,6 +14,7 @@ cluster has no live node left that can place a worker stops, instead of waiting 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -57,6 +59,8 @@ STALL_FACTOR = 10
 STALL_MIN_SECONDS = 60.0
 # How often, while a worker waits to be placed, the driver checks that a live node can take it.
 PLACEMENT_CHECK_SECONDS = 5.0
+# Progress when stderr is not a terminal (a log file, `ray job logs`): a line this often.
+LOG_PROGRESS_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -469,7 +473,11 @@ def _reason(error: Exception) -> str:
 
 
 def _progress_bar(total: int, done: int, doing: str) -> tqdm:
-    interactive = sys.stderr.isatty()
+    if not sys.stderr.isatty():
+        return _LogProgress(
+            total=total, initial=done, desc=doing, mininterval=LOG_PROGRESS_SECONDS,
+            file=io.StringIO(),  # it logs instead; the bar's closing newline goes nowhere
+        )  # fmt: skip
     return tqdm(
         total=total,
         initial=done,
@@ -477,6 +485,25 @@ def _progress_bar(total: int, done: int, doing: str) -> tqdm:
         desc=doing,
         dynamic_ncols=True,
         smoothing=0.1,
-        # A log file gets a line every 30 s rather than a stream of carriage returns.
-        mininterval=0.5 if interactive else 30,
+        mininterval=0.5,
     )
+
+
+class _LogProgress(tqdm):
+    """The progress bar as a plain log line every LOG_PROGRESS_SECONDS, and one at the end: a
+    bar's carriage returns would pile up on one line of a log file or of `ray job logs`."""
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        d = self.format_dict
+        done, total, elapsed = d["n"], d["total"], d["elapsed"]
+        line = f"{d['prefix']}: {done}/{total} images ({100 * done // max(total, 1)}%)"
+        # The rate smoothed over the last intervals; once closed (`disable`), the average.
+        rate = d["rate"] or ((done - d["initial"]) / elapsed if self.disable else 0.0)
+        if rate:
+            line += f", {rate:.2f} images/s"
+        if self.disable:
+            line += f", {self.format_interval(elapsed)} elapsed"
+        elif rate:
+            line += f", ETA {self.format_interval((total - done) / rate)}"
+        log.info("%s", line)
+        return True

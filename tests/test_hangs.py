@@ -148,13 +148,21 @@ def start_driver(spec: Path, out: Path, address: str, **env: str) -> subprocess.
     )  # fmt: skip
 
 
-def wait_for_units(driver: subprocess.Popen, out: Path, count: int) -> None:
-    """Wait until the driver has committed `count` units."""
+def wait_for_units(driver: subprocess.Popen, out: Path | str, count: int, fs=None) -> None:
+    """Wait until the driver has committed `count` units (to `fs`, given one)."""
     deadline = time.monotonic() + 240
-    while len(list((out / "_units").glob("*.json"))) < count:
+    while len(committed_units(out, fs)) < count:
         assert driver.poll() is None, driver.communicate()
         assert time.monotonic() < deadline, "no unit was committed in time"
         time.sleep(0.05)
+
+
+def committed_units(out: Path | str, fs=None) -> list[str]:
+    """The done markers of an output in a local folder, or on the fsspec filesystem `fs`."""
+    if fs is None:
+        return [p.name for p in Path(out, "_units").glob("*.json")]
+    fs.invalidate_cache()
+    return fs.glob(f"{out}/_units/*.json")
 
 
 def last_line(stderr: str, only_ours: bool = True) -> str:
@@ -209,17 +217,23 @@ def free_port() -> int:
 @pytest.fixture
 def ray_head():
     """Start a separate Ray head node on loopback (`ray start`); returns a function
-    (env overrides) -> (its address, its temp dir). Its processes are killed afterwards."""
+    (dashboard port, env overrides) -> (its address, its temp dir): with a port, the dashboard
+    and its job server listen there, on 127.0.0.1. Its processes are killed afterwards."""
     # Short: Ray's unix socket paths under it must stay within 107 characters.
     temp = tempfile.mkdtemp(prefix="sdb-ray-", dir="/tmp")
 
-    def start(**env: str) -> tuple[str, str]:
+    def start(dashboard_port: int | None = None, **env: str) -> tuple[str, str]:
         port = free_port()
         ray = Path(sys.executable).with_name("ray")
+        dashboard = ["--include-dashboard=false"]
+        if dashboard_port:
+            # The head's agent serves the job server; its default port may be taken.
+            dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                         f"--dashboard-port={dashboard_port}",
+                         f"--dashboard-agent-listen-port={free_port()}"]  # fmt: skip
         subprocess.run(
             [str(ray), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-             f"--temp-dir={temp}", "--num-cpus=1", "--include-dashboard=false",
-             "--disable-usage-stats"],
+             f"--temp-dir={temp}", "--num-cpus=1", *dashboard, "--disable-usage-stats"],
             env={**os.environ, **env}, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         return f"127.0.0.1:{port}", temp
