@@ -19,7 +19,7 @@ from sdbatch.evaluation.compare import best_versus_others, main_effects
 from sdbatch.evaluation.metrics.attributes import ATTRIBUTE_ACCURACY
 from sdbatch.evaluation.metrics.clip_score import CLIP_SCORE
 from sdbatch.evaluation.metrics.fid import FID
-from sdbatch.reporting.plots import scale_figure
+from sdbatch.reporting.plots import scale_figure, tradeoff_figure, versus_figure
 from sdbatch.reporting.runs import baseline_of, load_run
 from sdbatch.reporting.summary import models_and_adapters
 from sdbatch.reporting.write import write_report
@@ -104,7 +104,7 @@ def name_of(row) -> str:
     return (
         row["model"]
         if pd.isna(row["lora"])
-        else f"{row['model']} + {row['lora']} × {row['lora_scale']:g}"
+        else f"{row['model']} + {row['lora']} at {row['lora_scale']:g}"
     )
 
 
@@ -194,7 +194,7 @@ def test_baseline_named_by_the_spec(reported):
     assert run.baseline == MODELS[0]
     named = SimpleNamespace(model=MODELS[1], lora=ADAPTER, lora_scale=0.5)
     run.baseline = baseline_of(run.configs, named)
-    assert run.baseline == f"{MODELS[1]} + {ADAPTER} × 0.5"
+    assert run.baseline == f"{MODELS[1]} + {ADAPTER} at 0.5"
     # a baseline the run does not have: the default
     missing = SimpleNamespace(model="other", lora=None, lora_scale=None)
     assert baseline_of(run.configs, missing) == MODELS[0]
@@ -305,9 +305,7 @@ def test_every_plot_and_table_splits_by_model(reported):
         assert cells[c["config_id"]] == [c["model"], adapter, scale]
 
 
-def test_vs_guidance_splits_lines_by_model(reported):
-    from sdbatch.reporting.plots import versus_figure
-
+def test_vs_guidance_and_tradeoff_split_by_model(reported):
     configs = reported["configs"]
     run = load_run(str(reported["out"]))
     fig = versus_figure([run], CLIP_SCORE, "guidance_scale")
@@ -324,6 +322,15 @@ def test_vs_guidance_splits_lines_by_model(reported):
                 np.asarray(line.get_ydata(), float),
                 mine.sort_values("guidance_scale")["clip_score"],
             )
+    # the trade-off's key names each model and adapter by a tag, the legend the tag in full
+    fig = tradeoff_figure([run])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[2:] == [f"m{k} = {n}" for k, n in enumerate(names, 1)]
+    key = "\n".join(t.get_text() for t in fig.axes[1].texts)
+    for k, name in enumerate(names, 1):
+        for _, c in configs[configs.apply(name_of, axis=1) == name].iterrows():
+            line = rf"^ *\d+ m{k} {c['scheduler']} s2 g{c['guidance_scale']:g}( \*)?$"
+            assert re.search(line, key, re.M)
 
 
 def test_one_model_without_adapters_reports_as_before(evaluated_output, tmp_path):

@@ -203,7 +203,7 @@ def axis_values(configs: pd.DataFrame, axis: str) -> pd.Series:
 
 def model_names(configs: pd.DataFrame) -> pd.Series:
     """Each configuration's model and adapter in words: `builtin:toy`, or with an adapter at
-    its scale `builtin:toy + builtin:toy-purple × 0.5`."""
+    its scale `builtin:toy + builtin:toy-purple at 0.5`."""
     return pd.Series(
         [
             model_name(model, lora, scale)
@@ -217,7 +217,8 @@ def model_name(model: str, lora: str | None, scale: float | None) -> str:
     """A model with its adapter at its scale, in words (see model_names)."""
     if lora is None or pd.isna(lora):
         return model
-    return f"{model} + {lora} × {scale:g}"
+    # words rather than a multiplication sign, which the image grids' font lacks
+    return f"{model} + {lora} at {scale:g}"
 
 
 def versus_baseline(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -136,9 +137,10 @@ def effects_figure(runs: list[Run], metric: Metric) -> matplotlib.figure.Figure:
             baseline = rows[rows["level"] == rows["baseline"]]
             ax.axhline(baseline["mean"].iloc[0], color=style["color"], linestyle=":", lw=1)
             baselines.add(baseline["level"].iloc[0])
-        ax.set_xticks(
-            range(len(levels)), [f"{lv}\n(baseline)" if lv in baselines else lv for lv in levels]
-        )
+        # a model's reference can be long: wrapped to its share of the panel's width
+        chars = max(8, int(WIDTH / len(axes) / len(levels) / (0.6 * FONT / 72)))
+        ticks = [_wrap(lv, chars) + ("\n(baseline)" if lv in baselines else "") for lv in levels]
+        ax.set_xticks(range(len(levels)), ticks)
         ax.set_xlim(-0.5, len(levels) - 0.5)
         ax.set_xlabel(AXIS_NAMES[axis])
         ax.grid(axis="y", alpha=0.3)
@@ -203,7 +205,7 @@ def versus_figure(runs: list[Run], metric: Metric, x: str) -> matplotlib.figure.
         ax.set_ylabel(axis_label(metric))
     handles = [legend[n] for n in names]  # one entry per style, from any panel that drew it
     if faceted:
-        fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(names)))
+        fig.legend(handles, names, loc="outside lower center", ncols=_columns(names))
     else:
         fig.legend(handles, names, loc="outside right upper", frameon=False)
     fig.suptitle(f"{metric.label} vs {AXIS_NAMES[x]}")
@@ -244,7 +246,8 @@ def scale_figure(runs: list[Run], metric: Metric) -> matplotlib.figure.Figure:
     ax.set_xlabel("adapter scale")
     ax.set_ylabel(axis_label(metric))
     ax.grid(alpha=0.3)
-    fig.legend(loc="outside right upper", frameon=False)
+    names = [line.get_label() for line in ax.lines if not line.get_label().startswith("_")]
+    fig.legend(loc="outside lower center", ncols=_columns(names))
     fig.suptitle(f"{metric.label} vs adapter scale")
     return fig
 
@@ -264,8 +267,11 @@ def tradeoff_figure(runs: list[Run]) -> matplotlib.figure.Figure:
     ]
     suffixes = {run.name: f" ({run.name})" if len(runs) > 1 else "" for run in runs}
     numbered = [(run, row) for run, configs, _ in drawn for _, row in configs.iterrows()]
+    # models and adapters by a short tag in the key (m1, m2, ...), named in full in the legend
+    tags = {n: f"m{k}" for k, n in enumerate(dict.fromkeys(n for r in runs for n in r.models), 1)}
     key = [
-        f"{i:>2} {short_label(row)}{suffixes[run.name]}{' *' if row['front'] else ''}"
+        f"{i:>2} {tags[row[MODEL]] + ' ' if MODEL in row else ''}{short_label(row)}"
+        f"{suffixes[run.name]}{' *' if row['front'] else ''}"
         for i, (run, row) in enumerate(numbered, start=1)
     ]
     # the key's columns, sized from its longest line (a monospace character is 0.6 em wide)
@@ -292,7 +298,11 @@ def tradeoff_figure(runs: list[Run]) -> matplotlib.figure.Figure:
     ax.set_ylabel(axis_label(y_metric))
     ax.grid(alpha=0.3)
     ax.margins(0.08)  # room for the numbers at the edges
-    fig.legend(loc="outside lower center", ncols=4)  # outside: it would cover points and numbers
+    for name, tag in tags.items():
+        ax.plot([], [], linestyle="none", label=f"{tag} = {name}")
+    labels = ax.get_legend_handles_labels()[1]
+    # outside: it would cover points and numbers
+    fig.legend(loc="outside lower center", ncols=4 if not tags else _columns(labels))
     fig.suptitle(f"{y_metric.label}-{x_metric.label} trade-off, colored by cost")
     key_ax.axis("off")
     key_ax.set_title(title, fontsize=FONT, loc="left")
@@ -310,10 +320,8 @@ def tradeoff_figure(runs: list[Run]) -> matplotlib.figure.Figure:
 
 
 def short_label(row: pd.Series) -> str:
-    """A configuration in a few characters, as its config_id begins: `euler s20 g4`, after its
-    model and adapter when the run has several."""
-    model = f"{row[MODEL]} " if MODEL in row else ""
-    return f"{model}{row['scheduler']} s{row['num_inference_steps']} g{row['guidance_scale']:g}"
+    """A configuration in a few characters, as its config_id begins: `euler s20 g4`."""
+    return f"{row['scheduler']} s{row['num_inference_steps']} g{row['guidance_scale']:g}"
 
 
 def _by_model(run: Run) -> pd.DataFrame:
@@ -386,6 +394,28 @@ def _number_points(ax, points: np.ndarray, radii: np.ndarray) -> None:
 
 def _area(box) -> float:
     return 0.0 if box is None else box.width * box.height
+
+
+def _wrap(text: str, chars: int) -> str:
+    """`text` in lines of at most `chars` characters, broken after a path's separators where it
+    can be."""
+    lines, line = [], ""
+    for part in re.split(r"(?<=[/:])", text):
+        while len(line + part) > chars and (line or len(part) > chars):
+            if line:
+                lines.append(line)
+                line = ""
+            else:
+                lines.append(part[:chars])
+                part = part[chars:]
+        line += part
+    return "\n".join([*lines, line])
+
+
+def _columns(names: list[str]) -> int:
+    """How many columns of a legend under a figure fit the page's width (at most 4)."""
+    width = (max(map(len, names)) * 0.6 * FONT + 30) / 72  # a name and its line sample, inches
+    return max(1, min(4, len(names), int(WIDTH / width)))
 
 
 def _dodge(count: int) -> np.ndarray:
