@@ -79,7 +79,7 @@ def synthetic_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
 def write_tables(out, configs: pd.DataFrame, replicates: pd.DataFrame) -> None:
     """An evaluated output's metrics tables replaced by these, as evaluation writes them."""
     metrics = out / "metrics"
-    (metrics / "images.parquet").unlink()  # per-image scores of other configurations
+    (metrics / "images.parquet").unlink(missing_ok=True)  # per-image scores of other configurations
     configs.to_parquet(metrics / "configs.parquet", index=False)
     replicates.to_parquet(metrics / "replicates.parquet", index=False)
     effects = main_effects(configs, replicates, CONFIDENCE)
@@ -344,3 +344,26 @@ def test_one_model_without_adapters_reports_as_before(evaluated_output, tmp_path
     assert "Models and adapters" not in markdown and "_vs_lora_scale.png" not in markdown
     assert "| configuration | scheduler |" in markdown
     assert "**ddim, 2 steps, guidance" in markdown  # configurations named as before
+
+
+def test_two_runs_compare_the_same_model_and_configuration(reported, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(reported["out"], a)
+    shutil.copytree(reported["out"], b)
+    configs, replicates = reported["configs"], reported["replicates"]
+    # B: the adapter's CLIP score 1 higher at every scale; the models alone unchanged
+    shift = configs["lora"].notna().astype(float)
+    shifted = configs.assign(**{c: configs[c] + shift for c in
+                                ("clip_score", "clip_score_low", "clip_score_high")})  # fmt: skip
+    moved = replicates["config_id"].map(configs.set_index("config_id")["lora"].notna())
+    write_tables(b, shifted, replicates.assign(clip_score=replicates["clip_score"] + moved))
+    write_report([str(a), str(b)])
+    markdown = (a / "report" / "vs-b" / "report.md").read_text()
+    section = markdown.split("## Comparison: a vs b")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and " steps, " in line]
+    assert len(rows) == len(configs)  # each configuration with its own counterpart only
+    for _, c in configs.iterrows():
+        label = f"{name_of(c)}, {c['scheduler']}, 2 steps, guidance {c['guidance_scale']:g}"
+        (row,) = [r for r in rows if r.startswith(f"| {label} |")]
+        change = "+1.00 [+1.00, +1.00]" if pd.notna(c["lora"]) else "+0.00 [+0.00, +0.00]"
+        assert f"| {change} |" in row

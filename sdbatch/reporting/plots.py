@@ -82,7 +82,7 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
                 )
                 figure = versus_figure(runs, metric, x)
                 versus.append(_encode(figure, f"{metric.name}_vs_{x}.png", caption))
-        if any(_adapted(run) for run in runs):
+        if any(_adapted(run, metric) for run in runs):
             caption = (
                 f"{metric.label} vs adapter scale: a line per model and adapter, each point the "
                 "mean over the configurations at that scale (the other axes averaged out), bars "
@@ -217,7 +217,7 @@ def scale_figure(runs: list[Run], metric: Metric) -> matplotlib.figure.Figure:
     the configurations at that scale with its interval; a dotted line per model without an
     adapter at its mean over its configurations."""
     column = metric.headline.column
-    drawn = [run for run in runs if _adapted(run) and run.has_metric(metric)]
+    drawn = [run for run in runs if _adapted(run, metric)]
     lines, plain = [], []  # (name, means by scale), (name, mean)
     for run in drawn:
         suffix = f" ({run.name})" if len(runs) > 1 else ""
@@ -332,9 +332,16 @@ def _by_model(run: Run) -> pd.DataFrame:
     return run.configs.assign(_model=pd.Categorical(run.configs[MODEL], run.models))
 
 
-def _adapted(run: Run) -> bool:
-    """Whether the run has configurations with an adapter, and the replicates to plot them."""
-    return run.baseline is not None and run.replicates is not None and run.has("lora")
+def _adapted(run: Run, metric: Metric) -> bool:
+    """Whether the run has configurations with an adapter, and replicates of `metric`'s
+    headline to plot them with intervals."""
+    return (
+        run.baseline is not None
+        and run.has("lora")
+        and run.replicates is not None
+        and metric.headline.column in run.replicates
+        and run.has_metric(metric)
+    )
 
 
 def _effects(run: Run, metric: Metric) -> pd.DataFrame | None:

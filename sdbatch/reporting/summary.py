@@ -1,7 +1,8 @@
 """The report's words and tables: a recommendation (the configuration to use for image quality, for
-prompt alignment, and the cheapest one not clearly worse than the best), which configuration is best
-by each metric and by how much, the sweep's main effects, the trade-off's Pareto front, every
-configuration, two runs side by side, and provenance.
+prompt alignment, and the cheapest one not clearly worse than the best), each model or adapter
+against the baseline when a run has several, which configuration is best by each metric and by
+how much, the sweep's main effects, the trade-off's Pareto front, every configuration, two runs
+side by side, and provenance.
 
 "Clearly worse" is decided by the paired differences of differences.parquet (the same prompts
 resampled for both configurations, the intervals holding together over the comparisons with the
@@ -277,6 +278,8 @@ def models_and_adapters(run: Run) -> Section:
         return Section(title, ["No bootstrap replicates: rerun `sdbatch eval` to compare them."])
     confidence = run.metrics.suite.bootstrap.confidence
     versus = versus_baseline(run.configs, run.replicates, run.baseline, confidence)
+    if versus.empty:
+        return Section(title, ["No ranked metric has bootstrap replicates to compare them by."])
     metrics = [m for m in ranked_metrics() if (versus["metric"] == m.name).any()]
     lines, rows = [], []
     for name, of_model in versus.groupby("model", sort=False):
