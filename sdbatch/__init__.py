@@ -19,12 +19,12 @@ below it (tests/test_layout.py holds the code to this list).
     reporting.write                 report(): read evaluated runs, write index.html and report.md
     reporting.render                sections and figures -> self-contained HTML, and Markdown
     reporting.grids                 image galleries: configurations per prompt, worst images
-    reporting.plots                 main effects; ranked metrics vs guidance and steps; trade-off
-    reporting.summary               recommendation, bests, main effects, tables, provenance
+    reporting.plots                 main effects; vs guidance, steps, adapter scale; trade-off
+    reporting.summary               recommendation, models vs baseline, bests, effects, provenance
     reporting.runs                  an evaluated output: configs table, run and metrics records
     reporting.parts                 what a report is made of: sections, figures, galleries
     evaluation.run                  evaluate(): plan shards, extract on actors, gather, write
-    evaluation.compare              paired differences and main effects, from shared replicates
+    evaluation.compare              paired differences, main effects, models vs the baseline
     evaluation.table                per-configuration table: every metric's aggregate
     evaluation.gather               shards -> per-image rows, merged statistics, features
     evaluation.worker               plain class: images -> CLIP, features, per-image scores

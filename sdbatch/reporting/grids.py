@@ -1,6 +1,7 @@
 """Image galleries: for a few prompts, image 0 of every configuration in a table (rows scheduler and
-steps, columns guidance); for each ranked metric with per-image scores, the images the best
-configuration by it scores worst; and, when asked, every image of one prompt.
+steps, after model and adapter when a run has several; columns guidance); for each ranked metric
+with per-image scores, the images the best configuration by it scores worst; and, when asked,
+every image of one prompt.
 
 Image 0 has the same seed in every configuration, so a grid's differences are the parameters'.
 Every PNG is at most the page's width, so the page shows it at its own size and its labels stay
@@ -25,7 +26,7 @@ from sdbatch.evaluation.registry import ranked_metrics
 from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.output import IMAGES, METRICS_DIR
 from sdbatch.reporting.parts import Figure, Gallery
-from sdbatch.reporting.runs import PARAMS, Run
+from sdbatch.reporting.runs import MODEL, PARAMS, Run
 from sdbatch.reporting.summary import best_by, label
 from sdbatch.typed_data import shown
 
@@ -60,7 +61,9 @@ def galleries(
         lines = [
             f"{how}; choose with `--prompts N` or `--prompts ID,ID`.",
             "Image 0 of each configuration, which has the same seed in every one: the "
-            "differences are the parameters'. Rows: scheduler and steps; columns: guidance.",
+            "differences are the parameters'. Rows: "
+            + ("model and adapter, " if MODEL in run.configs else "")
+            + "scheduler and steps; columns: guidance.",
         ]
         figures = _grids(run, dataset, chosen, named, prefix)
         parts.append(Gallery("Images (same seed across configurations)" + suffix, lines, figures))
@@ -150,18 +153,27 @@ def _read(dataset: pads.Dataset, where: pads.Expression) -> pd.DataFrame:
 def _grids(
     run: Run, dataset: pads.Dataset, chosen: list[str], named: bool, prefix: str
 ) -> list[Figure]:
-    """Per prompt, image 0 of every configuration: rows (scheduler, steps), columns guidance."""
+    """Per prompt, image 0 of every configuration: rows (model and adapter, scheduler, steps),
+    columns guidance."""
     table = _read(dataset, (pads.field("sample_index") == 0) & pads.field("prompt_id").isin(chosen))
     configs = run.configs
+    models = configs[MODEL] if MODEL in configs else pd.Series("", index=configs.index)
     row_keys = list(
-        dict.fromkeys(zip(configs["scheduler"], configs["num_inference_steps"], strict=True))
+        dict.fromkeys(
+            zip(models, configs["scheduler"], configs["num_inference_steps"], strict=True)
+        )
     )
     guidance = sorted(configs["guidance_scale"].unique())
     place = {
-        config_id: (row_keys.index((scheduler, steps)), guidance.index(g))
-        for config_id, scheduler, steps, g in configs[["config_id", *PARAMS]].itertuples(False)
+        config_id: (row_keys.index((model, scheduler, steps)), guidance.index(g))
+        for model, (config_id, scheduler, steps, g) in zip(
+            models, configs[["config_id", *PARAMS]].itertuples(False), strict=True
+        )
     }
-    rows = [f"{scheduler}\n{steps} steps" for scheduler, steps in row_keys]
+    rows = [
+        f"{model}\n{scheduler}\n{steps} steps" if model else f"{scheduler}\n{steps} steps"
+        for model, scheduler, steps in row_keys
+    ]
     columns = [f"guidance {g:g}" for g in guidance]
     figures = []
     for i, prompt_id in enumerate(chosen):

@@ -1,6 +1,7 @@
 """The report's plots (matplotlib, PNG): each ranked metric's main effects (a panel per sweep
-axis), each ranked metric against guidance scale and against steps, and the trade-off between two
-metrics colored by cost (model evaluations per image), with its Pareto front. Lines that coincide
+axis), each ranked metric against guidance scale and against steps (a line per model and adapter
+too, when a run has several), against adapter scale, and the trade-off between two metrics
+colored by cost (model evaluations per image), with its Pareto front. Lines that coincide
 stay visible, and every trade-off point is numbered and named in a key. What the data cannot
 support is said in a sentence instead of drawn."""
 
@@ -8,15 +9,17 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from sdbatch.evaluation.compare import group_means, model_names
 from sdbatch.evaluation.metric import Metric
 from sdbatch.evaluation.registry import TRADEOFF, ranked_metrics
 from sdbatch.reporting.parts import Figure
-from sdbatch.reporting.runs import Run
+from sdbatch.reporting.runs import MODEL, Run
 from sdbatch.reporting.summary import AXIS_NAMES, pareto_front
 
 if TYPE_CHECKING:
@@ -79,6 +82,15 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
                 )
                 figure = versus_figure(runs, metric, x)
                 versus.append(_encode(figure, f"{metric.name}_vs_{x}.png", caption))
+        if any(_adapted(run, metric) for run in runs):
+            caption = (
+                f"{metric.label} vs adapter scale: a line per model and adapter, each point the "
+                "mean over the configurations at that scale (the other axes averaged out), bars "
+                f"its {confidence} interval from the same bootstrap replicates; dotted lines: "
+                "each model without an adapter."
+            )
+            figure = scale_figure(runs, metric)
+            versus.append(_encode(figure, f"{metric.name}_vs_lora_scale.png", caption))
     figures = effects + versus
     if several and any(all(run.has_metric(m) for m in TRADEOFF) for run in runs):
         x, y = TRADEOFF
@@ -125,9 +137,10 @@ def effects_figure(runs: list[Run], metric: Metric) -> matplotlib.figure.Figure:
             baseline = rows[rows["level"] == rows["baseline"]]
             ax.axhline(baseline["mean"].iloc[0], color=style["color"], linestyle=":", lw=1)
             baselines.add(baseline["level"].iloc[0])
-        ax.set_xticks(
-            range(len(levels)), [f"{lv}\n(baseline)" if lv in baselines else lv for lv in levels]
-        )
+        # a model's reference can be long: wrapped to its share of the panel's width
+        chars = max(8, int(WIDTH / len(axes) / len(levels) / (0.6 * FONT / 72)))
+        ticks = [_wrap(lv, chars) + ("\n(baseline)" if lv in baselines else "") for lv in levels]
+        ax.set_xticks(range(len(levels)), ticks)
         ax.set_xlim(-0.5, len(levels) - 0.5)
         ax.set_xlabel(AXIS_NAMES[axis])
         ax.grid(axis="y", alpha=0.3)
@@ -139,27 +152,30 @@ def effects_figure(runs: list[Run], metric: Metric) -> matplotlib.figure.Figure:
 
 
 def versus_figure(runs: list[Run], metric: Metric, x: str) -> matplotlib.figure.Figure:
-    """`metric` against sweep axis `x` (its levels evenly spaced), a line per (scheduler, the
-    other parameter, run) with intervals as error bars; a panel per scheduler when lines are
-    many."""
+    """`metric` against sweep axis `x` (its levels evenly spaced), a line per (model and adapter
+    when several, scheduler, the other parameter, run) with intervals as error bars; a panel per
+    scheduler when lines are many."""
     column = metric.headline.column
     other = "num_inference_steps" if x == "guidance_scale" else "guidance_scale"
     drawn = [run for run in runs if run.has_metric(metric)]
     lines = [
-        (run, scheduler, value, group.sort_values(x))
+        (run, scheduler, value, model, group.sort_values(x))
         for run in drawn
-        for (scheduler, value), group in run.configs.groupby(["scheduler", other], sort=True)
+        for (model, scheduler, value), group in _by_model(run).groupby(
+            ["_model", "scheduler", other], sort=True, observed=True
+        )
     ]
-    schedulers = list(dict.fromkeys(scheduler for _, scheduler, _, _ in lines))
+    schedulers = list(dict.fromkeys(scheduler for _, scheduler, _, _, _ in lines))
     faceted = len(lines) > MAX_LINES and len(schedulers) > 1
 
-    def name(run: Run, scheduler: str, value: float) -> str:
+    def name(run: Run, scheduler: str, value: float, model: str) -> str:
         # a panel per scheduler: its title names the scheduler; a line keeps its style across panels
         words = f"{value:g} steps" if other == "num_inference_steps" else f"guidance {value:g}"
         words = words if faceted else f"{scheduler}, {words}"
+        words = f"{model}, {words}" if model else words
         return words + (f" ({run.name})" if len(runs) > 1 else "")
 
-    names = list(dict.fromkeys(name(run, s, v) for run, s, v, _ in lines))
+    names = list(dict.fromkeys(name(*line[:4]) for line in lines))
     columns = min(3, len(schedulers)) if faceted else 1
     rows = math.ceil(len(schedulers) / columns) if faceted else 1
     fig = _figure(WIDTH if faceted else 9.0, 3.4 * rows + (0.8 if faceted else 1.0))
@@ -167,8 +183,8 @@ def versus_figure(runs: list[Run], metric: Metric, x: str) -> matplotlib.figure.
     levels = sorted({value for run in drawn for value in run.configs[x]})
     offsets = _dodge(len(names))
     legend = {}
-    for run, scheduler, value, group in lines:
-        i = names.index(name(run, scheduler, value))
+    for run, scheduler, value, model, group in lines:
+        i = names.index(name(run, scheduler, value, model))
         ax = panels[schedulers.index(scheduler) if faceted else 0]
         xs = group[x].map(levels.index).to_numpy() + offsets[i]
         style = _style(i)
@@ -189,10 +205,50 @@ def versus_figure(runs: list[Run], metric: Metric, x: str) -> matplotlib.figure.
         ax.set_ylabel(axis_label(metric))
     handles = [legend[n] for n in names]  # one entry per style, from any panel that drew it
     if faceted:
-        fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(names)))
+        fig.legend(handles, names, loc="outside lower center", ncols=_columns(names))
     else:
         fig.legend(handles, names, loc="outside right upper", frameon=False)
     fig.suptitle(f"{metric.label} vs {AXIS_NAMES[x]}")
+    return fig
+
+
+def scale_figure(runs: list[Run], metric: Metric) -> matplotlib.figure.Figure:
+    """`metric` against adapter scale: a line per (model, adapter, run), each point the mean over
+    the configurations at that scale with its interval; a dotted line per model without an
+    adapter at its mean over its configurations."""
+    column = metric.headline.column
+    drawn = [run for run in runs if _adapted(run, metric)]
+    lines, plain = [], []  # (name, means by scale), (name, mean)
+    for run in drawn:
+        suffix = f" ({run.name})" if len(runs) > 1 else ""
+        configs, confidence = run.configs, run.metrics.suite.bootstrap.confidence
+        adapted = configs["lora"].notna()
+        for (model, lora), group in configs[adapted].groupby(["model", "lora"], sort=False):
+            means = group_means(group, run.replicates, column, group["lora_scale"], confidence)
+            lines.append((f"{model} + {lora}{suffix}", means.sort_index()))
+        without = configs[~adapted]
+        means = group_means(without, run.replicates, column, model_names(without), confidence)
+        plain += [(f"{model}, no adapter{suffix}", m) for model, m in means["mean"].items()]
+    scales = sorted({s for _, means in lines for s in means.index})
+    # sideways offsets in units of the closest two scales, so that equal values stay apart
+    gap = min(np.diff(scales), default=1.0)
+    offsets = _dodge(len(lines)) * gap
+    fig = _figure(9.0, 4.4)
+    ax = fig.subplots()
+    for i, (name, means) in enumerate(lines):
+        style = _style(i)
+        xs = means.index.to_numpy(float) + offsets[i]
+        _bars(ax, xs, means["low"], means["high"], _faint(style["color"]))
+        ax.plot(xs, means["mean"], label=name, **style)
+    for j, (name, mean) in enumerate(plain, start=len(lines)):
+        ax.axhline(mean, color=_style(j)["color"], linestyle=":", lw=1.5, label=name)
+    ax.set_xticks(scales, [f"{s:g}" for s in scales])
+    ax.set_xlabel("adapter scale")
+    ax.set_ylabel(axis_label(metric))
+    ax.grid(alpha=0.3)
+    names = [line.get_label() for line in ax.lines if not line.get_label().startswith("_")]
+    fig.legend(loc="outside lower center", ncols=_columns(names))
+    fig.suptitle(f"{metric.label} vs adapter scale")
     return fig
 
 
@@ -211,8 +267,11 @@ def tradeoff_figure(runs: list[Run]) -> matplotlib.figure.Figure:
     ]
     suffixes = {run.name: f" ({run.name})" if len(runs) > 1 else "" for run in runs}
     numbered = [(run, row) for run, configs, _ in drawn for _, row in configs.iterrows()]
+    # models and adapters by a short tag in the key (m1, m2, ...), named in full in the legend
+    tags = {n: f"m{k}" for k, n in enumerate(dict.fromkeys(n for r in runs for n in r.models), 1)}
     key = [
-        f"{i:>2} {short_label(row)}{suffixes[run.name]}{' *' if row['front'] else ''}"
+        f"{i:>2} {tags[row[MODEL]] + ' ' if MODEL in row else ''}{short_label(row)}"
+        f"{suffixes[run.name]}{' *' if row['front'] else ''}"
         for i, (run, row) in enumerate(numbered, start=1)
     ]
     # the key's columns, sized from its longest line (a monospace character is 0.6 em wide)
@@ -239,7 +298,11 @@ def tradeoff_figure(runs: list[Run]) -> matplotlib.figure.Figure:
     ax.set_ylabel(axis_label(y_metric))
     ax.grid(alpha=0.3)
     ax.margins(0.08)  # room for the numbers at the edges
-    fig.legend(loc="outside lower center", ncols=4)  # outside: it would cover points and numbers
+    for name, tag in tags.items():
+        ax.plot([], [], linestyle="none", label=f"{tag} = {name}")
+    labels = ax.get_legend_handles_labels()[1]
+    # outside: it would cover points and numbers
+    fig.legend(loc="outside lower center", ncols=4 if not tags else _columns(labels))
     fig.suptitle(f"{y_metric.label}-{x_metric.label} trade-off, colored by cost")
     key_ax.axis("off")
     key_ax.set_title(title, fontsize=FONT, loc="left")
@@ -259,6 +322,26 @@ def tradeoff_figure(runs: list[Run]) -> matplotlib.figure.Figure:
 def short_label(row: pd.Series) -> str:
     """A configuration in a few characters, as its config_id begins: `euler s20 g4`."""
     return f"{row['scheduler']} s{row['num_inference_steps']} g{row['guidance_scale']:g}"
+
+
+def _by_model(run: Run) -> pd.DataFrame:
+    """The run's configurations with `_model`: their model and adapter, in the sweep's order
+    ("" for every one when the run has one)."""
+    if MODEL not in run.configs:
+        return run.configs.assign(_model="")
+    return run.configs.assign(_model=pd.Categorical(run.configs[MODEL], run.models))
+
+
+def _adapted(run: Run, metric: Metric) -> bool:
+    """Whether the run has configurations with an adapter, and replicates of `metric`'s
+    headline to plot them with intervals."""
+    return (
+        run.baseline is not None
+        and run.has("lora")
+        and run.replicates is not None
+        and metric.headline.column in run.replicates
+        and run.has_metric(metric)
+    )
 
 
 def _effects(run: Run, metric: Metric) -> pd.DataFrame | None:
@@ -318,6 +401,28 @@ def _number_points(ax, points: np.ndarray, radii: np.ndarray) -> None:
 
 def _area(box) -> float:
     return 0.0 if box is None else box.width * box.height
+
+
+def _wrap(text: str, chars: int) -> str:
+    """`text` in lines of at most `chars` characters, broken after a path's separators where it
+    can be."""
+    lines, line = [], ""
+    for part in re.split(r"(?<=[/:])", text):
+        while len(line + part) > chars and (line or len(part) > chars):
+            if line:
+                lines.append(line)
+                line = ""
+            else:
+                lines.append(part[:chars])
+                part = part[chars:]
+        line += part
+    return "\n".join([*lines, line])
+
+
+def _columns(names: list[str]) -> int:
+    """How many columns of a legend under a figure fit the page's width (at most 4)."""
+    width = (max(map(len, names)) * 0.6 * FONT + 30) / 72  # a name and its line sample, inches
+    return max(1, min(4, len(names), int(WIDTH / width)))
 
 
 def _dodge(count: int) -> np.ndarray:

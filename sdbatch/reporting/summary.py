@@ -1,7 +1,8 @@
 """The report's words and tables: a recommendation (the configuration to use for image quality, for
-prompt alignment, and the cheapest one not clearly worse than the best), which configuration is best
-by each metric and by how much, the sweep's main effects, the trade-off's Pareto front, every
-configuration, two runs side by side, and provenance.
+prompt alignment, and the cheapest one not clearly worse than the best), each model or adapter
+against the baseline when a run has several, which configuration is best by each metric and by
+how much, the sweep's main effects, the trade-off's Pareto front, every configuration, two runs
+side by side, and provenance.
 
 "Clearly worse" is decided by the paired differences of differences.parquet (the same prompts
 resampled for both configurations, the intervals holding together over the comparisons with the
@@ -14,11 +15,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sdbatch.evaluation.compare import paired_difference, replicates_by_config
+from sdbatch.evaluation.compare import (
+    NO_ADAPTER,
+    paired_difference,
+    replicates_by_config,
+    versus_baseline,
+)
 from sdbatch.evaluation.metric import ALIGNMENT, QUALITY, Metric
 from sdbatch.evaluation.registry import REGISTRY, TRADEOFF, ranked_metrics
 from sdbatch.reporting.parts import Section
-from sdbatch.reporting.runs import PARAMS, Run
+from sdbatch.reporting.runs import MODEL, PARAMS, Run
 
 
 def sections(runs: list[Run], missing: list[str]) -> list[Section]:
@@ -29,7 +35,10 @@ def sections(runs: list[Run], missing: list[str]) -> list[Section]:
         summary = _summary(run)
         if run is runs[0]:
             summary.lines += missing
-        parts += [recommendation(run), summary]
+        parts.append(recommendation(run))
+        if run.baseline is not None:
+            parts.append(models_and_adapters(run))
+        parts.append(summary)
         if run.effects is not None and len(run.effects):
             parts.append(_main_effects(run))
     if len(runs) == 2:
@@ -52,8 +61,10 @@ def pareto_front(configs: pd.DataFrame, objectives: tuple[Metric, ...] = TRADEOF
 
 
 def label(row: pd.Series) -> str:
+    """A configuration in words, its model and adapter first when the run has several."""
     steps, guidance = row["num_inference_steps"], row["guidance_scale"]
-    return f"{row['scheduler']}, {steps} steps, guidance {guidance:g}"
+    model = f"{row[MODEL]}, " if MODEL in row else ""
+    return f"{model}{row['scheduler']}, {steps} steps, guidance {guidance:g}"
 
 
 SECONDS_HEADER = "s/image, median [IQR]"
@@ -198,6 +209,9 @@ def _count(n: int, noun: str) -> str:
 
 # The sweep's axes as the report names them (in sentences, tables and plots).
 AXIS_NAMES = {
+    "model": "model",
+    "lora": "adapter",
+    "lora_scale": "adapter scale",
     "scheduler": "scheduler",
     "num_inference_steps": "steps",
     "guidance_scale": "guidance scale",
@@ -253,6 +267,59 @@ def _main_effects(run: Run) -> Section:
         "intervals that hold together per axis (Bonferroni)."
     )
     return Section(f"Main effects: {run.name}", lines, pd.DataFrame(rows))
+
+
+def models_and_adapters(run: Run) -> Section:
+    """Each model or adapter against the run's baseline, per ranked metric: clearly better,
+    clearly worse or no clear difference, by the paired interval of the difference over the
+    configurations both have: a sentence per model or adapter and a table."""
+    title = f"Models and adapters: {run.name}"
+    if run.replicates is None:
+        return Section(title, ["No bootstrap replicates: rerun `sdbatch eval` to compare them."])
+    confidence = run.metrics.suite.bootstrap.confidence
+    versus = versus_baseline(run.configs, run.replicates, run.baseline, confidence)
+    if versus.empty:
+        return Section(title, ["No ranked metric has bootstrap replicates to compare them by."])
+    metrics = [m for m in ranked_metrics() if (versus["metric"] == m.name).any()]
+    lines, rows = [], []
+    for name, of_model in versus.groupby("model", sort=False):
+        if of_model["configs"].iloc[0] == 0:
+            lines.append(
+                f"**{name}**: no configuration in common with the baseline (the same scheduler, "
+                "steps and guidance), so no paired comparison."
+            )
+            continue
+        row = {"model / adapter": name, "configurations": of_model["configs"].iloc[0]}
+        words = []
+        for metric in metrics:
+            v = of_model[of_model["metric"] == metric.name].iloc[0]
+            digits = metric.headline.digits
+            shift = _ranged(v["difference"], v["low"], v["high"], digits)
+            verdict = _verdict(v)
+            words.append(f"{metric.label} {verdict}, {shift}")
+            row[metric.label] = f"{v['value']:.{digits}f}"
+            row[f"{metric.label}: baseline"] = f"{v['baseline_value']:.{digits}f}"
+            row[f"{metric.label}: difference"] = shift
+            row[f"{metric.label}: verdict"] = verdict
+        lines.append(f"**{name}** vs the baseline: {'; '.join(words)}.")
+        rows.append(row)
+    first = versus.iloc[0]
+    lines.append(
+        f"Baseline: **{run.baseline}** (the spec's `baseline:`; by default the first model "
+        "without an adapter). Each difference is a model or adapter minus the baseline, "
+        "averaged over the configurations both have (the same scheduler, steps and guidance, "
+        f"so the same prompts and seeds), with a paired {confidence:.0%} interval; the "
+        f"{first['comparisons']} comparisons with the baseline hold together per metric "
+        f"(Bonferroni, each at {first['confidence']:.2%})."
+    )
+    return Section(title, lines, pd.DataFrame(rows) if rows else None)
+
+
+def _verdict(difference: pd.Series) -> str:
+    """A paired difference in words: whether its interval lies wholly on one side of zero."""
+    if difference["better"]:
+        return "clearly better"
+    return "clearly worse" if difference["worse"] else "no clear difference"
 
 
 def _ranged(value: float, low: float, high: float, digits: int) -> str:
@@ -338,6 +405,11 @@ def _every_configuration(run: Run) -> pd.DataFrame:
         policy = run.metrics.suite.safety
         counts = run.configs["n_flagged"].map(lambda n: "n/a" if pd.isna(n) else f"{n:.0f}")
         table.insert(5, f"flagged ({policy}d)", counts)
+    if run.baseline is not None:
+        scales = run.configs["lora_scale"].map(lambda s: NO_ADAPTER if pd.isna(s) else f"{s:g}")
+        table.insert(1, "model", run.configs["model"])
+        table.insert(2, "adapter", run.configs["lora"].fillna(NO_ADAPTER))
+        table.insert(3, "adapter scale", scales)
     for metric in REGISTRY.values():
         for score in metric.scores:
             if run.has(score.column):
@@ -348,7 +420,9 @@ def _every_configuration(run: Run) -> pd.DataFrame:
 def _comparison(a: Run, b: Run) -> Section:
     """Per configuration both runs have, B minus A in each ranked metric: paired when the two
     runs' bootstrap replicates drew the same prompts, else by whether the intervals overlap."""
-    joined = a.configs.merge(b.configs, on=PARAMS, suffixes=("_a", "_b"))
+    # the same model and adapter too, when both runs have several
+    keys = [MODEL, *PARAMS] if a.baseline and b.baseline else PARAMS
+    joined = a.configs.merge(b.configs, on=keys, suffixes=("_a", "_b"))
     paired = (
         a.replicates is not None
         and b.replicates is not None
