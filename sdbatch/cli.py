@@ -112,6 +112,19 @@ examples:
   sdbatch verify s3://bucket/run1 --quick
 """
 
+STATUS_HELP = """\
+Show how far an output is, from the output alone (Ray is never started, so it
+works from any machine that reads the storage, during a run or after it):
+images done / total per configuration, the units that failed every attempt
+and why, the driver holding the output, images/s over the last 5 minutes and
+an ETA (while a driver is running), and evaluation's progress (units whose
+features are extracted, per shard key; when metrics.json was written).
+
+examples:
+  sdbatch status out/demo
+  sdbatch status s3://bucket/run1 --json
+"""
+
 REPORT_HELP = """\
 Write OUT/report/index.html (one self-contained file: open it from disk) and
 OUT/report/report.md (the same tables and plots, for a PR or a wiki): a
@@ -252,6 +265,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("output", metavar="OUT", help="a generated output folder or URI")
     check.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
     check.set_defaults(handler=_verify)
+
+    progress = commands.add_parser(
+        "status",
+        help="how far an output is: images, failures, pace and ETA, eval",
+        description=STATUS_HELP,
+        formatter_class=raw,
+    )
+    progress.add_argument("output", metavar="OUT", help="an output folder or URI")
+    progress.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    progress.set_defaults(handler=_status)
 
     report = commands.add_parser(
         "report",
@@ -409,6 +432,14 @@ def _verify(args: argparse.Namespace) -> int:
         f"{len(report.unclaimed_files)} unclaimed file(s)"
     )
     return EXIT_INCOMPLETE
+
+
+def _status(args: argparse.Namespace) -> int:
+    from sdbatch.progress import status
+
+    now = status(args.output)
+    print(now.to_json() if args.json else "\n".join(now.describe()))
+    return EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
