@@ -120,12 +120,13 @@ def test_status_counts_evaluations_shards(evaluated_output, tmp_path):
     assert under_way.evaluation[0].units_done == units - 1 and under_way.metrics_finished is None
 
 
-def test_status_reads_an_output_on_s3(s3_server, s3_bucket, tmp_path):
+@pytest.mark.slow
+def test_status_reads_an_output_on_s3(s3_server, s3_bucket, tmp_path, own_local_ray):
     pq.write_table(pa.table({"prompt": PROMPTS[:3]}), tmp_path / "prompts.parquet")
     spec = tmp_path / "job.yaml"
     data = job(tmp_path / "prompts.parquet", sweep=TWO_CONFIGS, runtime=ONE_PROMPT_UNITS)
     spec.write_text(yaml.safe_dump(data))
-    env = {**os.environ, **s3_server, "RAY_ADDRESS": ""}
+    env = {**os.environ, **s3_server, **own_local_ray}
     generated = subprocess.run(
         [sys.executable, "-m", "sdbatch.cli", "generate", str(spec), "--out", "s3://runs/job"],
         env=env, capture_output=True, text=True, timeout=300,
