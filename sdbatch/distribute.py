@@ -176,17 +176,52 @@ def _check_cluster(address: str | None) -> bool:
     return False
 
 
-def local_without_gpu(address: str | None) -> bool:
-    """Whether `session(address)` would start a Ray instance on this machine, which has no GPU:
-    known before Ray starts."""
+def starts_local(address: str | None) -> bool:
+    """Whether `session(address)` would start a Ray instance on this machine (known before)."""
     if address or os.environ.get("RAY_ADDRESS"):
         return False
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return False  # a session of a notebook or a test: its cluster decides
+    # a session of a notebook or a test: its cluster decides
+    return ray is None or not ray.is_initialized()
+
+
+def local_without_gpu(address: str | None) -> bool:
+    """Whether `session(address)` would start a Ray instance on this machine, which has no GPU:
+    known before Ray starts."""
+    if not starts_local(address):
+        return False
     import torch
 
     return not torch.cuda.is_available()
+
+
+def on_every_node(function: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """`function(*args)`'s result on every live node of the cluster (a task pinned to each, that
+    reserves no CPU, so busy nodes run it too), by the node's host name and id.
+
+    Raises:
+        JobFailed: it raised on a node, or the node was lost; naming the node.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(function)
+    refs = {
+        f"{node['NodeManagerHostname']} (node {node['NodeID'][:8]})": task.options(
+            num_cpus=0,
+            runtime_env={"env_vars": ACTOR_ENV},
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+        ).remote(*args)
+        for node in ray.nodes()
+        if node["Alive"]
+    }
+    results = {}
+    for node, ref in refs.items():
+        try:
+            results[node] = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            raise JobFailed(f"on {node}: {_reason(e)}") from e
+    return results
 
 
 def plan_actors(actors: int | Literal["auto"]) -> ActorPlan:
