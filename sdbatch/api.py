@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbatch import distribute
-from sdbatch.errors import InputError, JobFailed
+from sdbatch.errors import InputError
 from sdbatch.evaluation.extractors import DINOV2
 from sdbatch.evaluation.inputs import resolve_suite
 from sdbatch.evaluation.run import EvalSummary, evaluate
@@ -87,10 +87,10 @@ def pull(
     spec: JobSpec, *, suite: Suite | None = None, address: str | None = None
 ) -> dict[str, dict[str, str]]:
     """Cache the spec's model, and its suite's CLIP and DINOv2 models, on every node of the
-    cluster at `address` (default: $RAY_ADDRESS; without one, on this machine), so that workers
-    load them with HF_HUB_OFFLINE=1 and a run does not download them once per node.
+    cluster at `address` (as for `generate`: default $RAY_ADDRESS, else a local Ray instance), so
+    that workers load them with HF_HUB_OFFLINE=1 and a run does not download them on each node.
 
-    Returns: by node (its host name and id, or "local"), where each model's files are.
+    Returns: by node (its host name and id), where each model's files are.
 
     Raises:
         InputError: a bad spec, suite or model reference (before any node is asked).
@@ -107,12 +107,7 @@ def pull(
             models.append((inputs.clip, CLIP))
         if inputs.extractor is not None and inputs.extractor.model is not None:
             models.append((inputs.extractor.model, DINOV2))
-    # 2. fetch them on this machine, or on every node
-    if distribute.starts_local(address):
-        try:
-            return {"local": fetch_models(models)}
-        except InputError as e:
-            raise JobFailed(f"on this machine: {e}") from None
+    # 2. fetch them on every node of the cluster generate would run on (a local one included)
     with distribute.session(address):
         return distribute.on_every_node(fetch_models, models)
 

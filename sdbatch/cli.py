@@ -114,9 +114,9 @@ examples:
 
 PULL_HELP = """\
 Cache a job spec's model, and its suite's CLIP and DINOv2 models, on every
-node of the Ray cluster (--address or $RAY_ADDRESS; without one, on this
-machine): each node fetches the hub files `from_pretrained` reads, at the
-commit pinned here, into its Hugging Face cache (HF_HOME). Afterwards run with
+node of the Ray cluster that generate would use (--address, $RAY_ADDRESS, else
+a local Ray instance): each node fetches the hub files `from_pretrained` reads,
+at the commit pinned here, into its Hugging Face cache (HF_HOME). Then run with
 HF_HUB_OFFLINE=1 in the workers: nothing is downloaded during the run. A model
 given as a folder is checked to exist on every node.
 

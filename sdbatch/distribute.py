@@ -176,20 +176,14 @@ def _check_cluster(address: str | None) -> bool:
     return False
 
 
-def starts_local(address: str | None) -> bool:
-    """Whether `session(address)` would start a Ray instance on this machine (known before)."""
-    if address or os.environ.get("RAY_ADDRESS"):
-        return False
-    ray = sys.modules.get("ray")
-    # a session of a notebook or a test: its cluster decides
-    return ray is None or not ray.is_initialized()
-
-
 def local_without_gpu(address: str | None) -> bool:
     """Whether `session(address)` would start a Ray instance on this machine, which has no GPU:
     known before Ray starts."""
-    if not starts_local(address):
+    if address or os.environ.get("RAY_ADDRESS"):
         return False
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return False  # a session of a notebook or a test: its cluster decides
     import torch
 
     return not torch.cuda.is_available()

@@ -88,13 +88,15 @@ class Status:
             silent = self.checked - self.holder.renewed
             state = "running" if self.running else f"stale, not renewed for {silent:.0f} s"
             lines.append(f"held by {self.holder.describe()}: {state}")
+        window = _duration(RATE_WINDOW_SECONDS)
         if self.images_per_second is not None:
-            window = _duration(RATE_WINDOW_SECONDS)
             speed = f"{self.images_per_second:.2f} images/s over the last {window}"
             if self.eta_seconds is not None:
                 at = datetime.fromtimestamp(self.checked + self.eta_seconds, timezone.utc)
                 speed += f"; ETA {_duration(self.eta_seconds)} ({at:%Y-%m-%d %H:%M} UTC)"
             lines.append(speed)
+        elif self.running:
+            lines.append(f"images/s: measuring (under 2 commits in the last {window})")
         if self.last_commit is not None:
             lines.append(f"last unit committed {_duration(self.checked - self.last_commit)} ago")
         width = max((len(c.config_id) for c in self.configs), default=0)

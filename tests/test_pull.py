@@ -1,6 +1,7 @@
 """`sdbatch pull`: a spec's model and its suite's CLIP, pinned on the driver, found or fetched into
-the Hugging Face cache of this machine or of every node of a real two-node Ray cluster. Nothing
-can be downloaded here: the hub is a cache laid out as huggingface_hub writes it, used offline."""
+the Hugging Face cache of every node: of a local Ray instance, and of a real two-node cluster.
+Nothing can be downloaded here: the hub is a cache laid out as huggingface_hub writes it, used
+offline."""
 
 from __future__ import annotations
 
@@ -67,16 +68,19 @@ def hub_spec(tmp_path, prompt_file, spec_file):
     return spec, env, snapshots
 
 
-def test_pull_on_this_machine_finds_every_model_at_its_pinned_commit(hub_spec, own_local_ray):
+@pytest.mark.slow
+def test_pull_on_a_local_instance_finds_every_model_at_its_pinned_commit(hub_spec, own_local_ray):
     spec, env, snapshots = hub_spec
     pulled = subprocess.run(
         [sys.executable, "-m", "sdbatch.cli", "pull", str(spec)],
         env={**os.environ, **own_local_ray, **env}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert pulled.returncode == 0, pulled.stderr
-    assert pulled.stdout.splitlines() == [
-        f"local: {MODEL} -> {snapshots[MODEL]}",
-        f"local: {CLIP} -> {snapshots[CLIP]}",
+    lines = pulled.stdout.splitlines()
+    node = lines[0].split(": ")[0]  # the local Ray instance's one node
+    assert lines == [
+        f"{node}: {MODEL} -> {snapshots[MODEL]}",
+        f"{node}: {CLIP} -> {snapshots[CLIP]}",
     ]
 
 

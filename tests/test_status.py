@@ -66,6 +66,10 @@ def test_status_follows_a_running_job_then_its_end(tmp_path, ray_address, capsys
     printed = json.loads(capsys.readouterr().out)
     assert printed["running"] and printed["holder"]["pid"] == generating.pid
     assert printed["done"] >= now.done and printed["total"] == 24
+    assert cli_main(["status", str(out)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert f"(host {now.holder.host}, pid {generating.pid}, since " in text
+    assert "images/s over the last 5 min; ETA " in text
 
     # 2. after it ends: every image, no holder, no ETA; the last minutes' pace stays readable
     _, err = generating.communicate(timeout=240)
