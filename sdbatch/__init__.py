@@ -2,9 +2,9 @@
 and the metrics that judge them.
 
 The Python API is the CLI's commands as functions, with the same names and flags (keyword-only):
-`load_spec`, `load_suite`, `generate`, `evaluate`, `compute_reference`, `report`, `run` and
-`convert_prompt_file`, and the types they take and return. A spec or suite built in Python
-(`JobSpec(...)`, `Suite(...)`) is checked exactly like one read from YAML.
+`load_spec`, `load_suite`, `generate`, `evaluate`, `compute_reference`, `report`, `run`,
+`status`, `verify`, `pull` and `convert_prompt_file`, and the types they take and return. A spec
+or suite built in Python (`JobSpec(...)`, `Suite(...)`) is checked exactly like one read from YAML.
 
     >>> import sdbatch
     >>> spec = sdbatch.load_spec("jobs/demo.yaml")
@@ -15,7 +15,8 @@ Architecture: one idea per module, in layers, top to bottom. A module imports on
 below it (tests/test_layout.py holds the code to this list).
 
     cli                             `sdbatch` commands: argument parsing and exit codes over the API
-    api                             run(): generate -> evaluate -> report; the demo's spec
+    api                             run(): generate -> evaluate -> report; pull(); the demo's spec
+    progress                        status(): images, failures, pace, ETA, eval; from the output
     reporting.write                 report(): read evaluated runs, write index.html and report.md
     reporting.render                sections and figures -> self-contained HTML, and Markdown
     reporting.grids                 image galleries: configurations per prompt, worst images
@@ -96,7 +97,10 @@ _EXPORTS = {
     "report": "sdbatch.reporting.write",
     "run": "sdbatch.api",
     "RunSummary": "sdbatch.api",
+    "pull": "sdbatch.api",
     "convert_prompt_file": "sdbatch.prompts",
+    "status": "sdbatch.progress",
+    "Status": "sdbatch.progress",
     "verify": "sdbatch.integrity",
     "VerifyReport": "sdbatch.integrity",
     "InputError": "sdbatch.errors",

@@ -1,5 +1,6 @@
 """`sdbatch run`, as a function: generate a spec's images, evaluate them with its suite, and write
-the report; the composition the CLI's `run` and `demo` commands are made of."""
+the report; the composition the CLI's `run` and `demo` commands are made of. And `sdbatch pull`:
+a spec's models cached on every node before a run."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdbatch import distribute
 from sdbatch.errors import InputError
+from sdbatch.evaluation.extractors import DINOV2
 from sdbatch.evaluation.inputs import resolve_suite
 from sdbatch.evaluation.run import EvalSummary, evaluate
 from sdbatch.evaluation.suite import Suite, load_suite
 from sdbatch.generation import GenerateSummary, generate
+from sdbatch.models import CLIP, PIPELINE, ModelKind, ModelSource, fetch_models, resolve_model
 from sdbatch.reporting.write import write_report
 from sdbatch.spec import JobSpec
 
@@ -77,6 +81,35 @@ def run(
     # 3. evaluate, then report
     evaluated = evaluate(generated.output, suite, address=address, inputs=inputs)
     return RunSummary(generated, evaluated, write_report(generated.output))
+
+
+def pull(
+    spec: JobSpec, *, suite: Suite | None = None, address: str | None = None
+) -> dict[str, dict[str, str]]:
+    """Cache the spec's model, and its suite's CLIP and DINOv2 models, on every node of the
+    cluster at `address` (as for `generate`: default $RAY_ADDRESS, else a local Ray instance), so
+    that workers load them with HF_HUB_OFFLINE=1 and a run does not download them on each node.
+
+    Returns: by node (its host name and id), where each model's files are.
+
+    Raises:
+        InputError: a bad spec, suite or model reference (before any node is asked).
+        JobFailed: a node cannot fetch a model (offline, out of space, its folder missing).
+    """
+    # 1. pin every model here, so that every node fetches the same commit
+    model = resolve_model(spec.model, spec.model_revision, allow_pickle=spec.model_allow_pickle)
+    models: list[tuple[ModelSource, ModelKind]] = [(model, PIPELINE)]
+    if suite is None and spec.suite is not None:
+        suite = load_suite(spec.suite)
+    if suite is not None:
+        inputs = resolve_suite(suite)
+        if inputs.clip is not None:
+            models.append((inputs.clip, CLIP))
+        if inputs.extractor is not None and inputs.extractor.model is not None:
+            models.append((inputs.extractor.model, DINOV2))
+    # 2. fetch them on every node of the cluster generate would run on (a local one included)
+    with distribute.session(address):
+        return distribute.on_every_node(fetch_models, models)
 
 
 def demo_spec() -> Path:

@@ -112,6 +112,32 @@ examples:
   sdbatch verify s3://bucket/run1 --quick
 """
 
+PULL_HELP = """\
+Cache a job spec's model, and its suite's CLIP and DINOv2 models, on every
+node of the Ray cluster that generate would use (--address, $RAY_ADDRESS, else
+a local Ray instance): each node fetches the hub files `from_pretrained` reads,
+at the commit pinned here, into its Hugging Face cache (HF_HOME). Then run with
+HF_HUB_OFFLINE=1 in the workers: nothing is downloaded during the run. A model
+given as a folder is checked to exist on every node.
+
+examples:
+  sdbatch pull jobs/sd15_parti.yaml --address auto
+  sdbatch pull jobs/my_sweep.yaml --suite eval/coco.yaml
+"""
+
+STATUS_HELP = """\
+Show how far an output is, from the output alone (Ray is never started, so it
+works from any machine that reads the storage, during a run or after it):
+images done / total per configuration, the units that failed every attempt
+and why, the driver holding the output, images/s over the last 5 minutes and
+an ETA (while a driver is running), and evaluation's progress (units whose
+features are extracted, per shard key; when metrics.json was written).
+
+examples:
+  sdbatch status out/demo
+  sdbatch status s3://bucket/run1 --json
+"""
+
 REPORT_HELP = """\
 Write OUT/report/index.html (one self-contained file: open it from disk) and
 OUT/report/report.md (the same tables and plots, for a PR or a wiki): a
@@ -252,6 +278,27 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("output", metavar="OUT", help="a generated output folder or URI")
     check.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
     check.set_defaults(handler=_verify)
+
+    fetch = commands.add_parser(
+        "pull",
+        help="cache a spec's models on every node",
+        description=PULL_HELP,
+        formatter_class=raw,
+    )
+    fetch.add_argument("spec", help="job spec YAML, e.g. jobs/demo.yaml")
+    fetch.add_argument("--suite", help="evaluation suite YAML (default: the spec's `suite`)")
+    _add_address(fetch)
+    fetch.set_defaults(handler=_pull)
+
+    progress = commands.add_parser(
+        "status",
+        help="how far an output is: images, failures, pace and ETA, eval",
+        description=STATUS_HELP,
+        formatter_class=raw,
+    )
+    progress.add_argument("output", metavar="OUT", help="an output folder or URI")
+    progress.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    progress.set_defaults(handler=_status)
 
     report = commands.add_parser(
         "report",
@@ -409,6 +456,26 @@ def _verify(args: argparse.Namespace) -> int:
         f"{len(report.unclaimed_files)} unclaimed file(s)"
     )
     return EXIT_INCOMPLETE
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from sdbatch.api import pull
+    from sdbatch.evaluation.suite import load_suite
+    from sdbatch.spec import load_spec
+
+    suite = load_suite(args.suite) if args.suite else None
+    for node, models in pull(load_spec(args.spec), suite=suite, address=args.address).items():
+        for ref, where in models.items():
+            print(f"{node}: {ref} -> {where}")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from sdbatch.progress import status
+
+    now = status(args.output)
+    print(now.to_json() if args.json else "\n".join(now.describe()))
+    return EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:

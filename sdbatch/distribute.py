@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +40,11 @@ log = logging.getLogger("sdbatch")
 # warnings to its log file (worker_logs.quiet_libraries).
 ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+# A local Ray instance serves this machine only. Ray binds its servers (GCS, raylet, workers,
+# object manager) to the node's address, which is the machine's network address unless Ray runs
+# "without clusters", when it is 127.0.0.1; in Ray 2.60 nothing else makes it loopback (ray.init
+# turns `_node_ip_address="127.0.0.1"` back into the network address).
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Joining a cluster: ray.init retries an address nobody answers at for about 14 minutes.
 CONNECT_SECONDS = 10
 ASK_CLUSTER_ID = """
@@ -100,7 +105,8 @@ def session(address: str | None) -> Iterator[None]:
     if starts_local:
         notice.setLevel(logging.ERROR)
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        with _loopback_only() if starts_local else nullcontext():
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     finally:
         notice.setLevel(level)
     # ray.init makes SIGTERM exit at once (status 15); a handler the caller set (the CLI's, which
@@ -111,6 +117,25 @@ def session(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Within the block, a Ray instance that starts binds to loopback only; the setting is
+    restored after it, so that a later session in this process may join a cluster."""
+    from ray._private import ray_constants
+
+    before = os.environ.get(LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY_ENV] = "0"  # for the processes ray.init starts (GCS, raylet, workers)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable at import
+    try:
+        yield
+    finally:
+        if before[0] is None:
+            os.environ.pop(LOCAL_ONLY_ENV)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = before[0]
+        ray_constants.ENABLE_RAY_CLUSTER = before[1]
 
 
 def _check_cluster(address: str | None) -> bool:
@@ -166,6 +191,35 @@ def local_without_gpu(address: str | None) -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def on_every_node(function: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """`function(*args)`'s result on every live node of the cluster (a task pinned to each, that
+    reserves no CPU, so busy nodes run it too), by the node's host name and id.
+
+    Raises:
+        JobFailed: it raised on a node, or the node was lost; naming the node.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(function)
+    refs = {
+        f"{node['NodeManagerHostname']} (node {node['NodeID'][:8]})": task.options(
+            num_cpus=0,
+            runtime_env={"env_vars": ACTOR_ENV},
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+        ).remote(*args)
+        for node in ray.nodes()
+        if node["Alive"]
+    }
+    results = {}
+    for node, ref in refs.items():
+        try:
+            results[node] = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            raise JobFailed(f"on {node}: {_reason(e)}") from e
+    return results
 
 
 def plan_actors(actors: int | Literal["auto"]) -> ActorPlan:

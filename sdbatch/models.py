@@ -202,6 +202,49 @@ def _resolve_hub(
     return ModelSource(repo_id, repo_id, commit, f"hub:{repo_id}@{commit}", allow_pickle)
 
 
+def fetch_model(source: ModelSource, kind: ModelKind = PIPELINE) -> str:
+    """Make a resolved model loadable on this machine with HF_HUB_OFFLINE=1: a hub model's files
+    at its pinned commit fetched into the Hugging Face cache (those `from_pretrained` reads, no
+    more), a folder checked; returns where the files are.
+
+    Raises:
+        InputError: the folder is not on this machine, or the hub files cannot be fetched.
+    """
+    if source.revision is None:
+        if not os.path.isdir(source.location):  # noqa: PTH112 (see resolve_model)
+            raise InputError(f"{kind.field}: no folder {source.location} on this machine")
+        return source.location
+    try:
+        if kind is PIPELINE:
+            import diffusers
+
+            # What load_pipeline's from_pretrained downloads, chosen the same way.
+            return str(
+                diffusers.DiffusionPipeline.download(
+                    source.location,
+                    revision=source.revision,
+                    use_safetensors=None if source.allow_pickle else True,
+                )
+            )
+        import huggingface_hub
+
+        # transformers models load configs, tokenizer and processor files, and safetensors.
+        return huggingface_hub.snapshot_download(
+            source.location,
+            revision=source.revision,
+            allow_patterns=["*.json", "*.txt", "*.safetensors"],
+        )
+    except Exception as e:  # the hub client raises many types; all mean "cannot fetch"
+        raise InputError(
+            f"{kind.field}: cannot fetch {source.ref}@{source.revision} ({first_line(e)})"
+        ) from None
+
+
+def fetch_models(models: list[tuple[ModelSource, ModelKind]]) -> dict[str, str]:
+    """`fetch_model` for each (source, kind): where each model's files are, by its reference."""
+    return {source.ref: fetch_model(source, kind) for source, kind in models}
+
+
 def _text_to_image_classes() -> set[str]:
     """Class names of the pipelines diffusers' AutoPipelineForText2Image loads (its own table)."""
     import transformers

@@ -27,6 +27,7 @@ import os
 import posixpath
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -196,7 +197,11 @@ class Output:
         body = buffer.getvalue().to_pybytes()
         file = f"{IMAGES}/{marker.unit_id}.parquet"
         marker = dataclasses.replace(
-            marker, file=file, bytes=len(body), sha256=hashlib.sha256(body).hexdigest()
+            marker,
+            file=file,
+            bytes=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+            committed=time.time(),
         )
         with self._store():
             check_holder(self.fs, self.root, run_id)

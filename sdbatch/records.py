@@ -141,6 +141,9 @@ class UnitMarker:
     # Each pipeline call in order, and the device they ran on (empty in outputs of sdbatch 0.1).
     batches: tuple[BatchTiming, ...] = ()
     device: str = ""
+    # Unix time of the commit, by the committing worker's clock: `sdbatch status` measures
+    # images/s from it (0 in outputs of sdbatch 0.1).
+    committed: float = 0.0
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()

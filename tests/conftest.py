@@ -244,3 +244,16 @@ class S3Server(dict):
     def __init__(self, env: dict, process: subprocess.Popen):
         super().__init__(env)
         self.process = process
+
+
+@pytest.fixture
+def own_local_ray():
+    """The environment in which a CLI subprocess starts a Ray instance of its own: without an
+    address Ray would join the one `ray start` last started on this machine (found in its
+    temporary folder), so it gets a temporary folder of its own, short for Ray's socket paths."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="sdb-", dir="/tmp")
+    yield {"RAY_ADDRESS": "", "RAY_TMPDIR": folder}
+    shutil.rmtree(folder, ignore_errors=True)

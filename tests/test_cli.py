@@ -16,7 +16,7 @@ from sdbatch.generation import MAX_UNCONFIRMED_IMAGES
 SCRIPT = shutil.which("sdbatch", path=str(Path(sys.executable).parent)) or shutil.which("sdbatch")
 
 
-@pytest.mark.parametrize("command", ["generate", "prompts", "demo"])
+@pytest.mark.parametrize("command", ["generate", "prompts", "demo", "status", "pull"])
 def test_each_command_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

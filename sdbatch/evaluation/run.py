@@ -42,7 +42,7 @@ from sdbatch.evaluation.inputs import EvalInputs, resolve_suite
 from sdbatch.evaluation.metric import RESAMPLING_UNIT
 from sdbatch.evaluation.record import MetricsRecord, ReferenceProvenance, write_metrics_record
 from sdbatch.evaluation.reference import ReferenceStats
-from sdbatch.evaluation.shards import CLIP_EMBEDDINGS, FeatureUnit, pending_units
+from sdbatch.evaluation.shards import CLIP_EMBEDDINGS, SHARDS, FeatureUnit, pending_units
 from sdbatch.evaluation.suite import Suite, load_suite
 from sdbatch.evaluation.table import config_table
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
@@ -51,7 +51,6 @@ from sdbatch.output import METRICS_DIR, Output
 from sdbatch.records import library_versions
 
 log = logging.getLogger("sdbatch")
-SHARDS = "_shards"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.publish import publish_beside
 
 log = logging.getLogger("sdbatch")
+SHARDS = "_shards"  # metrics/_shards/KEY/UNIT.npz: a generated unit's shard, under its key
 UNIT_ID = "unit_id"  # the array naming the unit a shard was extracted from
 REFERENCE_KEY = "image_key"  # a reference shard's row identities: file, row groups, row
 # The images' CLIP image embeddings, in generated and reference shards alike, when a metric needs
