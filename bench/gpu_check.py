@@ -252,27 +252,16 @@ def peak_tflops(device: str) -> tuple[float, str]:
     return rate, f"{device}: {rate:.3g} TFLOP/s measured (1024² fp32 products)"
 
 
-def measure_plain(shape: Shape, folder: Path, work: Path, batch: int, images: int):
+def measure(way, shape: Shape, folder: Path, work: Path, images: int, name: str, **options):
+    """(generation seconds, images) of `way` (plain_loop or with_sdbatch) on `images` prompts."""
     texts = [f"{TEXTS[i % len(TEXTS)]}, variation {i}" for i in range(images)]
-    plain_args = argparse.Namespace(
+    args = argparse.Namespace(
         model=str(folder), scheduler="euler", steps=shape.steps, guidance=7.5, size=shape.size,
-        seed=0, per_prompt=1, batch=batch,
+        seed=0, per_prompt=1, **options,
     )  # fmt: skip
-    out = work / f"plain-{shape.name}-{batch}"
+    out = work / f"{shape.name}-{name}"
     out.mkdir()
-    _, generation, _ = plain_loop(plain_args, texts, out)
-    return generation, len(texts)
-
-
-def measure_sdbatch(shape: Shape, folder: Path, work: Path, runtime: dict, name: str):
-    texts = [f"{TEXTS[i % len(TEXTS)]}, variation {i}" for i in range(shape.images)]
-    sd_args = argparse.Namespace(
-        model=str(folder), scheduler="euler", steps=shape.steps, guidance=7.5, size=shape.size,
-        seed=0, per_prompt=1, runtime=runtime,
-    )  # fmt: skip
-    out = work / f"sdbatch-{shape.name}-{name}"
-    out.mkdir()
-    _, generation, _ = with_sdbatch(sd_args, texts, out)
+    _, generation, _ = way(args, texts, out)
     return generation, len(texts)
 
 
@@ -284,7 +273,7 @@ def row(name, images, seconds, plain_rate, flops, peak, sampler, baseline):
         "pipeline": name,
         "images": images,
         "images/s": round(rate, 3),
-        "x plain": round(rate / plain_rate, 2) if plain_rate else 1.0,  # None: this is it
+        "x plain": round(rate / plain_rate, 2) if plain_rate else 1.0,
         "% of limit": round(100 * rate * flops / (peak * 1e12), 1),
         "GPU busy %": None if busy is None else round(busy),
         "peak GiB": None if memory is None else round(memory, 1),
@@ -296,10 +285,11 @@ def measure_generation(args, shape: Shape, work: Path, device: str, peak: float)
     flops = flops_per_image(folder, shape, device)
     print(f"{shape.name}: {flops / 1e12:.2f} TFLOP per image", flush=True)
     baseline = memory_in_use()
+    at = (shape, folder, work)
 
-    def sampled(fn, *fn_args):
+    def sampled(fn, *fn_args, **fn_options):
         with GpuSampler() as sampler:
-            seconds, images = fn(*fn_args)
+            seconds, images = fn(*fn_args, **fn_options)
         return seconds, images, sampler
 
     def add(name, seconds, images, sampler):
@@ -309,15 +299,17 @@ def measure_generation(args, shape: Shape, work: Path, device: str, peak: float)
 
     rows: list[dict] = []
     plain = max(2, shape.images // 4)
-    add("plain diffusers, batch 1", *sampled(measure_plain, shape, folder, work, 1, plain))
-    probes = {b: sampled(measure_plain, shape, folder, work, b, 2 * b) for b in shape.batches}
+    add("plain diffusers, batch 1", *sampled(measure, plain_loop, *at, plain, "plain-1", batch=1))
+    probes = {
+        b: sampled(measure, plain_loop, *at, 2 * b, f"plain-{b}", batch=b) for b in shape.batches
+    }
     best = max(probes, key=lambda b: probes[b][1] / probes[b][0])
     add(f"plain diffusers, batch {best}", *probes[best])
-    add("sdbatch, defaults", *sampled(measure_sdbatch, shape, folder, work, {}, "default"))
+    add("sdbatch, defaults", *sampled(measure, with_sdbatch, *at, shape.images, "sd", runtime={}))
     fields = {f.name for f in dataclasses.fields(Runtime)}
     for option, runtime in SPEED_OPTIONS.items():
         if set(runtime) <= fields:
-            measured = sampled(measure_sdbatch, shape, folder, work, runtime, option)
+            measured = sampled(measure, with_sdbatch, *at, shape.images, option, runtime=runtime)
             add(f"sdbatch, {option}", *measured)
         else:
             print(f"sdbatch, {option}: not in this version's runtime options", flush=True)
