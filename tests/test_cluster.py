@@ -1,12 +1,13 @@
 """Ray clusters as users run them, on 127.0.0.1: a job submitted through the real Ray Jobs API to
 a `ray start` head (its dashboard on loopback) and followed to SUCCEEDED, as the KubeRay
 manifest's entrypoint would be; a submitted job stopped and submitted again; and a two-node
-cluster that loses its second node (the raylet killed) mid-generation and mid-evaluation; and
+cluster that loses its second node (raylet and workers killed) mid-generation and mid-evaluation; and
 progress as plain lines when stderr is not a terminal. Outputs are on a real S3-compatible server
 (moto)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -276,9 +277,11 @@ def two_nodes(s3_bucket, monkeypatch):
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def kill_raylet_mid_unit(node, driver: subprocess.Popen) -> None:
-    """SIGKILL `node`'s raylet while a worker actor of that node runs a unit (Ray titles its
-    process `ray::CLASS.run` then)."""
+def kill_node_mid_unit(node, driver: subprocess.Popen) -> None:
+    """SIGKILL `node`'s raylet and its workers, as when the machine is lost, while a worker actor
+    of that node runs a unit (Ray titles its process `ray::CLASS.run` then). A worker whose raylet
+    alone died may still finish its unit and hand it back directly to the driver, so that under
+    load the loss would fall between units, not inside one."""
     from ray._private.ray_constants import PROCESS_TYPE_RAYLET
 
     raylet = psutil.Process(node.all_processes[PROCESS_TYPE_RAYLET][0].process.pid)
@@ -295,7 +298,9 @@ def kill_raylet_mid_unit(node, driver: subprocess.Popen) -> None:
         assert driver.poll() is None, driver.communicate()
         assert time.monotonic() < deadline, f"no unit ran on the second node: {titles}"
         time.sleep(0.02)
-    raylet.kill()
+    for process in [raylet, *raylet.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 @pytest.mark.slow
@@ -307,7 +312,7 @@ def test_a_node_lost_mid_generation_and_mid_evaluation(two_nodes, s3_bucket, tmp
     driver = start_driver(spec, out, cluster.address)
     wait_for_units(driver, "runs/job", 1, bucket)
     (second,) = cluster.worker_nodes
-    kill_raylet_mid_unit(second, driver)
+    kill_node_mid_unit(second, driver)
     _, stderr = driver.communicate(timeout=240)
     assert driver.returncode == EXIT_OK, stderr
     assert "a worker died during unit " in stderr
@@ -323,7 +328,7 @@ def test_a_node_lost_mid_generation_and_mid_evaluation(two_nodes, s3_bucket, tmp
     driver = subprocess.Popen(
         [sys.executable, "-c", SLOW_EVAL, *args], stderr=subprocess.PIPE, text=True
     )
-    kill_raylet_mid_unit(node, driver)
+    kill_node_mid_unit(node, driver)
     _, stderr = driver.communicate(timeout=240)
     assert driver.returncode == EXIT_OK, stderr
     assert "a worker died during unit " in stderr
