@@ -236,7 +236,7 @@ def test_two_models_and_adapter_scales_on_ray_resume_after_a_kill(
     rows = pads.dataset(str(output / "images")).to_table().to_pandas()
     assert len(rows) == 6 * configs
     assert not rows.duplicated(["prompt_id", "sample_index", "config_id"]).any()
-    assert rows.groupby(["model", "lora", "lora_scale"], dropna=False).size().tolist() == [6] * 6
+    assert rows.groupby(["model", "lora", "lora_scale"], dropna=False).size().tolist() == [12] * 6
     record = RunRecord.from_json((output / "run.json").read_bytes())
     assert [m.ref for m in record.models] == data["model"]
     assert [a.ref for a in record.adapters] == [str(lora)]
