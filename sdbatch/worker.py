@@ -184,7 +184,7 @@ class Worker:
 
         if ref == self.model:
             return
-        self.pipe = None
+        self.pipe, self.model = None, None  # none is loaded until this load succeeds
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()

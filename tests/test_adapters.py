@@ -14,7 +14,7 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 import torch
-from conftest import job
+from conftest import REPO, job
 from PIL import Image
 from test_generate import kill_once, sdbatch
 
@@ -24,7 +24,7 @@ from sdbatch.lease import acquire
 from sdbatch.models import resolve_model
 from sdbatch.output import Output
 from sdbatch.records import RunRecord
-from sdbatch.spec import Adapter, Sweep, parse_spec
+from sdbatch.spec import Adapter, Sweep, load_spec, parse_spec
 from sdbatch.sweep import configurations, plan_units
 from sdbatch.worker import GenerationSetup, Worker
 
@@ -269,3 +269,11 @@ def test_extension_with_a_new_model_and_adapter_keeps_every_id(
     rows = pads.dataset(output + "/images").to_table().to_pandas()
     assert len(rows) == 24 and not rows.duplicated(["prompt_id", "config_id"]).any()
     assert rows.groupby("model").size().to_dict() == {copy: 12, "builtin:toy": 12}
+
+
+def test_the_adapters_job_sweeps_two_models_and_four_adapter_settings():
+    spec = load_spec(REPO / "jobs" / "adapters.yaml")
+    configs = configurations(spec.sweep, spec.models)
+    assert len(configs) == 2 * 4 * 2 and len({c.config_id for c in configs}) == 16
+    assert spec.baseline_setting == ("builtin:toy", None, None)
+    assert {c.lora_scale for c in configs} == {None, 0.25, 0.5, 1.0}
