@@ -158,6 +158,17 @@ def test_switching_model_frees_the_previous_one(tmp_path):
     assert after < after_two * 1.03, f"{after_two / 2**20:.0f} -> {after / 2**20:.0f}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_switching_model_returns_gpu_memory_to_its_level(tmp_path):
+    todo = units(small(), models=("builtin:toy", "builtin:tiny"))
+    worker = worker_for(tmp_path / "out", models=(TOY, TINY))
+    images_of(worker, todo[0])
+    level = torch.cuda.memory_allocated()
+    for unit in (todo[1], todo[0], todo[1], todo[0]):
+        images_of(worker, unit)
+    assert worker.model_loads == 5 and torch.cuda.memory_allocated() == level
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -277,3 +288,29 @@ def test_the_adapters_job_sweeps_two_models_and_four_adapter_settings():
     assert len(configs) == 2 * 4 * 2 and len({c.config_id for c in configs}) == 16
     assert spec.baseline_setting == ("builtin:toy", None, None)
     assert {c.lora_scale for c in configs} == {None, 0.25, 0.5, 1.0}
+
+
+def test_units_go_to_actors_holding_their_model_and_move_only_when_work_would_wait():
+    from collections import deque
+
+    from sdbatch.distribute import _least_served, _next_unit
+
+    def model(unit):
+        return unit[0]
+
+    pending = deque((m, i) for i in range(6) for m in "ab")
+    holds: dict[int, str] = {}
+    for actor in (0, 1):  # actors start on different models
+        holds[actor] = _least_served(pending, model, holds)
+    assert holds == {0: "a", 1: "b"}
+    taken: dict[int, list] = {0: [], 1: []}
+    for _ in range(5):
+        for actor in (0, 1):
+            taken[actor].append(_next_unit(pending, actor, model, holds))
+    assert {model(u) for u in taken[0]} == {"a"} and {model(u) for u in taken[1]} == {"b"}
+    # actor 0 ran out of "a" units: the last "b" unit has its actor, so 0 waits rather than load b
+    assert _next_unit(pending, 0, model, holds) == ("a", 5)
+    assert _next_unit(pending, 0, model, holds) is None and holds[0] == "a"
+    # several "b" units would wait for actor 1: actor 0 moves to b
+    pending.extend(("b", i) for i in range(6, 9))
+    assert _next_unit(pending, 0, model, holds) == ("b", 5) and holds[0] == "b"
