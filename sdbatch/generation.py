@@ -405,11 +405,12 @@ def _check_same_job(
             )
     # Every other model and adapter both runs name must be what it was: their images are in the
     # output (the first model is a fixed field).
+    first = previous.model.ref
     for kind, old, new in (
-        ("model", previous.sources, record.sources),
+        ("model", {r: m for r, m in previous.sources.items() if r != first}, record.sources),
         ("adapter", {a.ref: a for a in previous.adapters}, {a.ref: a for a in record.adapters}),
     ):
-        for ref in sorted(old.keys() & new.keys() - {previous.model.ref}):
+        for ref in sorted(old.keys() & new.keys()):
             if old[ref].identity != new[ref].identity:
                 changes.append(
                     f"{kind} {ref}: {old[ref].identity[:19]} -> {new[ref].identity[:19]}"

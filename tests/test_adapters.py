@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import re
 import weakref
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 from test_generate import kill_once, sdbatch
 
 from sdbatch.builtin import builtin_path
+from sdbatch.errors import InputError
 from sdbatch.generation import generate
 from sdbatch.lease import acquire
 from sdbatch.models import resolve_model
@@ -257,9 +259,8 @@ def test_two_models_and_adapter_scales_on_ray_resume_after_a_kill(
     assert all(w["adapter_loads"] <= w["model_loads"] for w in last.workers)
 
 
-def test_extension_with_a_new_model_and_adapter_keeps_every_id(
-    lora, tmp_path, prompt_file, ray_address
-):
+def test_extension_with_a_new_model_and_adapter_keeps_every_id(tmp_path, prompt_file, ray_address):
+    lora = write_lora(tmp_path / "lora")
     prompts = prompt_file()
     output = str(tmp_path / "out")
     sweep = {"scheduler": ["ddim"], "guidance_scale": [7.5], "images_per_prompt": 1}
@@ -280,6 +281,13 @@ def test_extension_with_a_new_model_and_adapter_keeps_every_id(
     rows = pads.dataset(output + "/images").to_table().to_pandas()
     assert len(rows) == 24 and not rows.duplicated(["prompt_id", "config_id"]).any()
     assert rows.groupby("model").size().to_dict() == {copy: 12, "builtin:toy": 12}
+
+    # an adapter retrained in place is another adapter: its images here are not its own
+    write_lora(lora, seed=1)
+    with pytest.raises(
+        InputError, match=rf"different job \(adapter {re.escape(str(lora))}: sha256:"
+    ):
+        generate(parse_spec(wider), output=output, address=ray_address)
 
 
 def test_the_adapters_job_sweeps_two_models_and_four_adapter_settings():
