@@ -127,6 +127,23 @@ def test_scale_zero_and_no_adapter_give_the_base_models_pixels(lora, tmp_path):
     assert row["model_identity"] == TOY.identity and row["lora_identity"].startswith("sha256:")
 
 
+def test_loading_a_second_adapter_leaves_the_first_as_it_was(lora, tmp_path):
+    """Both adapters live in one model (transformers reports the first one's weights as
+    "missing" while it loads the second): each still gives the images it gives alone."""
+    torch.set_num_threads(1)
+    second = write_lora(tmp_path / "second", seed=1)
+    sweep = small(lora=(Adapter(str(lora), (1.0,)), Adapter(str(second), (1.0,))))
+    first_unit, second_unit = units(sweep)
+    both = worker_for(tmp_path / "both", adapters=(lora, second))
+    (before,), _ = images_of(both, first_unit)
+    (with_second,), _ = images_of(both, second_unit)
+    (after,), _ = images_of(both, first_unit)
+    alone = worker_for(tmp_path / "alone", adapters=(second,))
+    (second_alone,), _ = images_of(alone, units(small(lora=sweep.lora[1:]))[0])
+    assert np.array_equal(before, after) and np.array_equal(with_second, second_alone)
+    assert not np.array_equal(before, with_second)
+
+
 def test_memory_stays_flat_over_many_adapter_switches(lora, tmp_path):
     torch.set_num_threads(1)
     second = write_lora(tmp_path / "second", seed=1)
