@@ -143,7 +143,7 @@ class Sweep:
             )
 
     @property
-    def adapters(self) -> list[tuple[str | None, float | None]]:
+    def lora_settings(self) -> list[tuple[str | None, float | None]]:
         """(adapter, scale) for each adapter setting, in spec order; (None, None): no adapter."""
         return [
             (None, None) if a is None else (a.path, s)
@@ -155,7 +155,7 @@ class Sweep:
     def configurations(self) -> int:
         """How many configurations the sweep holds for one model."""
         steps, guidance = self.num_inference_steps, self.guidance_scale
-        return len(self.adapters) * len(self.scheduler) * len(steps) * len(guidance)
+        return len(self.lora_settings) * len(self.scheduler) * len(steps) * len(guidance)
 
 
 def _check_count(count: int, where: str) -> None:
@@ -256,9 +256,9 @@ class JobSpec:
         no adapter (where the sweep has none, its first adapter setting)."""
         b = self.baseline
         model = b.model or self.models[0]
-        if b.lora is not None or (None, None) in self.sweep.adapters:
+        if b.lora is not None or (None, None) in self.sweep.lora_settings:
             return (model, b.lora, b.lora_scale)
-        return (model, *self.sweep.adapters[0])
+        return (model, *self.sweep.lora_settings[0])
 
     def _check_baseline(self) -> None:
         model, lora, scale = self.baseline_setting
@@ -273,7 +273,7 @@ class JobSpec:
             "must be set with baseline.lora, and only with it",
         )
         require(
-            (lora, scale) in self.sweep.adapters,
+            (lora, scale) in self.sweep.lora_settings,
             "baseline.lora",
             f"{lora} at scale {shown(scale)} is not one of sweep.lora's settings",
         )

@@ -92,7 +92,11 @@ def configurations(
             s, n, g, sweep.height, sweep.width, sweep.negative_prompt, m, lora, scale, m != first
         )
         for m, (lora, scale), s, n, g in itertools.product(
-            models, sweep.adapters, sweep.scheduler, sweep.num_inference_steps, sweep.guidance_scale
+            models,
+            sweep.lora_settings,
+            sweep.scheduler,
+            sweep.num_inference_steps,
+            sweep.guidance_scale,
         )
     ]
 
