@@ -7,6 +7,7 @@ import gc
 import io
 import json
 import re
+import shutil
 import weakref
 
 import numpy as np
@@ -339,3 +340,26 @@ def test_units_go_to_actors_holding_their_model_and_move_only_when_work_would_wa
     # several "b" units would wait for actor 1: actor 0 moves to b
     pending.extend(("b", i) for i in range(6, 9))
     assert _next_unit(pending, 0, model, holds) == ("b", 5) and holds[0] == "b"
+
+
+def test_a_hub_adapter_loads_from_the_offline_cache(lora, tmp_path, prompt_file, spec_file):
+    """A hub id pinned to its commit on the driver and loaded by the worker from the HF cache
+    with HF_HUB_OFFLINE=1 (own local Ray)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--sdbatch--toy-lora-test"
+    shutil.copytree(lora, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    sweep = {"scheduler": ["ddim"], "guidance_scale": [7.5], "images_per_prompt": 1}
+    sweep["lora"] = [{"path": "sdbatch/toy-lora-test", "scale": 1.0}]
+    data = job(prompt_file(["a red circle", "a blue square"]), model="builtin:toy", sweep=sweep)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    proc = sdbatch("generate", str(spec_file(data)), "--out", str(tmp_path / "out"), env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    name = "pytorch_lora_weights.safetensors"
+    identity = f"hub:sdbatch/toy-lora-test@{commit}/{name}"
+    record = RunRecord.from_json((tmp_path / "out" / "run.json").read_bytes())
+    assert [a.identity for a in record.adapters] == [identity]
+    rows = pads.dataset(str(tmp_path / "out" / "images")).to_table().to_pandas()
+    assert len(rows) == 2 and set(rows["lora_identity"]) == {identity}
