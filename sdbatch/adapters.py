@@ -146,6 +146,8 @@ def check_fits(adapter: AdapterSource, model: ModelSource, field: str, shapes: d
         weight = modules.get(module) or modules.get(module.removeprefix("text_model."))
         if weight is None:
             raise InputError(f"{where}: its {component} has no module {module} ({key})")
+        if min(len(weight), len(down), len(up)) < 2:
+            raise InputError(f"{where}: {component}.{module} is not a linear or convolution layer")
         if down[1] != weight[1] or up[0] != weight[0] or down[0] != up[1]:
             raise InputError(
                 f"{where}: {component}.{module} maps {weight[1]} -> {weight[0]} features, the "
@@ -191,6 +193,10 @@ def _header(path: Path, ref: str, field: str) -> dict[str, Any]:
             header = json.loads(f.read(size))
         if not isinstance(header, dict):
             raise ValueError("the header is not a mapping")
+        for key, info in header.items():
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if key != "__metadata__" and not isinstance(shape, list):
+                raise ValueError(f"tensor {key!r} has no shape")
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
         raise InputError(
             f"{field}: {ref} is not a readable safetensors file ({first_line(e)})"
