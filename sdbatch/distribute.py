@@ -1,6 +1,9 @@
 """Ray: join or start a cluster, place one worker actor per GPU (or N CPU actors), and hand out
 work units one at a time, so fast actors take more of them.
 
+Units may have an affinity (generation's: the model they need): an actor then takes the units of
+the model it holds, and moves to another only when that one's units would otherwise wait, so each
+model is loaded about once per actor that needs it.
 Each actor is a plain worker class made remote (`worker.Worker` generates,
 `evaluation.worker.FeatureWorker` extracts features). Its `run(unit)` streams one count per
 finished batch, which drives a single progress bar over all actors (plain log lines with the
@@ -296,6 +299,7 @@ def run_units(
     progress: tuple[int, int, str],
     retries: int,
     split: Callable[[Any], list[Any]] | None = None,
+    affinity: Callable[[Any], str] | None = None,
 ) -> RunResult:
     """Run every unit on `plan.count` actors of class `worker`, giving each idle one the next unit.
 
@@ -311,6 +315,8 @@ def run_units(
             (a dataclass with `threads` and `log_dir` fields: what every actor loads).
         progress: (total images, images already done, what the bar says it is doing).
         split: a unit's halves (none for a unit that cannot be split).
+        affinity: what a unit needs loaded (a model); then `setup` has an `affinity` field,
+            which each actor is started with, and units go to actors holding what they need.
 
     Raises:
         JobFailed: a worker could not load its models, actors kept dying while loading them, or
@@ -324,18 +330,29 @@ def run_units(
     actor_setup = dataclasses.replace(setup, threads=plan.threads)
     actors: list[Any] = []
     loading: dict[Any, Any] = {}
+    holds: dict[Any, str] = {}  # actor -> what it has loaded (with `affinity`)
+    described: dict[Any, int] = {}  # actor -> its entry in result.workers
 
     def start_actor() -> None:
-        actor = remote.remote(actor_setup)
+        if affinity is None:
+            actor = remote.remote(actor_setup)
+        else:
+            key = _least_served(pending, affinity, holds) or affinity(units[0])
+            actor = remote.remote(dataclasses.replace(actor_setup, affinity=key))
+            holds[actor] = key
         actors.append(actor)
         loading[actor.describe.remote()] = actor
 
+    def replace(actor: Any) -> None:
+        holds.pop(actor, None)
+        _replace(actor, actors, start_actor)
+
     log.info("starting %s (each loads the model once)", plan.describe())
+    pending = deque(units)
     for _ in range(plan.count):
         start_actor()
     # A node lost while its actor loads is not the model's fault: replace it, a few times.
     load_deaths_allowed = plan.count * (retries + 1)
-    pending = deque(units)
     running: dict[Any, _Running] = {}
     slowest = 0.0  # the longest wait for a unit's next report so far
     placement_checked = time.monotonic()
@@ -372,10 +389,11 @@ def run_units(
 
     try:
         while pending or running:
-            while idle and pending:
-                actor = idle.pop()
-                unit = pending.popleft()
-                running[actor.run.remote(unit)] = _Running(actor, unit)
+            for actor in list(idle):
+                unit = _next_unit(pending, actor, affinity, holds)
+                if unit is not None:
+                    idle.remove(actor)
+                    running[actor.run.remote(unit)] = _Running(actor, unit)
             ready, _ = ray.wait([*loading, *running], num_returns=1, timeout=1.0)
             if bar is not None:
                 bar.update(0)  # keeps elapsed time and ETA moving between batches
@@ -389,10 +407,11 @@ def run_units(
                             raise JobFailed(f"a worker failed to load: {_reason(e)}") from e
                         load_deaths_allowed -= 1
                         log.warning("a worker died while loading; starting another")
-                        _replace(actor, actors, start_actor)
+                        replace(actor)
                         continue
                     except ray.exceptions.RayError as e:
                         raise JobFailed(f"a worker failed to load: {_reason(e)}") from e
+                    described[actor] = len(result.workers) - 1
                     idle.append(actor)
                     # Throughput is counted from the first loaded worker: model loading is not
                     # generation speed.
@@ -409,7 +428,7 @@ def run_units(
                 except ray.exceptions.RayActorError as e:
                     del running[ref]
                     log.warning("a worker died during unit %s; starting another", unit.unit_id)
-                    _replace(actor, actors, start_actor)
+                    replace(actor)
                     give_back(unit, f"worker died: {_reason(e)}")
                     continue
                 except ray.exceptions.RayError as e:
@@ -437,8 +456,9 @@ def run_units(
             for ref in _stalled(running, slowest, now, result.stalled):
                 job = running.pop(ref)
                 result.stalled.append(job.unit.unit_id)
-                _replace(job.actor, actors, start_actor)
+                replace(job.actor)
                 give_back(job.unit, f"stalled: no progress for {now - job.heard:.0f} s")
+        _describe_again(described, actors, result.workers)
     finally:
         if bar is not None:
             result.seconds = bar.format_dict["elapsed"]
@@ -448,6 +468,55 @@ def run_units(
     if setup.log_dir and Path(setup.log_dir).is_dir():
         log.info("the workers' library warnings are in %s", setup.log_dir)
     return result
+
+
+def _next_unit(
+    pending: deque, actor: Any, affinity: Callable[[Any], str] | None, holds: dict[Any, str]
+) -> Any:
+    """The unit `actor` takes next, removed from `pending`; None: it waits.
+
+    Without affinity, the first unit. With it, the first unit of what the actor holds; if none
+    is left, it moves to what has the most units waiting per actor holding it, unless every
+    such unit has an actor already (a load costs more than waiting for the last units).
+    """
+    if not pending:
+        return None
+    if affinity is None:
+        return pending.popleft()
+    key = holds[actor]
+    if not any(affinity(u) == key for u in pending):
+        key = _least_served(pending, affinity, holds)
+        if key is None:
+            return None
+        holds[actor] = key
+    unit = next(u for u in pending if affinity(u) == key)
+    pending.remove(unit)
+    return unit
+
+
+def _least_served(
+    pending: deque, affinity: Callable[[Any], str], holds: dict[Any, str]
+) -> str | None:
+    """What has the most waiting units per actor holding it, counting only where units
+    outnumber those actors (one would wait); None where none would."""
+    waiting = Counter(affinity(u) for u in pending)
+    served = Counter(holds.values())
+    short = {k: n / (served[k] + 1) for k, n in waiting.items() if n > served[k]}
+    return max(short, key=short.__getitem__, default=None)
+
+
+def _describe_again(described: dict[Any, int], actors: list[Any], workers: list) -> None:
+    """Each live actor's description at the end (its load counts); an actor that does not
+    answer within seconds keeps the one it gave when it started."""
+    import ray
+
+    live = [a for a in actors if a in described]
+    try:
+        infos = ray.get([a.describe.remote() for a in live], timeout=30)
+        for actor, info in zip(live, infos, strict=True):
+            workers[described[actor]] = info
+    except ray.exceptions.RayError as e:
+        log.warning("could not ask the workers for their final counts: %s", _reason(e))
 
 
 def _stalled(

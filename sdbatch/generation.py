@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from sdbatch import distribute, schedulers
+from sdbatch.adapters import AdapterSource, check_fits, resolve_adapter
 from sdbatch.errors import InputError, first_line
 from sdbatch.integrity import summarize, unit_problems
 from sdbatch.lease import check_holder, held
@@ -110,24 +111,33 @@ def generate(
     # 1. check every input before anything expensive starts
     prompt_set = load_prompts(spec.prompts)
     prompts = prompt_set.frame
-    configs = configurations(spec.sweep)
-    total = len(prompts) * len(configs) * spec.sweep.images_per_prompt
+    count = len(spec.models) * spec.sweep.configurations
+    total = len(prompts) * count * spec.sweep.images_per_prompt
     if total > MAX_UNCONFIRMED_IMAGES and not (confirmed or dry_run):
         raise InputError(
             f"--yes: this job would generate {total:,} images ({len(prompts):,} prompts x "
-            f"{len(configs)} configurations x {spec.sweep.images_per_prompt} images), more than "
+            f"{count} configurations x {spec.sweep.images_per_prompt} images), more than "
             f"{MAX_UNCONFIRMED_IMAGES:,}; pass --yes to confirm"
         )
     if spec.runtime.dtype == "fp16" and distribute.local_without_gpu(address):
         raise InputError(
             "runtime.dtype: fp16 needs GPUs and this machine has none; use fp32 or bf16"
         )
-    model = resolve_model(spec.model, spec.model_revision, allow_pickle=spec.model_allow_pickle)
+    models = [
+        resolve_model(ref, spec.model_revision, allow_pickle=spec.model_allow_pickle)
+        for ref in spec.models
+    ]
+    adapters = _resolve_adapters(spec, models)
     out = Output(output or spec.output or f"out/{spec.name}")
     field = _output_field(output, spec)
     _check_output(out, spec, field)
     spec = dataclasses.replace(spec, output=out.location)
-    record = _run_record(spec, prompt_set, configs, model, _count_truncated(prompts, spec, model))
+    # An extension keeps the model the run started with first: its configurations' ids.
+    started = None if overwrite else out.read_run()
+    first = started.model.ref if started and started.model.ref in spec.models else spec.models[0]
+    configs = configurations(spec.sweep, spec.models, first)
+    truncated = _count_truncated(prompts, spec, models)
+    record = _run_record(spec, prompt_set, configs, models, adapters, first, truncated)
     log.info(
         "job %s: %d prompts x %d configurations x %d images = %d images -> %s",
         spec.name, len(prompts), len(configs), spec.sweep.images_per_prompt, total, out.location,
@@ -150,9 +160,11 @@ def generate(
                     f"runtime.dtype: {out.uri} was generated in {previous.dtype}, this run would "
                     f"use {dtype}; set runtime.dtype: {previous.dtype} or {ELSEWHERE}"
                 )
-            log.info(
-                "model %s (%s), %s, %s", model.ref, model.identity[:19], plan.describe(), dtype
-            )
+            for model in models:
+                log.info("model %s (%s)", model.ref, model.identity[:19])
+            for adapter in adapters:
+                log.info("adapter %s (%s)", adapter.ref, adapter.identity[:19])
+            log.info("%s, %s", plan.describe(), dtype)
 
             # 5. record the run, then generate
             record = dataclasses.replace(
@@ -161,7 +173,8 @@ def generate(
             out.write_prompts(prompts)
             out.write_run(record)
             setup = GenerationSetup(
-                model=model,
+                models=tuple(models),
+                adapters=adapters,
                 dtype=dtype,
                 output=out.location,
                 run_id=holder.run_id,
@@ -171,7 +184,7 @@ def generate(
             )
             progress = (total, total - left, "generating")
             result = distribute.run_units(
-                Worker, setup, units, plan, progress, spec.runtime.retries, split_unit
+                Worker, setup, units, plan, progress, spec.runtime.retries, split_unit, _model_of
             )
 
         # 6. record what this call did, failures included: the run's stats live in run.json
@@ -212,6 +225,26 @@ def generate(
         )  # fmt: skip
     seconds = time.perf_counter() - began
     return GenerateSummary(out.location, total, new, seconds, result.seconds, flagged, failed)
+
+
+def _model_of(unit: WorkUnit) -> str:
+    """What a unit needs loaded: the model of its configuration."""
+    return unit.config.model
+
+
+def _resolve_adapters(spec: JobSpec, models: list[ModelSource]) -> tuple[AdapterSource, ...]:
+    """Every adapter of the sweep, resolved and checked against every model it runs with."""
+    adapters = []
+    shapes: dict = {}  # each model component's module shapes, built once
+    for i, item in enumerate(spec.sweep.lora):
+        if item is None:
+            continue
+        field = f"sweep.lora[{i}].path"
+        adapter = resolve_adapter(item.path, field)
+        for model in models:
+            check_fits(adapter, model, field, shapes)
+        adapters.append(adapter)
+    return tuple(adapters)
 
 
 def _output_field(output: str | None, spec: JobSpec) -> str:
@@ -308,11 +341,12 @@ def _unit_bytes(spec: JobSpec) -> int:
     return min(int(pixels * 1.5), 64 << 20)
 
 
-def _count_truncated(prompts: pd.DataFrame, spec: JobSpec, model: ModelSource) -> int:
-    """How many prompts the text encoder will cut short (the prompt or its negative prompt is
-    too long); warns once, since diffusers would only say so inside each worker."""
+def _count_truncated(prompts: pd.DataFrame, spec: JobSpec, models: list[ModelSource]) -> int:
+    """How many prompts a model's text encoder will cut short (the prompt or its negative prompt
+    is too long); warns once, since diffusers would only say so inside each worker."""
     negatives = negative_prompts(prompts["negative_prompt"], spec.sweep.negative_prompt)
-    long = longer_than_context(model, [*prompts["prompt"], *negatives])
+    texts = [*prompts["prompt"], *negatives]
+    long = set().union(*(longer_than_context(model, texts) for model in models))
     cut = prompts["prompt"].isin(long) | pd.Series(negatives, index=prompts.index).isin(long)
     ids = prompts.loc[cut, "prompt_id"].tolist()
     if ids:
@@ -328,12 +362,16 @@ def _run_record(
     spec: JobSpec,
     prompts: PromptSet,
     configs: list[Config],
-    model: ModelSource,
+    models: list[ModelSource],
+    adapters: tuple[AdapterSource, ...],
+    first: str,
     truncated: int,
 ) -> RunRecord:
     return RunRecord(
         spec=spec,
-        model=model,
+        model=next(m for m in models if m.ref == first),
+        models=tuple(models),
+        adapters=adapters,
         prompts=PromptCounts(
             count=len(prompts.frame),
             sha256=prompt_set_digest(prompts.frame),
@@ -365,6 +403,18 @@ def _check_same_job(
             changes.append(
                 f"{'.'.join(path[1:] if path[0] == 'spec' else path)}: {old!r} -> {new!r}"
             )
+    # Every other model and adapter both runs name must be what it was: their images are in the
+    # output (the first model is a fixed field).
+    first = previous.model.ref
+    for kind, old, new in (
+        ("model", {r: m for r, m in previous.sources.items() if r != first}, record.sources),
+        ("adapter", {a.ref: a for a in previous.adapters}, {a.ref: a for a in record.adapters}),
+    ):
+        for ref in sorted(old.keys() & new.keys()):
+            if old[ref].identity != new[ref].identity:
+                changes.append(
+                    f"{kind} {ref}: {old[ref].identity[:19]} -> {new[ref].identity[:19]}"
+                )
     missing = {c.config_id for c in previous.configs} - {c.config_id for c in record.configs}
     if missing:
         changes.append(f"configurations removed: {', '.join(sorted(missing))}")

@@ -33,7 +33,12 @@ class ImageRow:
     guidance_scale: Annotated[float, pa.float64()]
     height: Annotated[int, pa.int32()]
     width: Annotated[int, pa.int32()]
-    model: Annotated[str, pa.string()]  # as the spec names it; run.json has its identity
+    model: Annotated[str, pa.string()]  # as the spec names it
+    model_identity: Annotated[str, pa.string()]  # "sha256:..." or "hub:REPO@COMMIT"
+    # The LoRA adapter as the spec names it, what exactly it is, and its scale; null without one
+    lora: Annotated[str | None, pa.string()]
+    lora_identity: Annotated[str | None, pa.string()]
+    lora_scale: Annotated[float | None, pa.float64()]
     dtype: Annotated[str, pa.string()]
     batch_size: Annotated[int, pa.int32()]  # images in the pipeline call that made it
     generation_seconds: Annotated[float, pa.float64()]  # that call's time over its images

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from sdbatch.adapters import AdapterSource
 from sdbatch.models import ModelSource
 from sdbatch.spec import JobSpec
 from sdbatch.sweep import Config
@@ -65,7 +66,7 @@ class RunRecord:
     """run.json: the resolved spec, what exactly ran it, and the history of the calls."""
 
     spec: JobSpec
-    model: ModelSource
+    model: ModelSource  # the model the run started with: its configurations' ids leave it out
     prompts: PromptCounts
     configs: tuple[Config, ...]
     schedulers: dict[str, dict[str, Any]]  # name -> the diffusers class and config overrides
@@ -73,6 +74,15 @@ class RunRecord:
     dtype: str | None = None  # fp16, bf16 or fp32: known once the cluster's hardware is
     history: tuple[HistoryEntry, ...] = ()
     format: int = FORMAT
+    # Every model and adapter of the sweep, resolved (empty in outputs made before they were
+    # sweep axes: `model` was the only one).
+    models: tuple[ModelSource, ...] = ()
+    adapters: tuple[AdapterSource, ...] = ()
+
+    @property
+    def sources(self) -> dict[str, ModelSource]:
+        """Every model of the run by its reference."""
+        return {m.ref: m for m in self.models or (self.model,)}
 
     @property
     def identity(self) -> str:
@@ -106,8 +116,11 @@ class RunRecord:
         data = json.loads(body)
         # The id and the cost follow from the configuration's fields: derived again on reading.
         derived = ("config_id", "unet_evals_per_image")
+        # Configurations of outputs made before models were an axis name none: theirs.
+        model = {"model": data["model"]["ref"]} if isinstance(data.get("model"), dict) else {}
         data["configs"] = [
-            {k: v for k, v in config.items() if k not in derived} for config in data["configs"]
+            model | {k: v for k, v in config.items() if k not in derived}
+            for config in data["configs"]
         ]
         return from_data(cls, data)
 

@@ -54,6 +54,31 @@ MAX_ACTORS = 1024  # explicit actors; `auto` places one per GPU, however many
 MAX_BATCH_SIZE = 1024
 MAX_SHARD_SIZE = 10_000
 MAX_RETRIES = 10
+# A LoRA's scale multiplies its update; past +-10 its images are noise, so a larger one is a typo.
+# Negative scales are allowed: they push away from what the adapter teaches.
+MAX_LORA_SCALE = 10
+MAX_MODELS = 100
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter in the sweep, and the scales it is applied at."""
+
+    # A hub id, a local folder or .safetensors file, or builtin:NAME
+    path: str
+    scale: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        conform(self)
+        require(
+            self.path.strip() != "",
+            "path",
+            "must name a hub id, a local folder or .safetensors file, or builtin:NAME",
+        )
+        require(len(self.scale) > 0, "scale", "must list at least one number")
+        unique(self.scale, "scale")
+        for i, scale in enumerate(self.scale):
+            within(scale, -MAX_LORA_SCALE, MAX_LORA_SCALE, f"scale[{i}]")
 
 
 @dataclass(frozen=True)
@@ -85,9 +110,13 @@ class Sweep:
     height: int = 512
     width: int = 512
     negative_prompt: str = ""
+    # LoRA adapters: each item null (the model as it is) or an adapter at one or more scales.
+    lora: tuple[Adapter | None, ...] = (None,)
 
     def __post_init__(self) -> None:
         conform(self)
+        require(len(self.lora) > 0, "lora", "must list null or adapters {path, scale}")
+        unique(tuple(a.path if a else None for a in self.lora), "lora")
         known(self.scheduler, SCHEDULERS, "scheduler", "scheduler")
         unique(self.num_inference_steps, "num_inference_steps")
         for i, steps in enumerate(self.num_inference_steps):
@@ -101,12 +130,8 @@ class Sweep:
         unique(self.guidance_scale, "guidance_scale")
         for i, g in enumerate(self.guidance_scale):
             within(g, 0, MAX_GUIDANCE, f"guidance_scale[{i}]")
-        count = len(self.scheduler) * len(self.num_inference_steps) * len(self.guidance_scale)
-        require(
-            count <= MAX_CONFIGURATIONS,
-            "scheduler x num_inference_steps x guidance_scale",
-            f"{count:,} configurations; at most {MAX_CONFIGURATIONS:,}",
-        )
+        axes = "scheduler x num_inference_steps x guidance_scale"
+        _check_count(self.configurations, axes if self.lora == (None,) else f"lora x {axes}")
         within(self.images_per_prompt, 1, MAX_IMAGES_PER_PROMPT, "images_per_prompt")
         for side in ("height", "width"):
             size = getattr(self, side)
@@ -116,6 +141,29 @@ class Sweep:
                 f"must be a multiple of 8 (the VAE's downsampling) from 8 to {MAX_SIDE:,}, "
                 f"got {shown(size)}",
             )
+
+    @property
+    def lora_settings(self) -> list[tuple[str | None, float | None]]:
+        """(adapter, scale) for each adapter setting, in spec order; (None, None): no adapter."""
+        return [
+            (None, None) if a is None else (a.path, s)
+            for a in self.lora
+            for s in (a.scale if a else (None,))
+        ]
+
+    @property
+    def configurations(self) -> int:
+        """How many configurations the sweep holds for one model."""
+        steps, guidance = self.num_inference_steps, self.guidance_scale
+        return len(self.lora_settings) * len(self.scheduler) * len(steps) * len(guidance)
+
+
+def _check_count(count: int, where: str) -> None:
+    require(
+        count <= MAX_CONFIGURATIONS,
+        where,
+        f"{count:,} configurations; at most {MAX_CONFIGURATIONS:,}",
+    )
 
 
 @dataclass(frozen=True)
@@ -145,11 +193,22 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """What the report compares every model and adapter against; unset fields: the first model,
+    no adapter."""
+
+    model: str | None = None
+    lora: str | None = None
+    lora_scale: float | None = None
+
+
+@dataclass(frozen=True)
 class JobSpec:
-    """A whole job: model, prompts, sweep, seed, output and runtime."""
+    """A whole job: model(s), prompts, sweep, seed, output and runtime."""
 
     name: str
-    model: str
+    # One model, or a list: each is a value of the sweep's model axis.
+    model: str | tuple[str, ...]
     prompts: PromptSource
     sweep: Sweep = Sweep()
     seed: int = 0
@@ -162,15 +221,62 @@ class JobSpec:
     runtime: Runtime = Runtime()
     # The evaluation suite `sdbatch run` applies after generating (relative to the spec file).
     suite: str | None = None
+    baseline: Baseline = Baseline()
 
     def __post_init__(self) -> None:
         conform(self)
         # out/NAME by default: a name with a / or .. would write outside out/
         file_name(self.name, "name")
+        many = not isinstance(self.model, str)
+        unique(self.models, "model")
+        for i, ref in enumerate(self.models):
+            require(
+                ref.strip() != "",
+                f"model[{i}]" if many else "model",
+                "must name a hub id, a local folder or builtin:NAME",
+            )
+        require(len(self.models) <= MAX_MODELS, "model", f"at most {MAX_MODELS} models")
         require(
-            self.model.strip() != "", "model", "must name a hub id, a local folder or builtin:NAME"
+            self.model_revision is None or len(self.models) == 1,
+            "model_revision",
+            "pins one hub model; with a list of models, give each as a local folder or builtin",
         )
+        _check_count(len(self.models) * self.sweep.configurations, "model x sweep")
         within(self.seed, 0, MAX_SEED, "seed")
+        self._check_baseline()
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The model references, in spec order."""
+        return (self.model,) if isinstance(self.model, str) else self.model
+
+    @property
+    def baseline_setting(self) -> tuple[str, str | None, float | None]:
+        """(model, adapter, scale) of the baseline, its defaults filled in: the first model, and
+        no adapter (where the sweep has none, its first adapter setting)."""
+        b = self.baseline
+        model = b.model or self.models[0]
+        if b.lora is not None or (None, None) in self.sweep.lora_settings:
+            return (model, b.lora, b.lora_scale)
+        return (model, *self.sweep.lora_settings[0])
+
+    def _check_baseline(self) -> None:
+        model, lora, scale = self.baseline_setting
+        require(
+            model in self.models,
+            "baseline.model",
+            f"{shown(model)} is not one of the spec's models ({', '.join(self.models)})",
+        )
+        require(
+            (lora is None) == (scale is None),
+            "baseline.lora_scale",
+            "must be set with baseline.lora, and only with it",
+        )
+        require(
+            (lora, scale) in self.sweep.lora_settings,
+            "baseline.lora",
+            f"{lora} at scale {shown(scale)} is not one of sweep.lora's settings",
+        )
 
 
 def load_spec(path: str | Path) -> JobSpec:

@@ -30,12 +30,28 @@ class Config:
     height: int
     width: int
     negative_prompt: str
+    model: str = ""  # as the spec names it ("" in run.json of outputs from before models)
+    lora: str | None = None  # the adapter as the spec names it; None: the model as it is
+    lora_scale: float | None = None  # None exactly when lora is
+    # False for the run's first model: its configurations' ids are those they had before models
+    # and adapters were sweep axes, so outputs made then keep theirs, and extend.
+    model_in_id: bool = False
 
     @property
     def config_id(self) -> str:
-        """Readable and stable: ``ddim-s25-g7.5-3fa9c1``; the hash covers every field."""
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
-        return f"{self.scheduler}-s{self.num_inference_steps}-g{self.guidance_scale:g}-{digest[:6]}"
+        """Readable and stable: ``ddim-s25-g7.5-3fa9c1``, with ``-lora0.5`` for an adapter's
+        scale; the hash covers every field (the model where `model_in_id`, the adapter where
+        one is set)."""
+        fields = asdict(self)
+        del fields["model_in_id"]
+        if not self.model_in_id:
+            del fields["model"]
+        if self.lora is None:
+            del fields["lora"], fields["lora_scale"]
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        lora = "" if self.lora_scale is None else f"-lora{self.lora_scale:g}"
+        steps = f"s{self.num_inference_steps}-g{self.guidance_scale:g}"
+        return f"{self.scheduler}-{steps}{lora}-{digest[:6]}"
 
     @property
     def unet_evals_per_image(self) -> int:
@@ -61,12 +77,26 @@ class WorkUnit:
         return len(self.prompt_ids) * self.images_per_prompt
 
 
-def configurations(sweep: Sweep) -> list[Config]:
-    """The Cartesian product of the sweep's lists, in the order the spec lists them."""
+def configurations(
+    sweep: Sweep, models: tuple[str, ...] = ("",), first: str | None = None
+) -> list[Config]:
+    """The Cartesian product of models and the sweep's lists, in the order the spec lists them.
+
+    Args:
+        first: the run's first model (default: the first of `models`), whose configurations'
+            ids leave the model out; on an extension, the model the run was started with.
+    """
+    first = models[0] if first is None else first
     return [
-        Config(s, n, g, sweep.height, sweep.width, sweep.negative_prompt)
-        for s, n, g in itertools.product(
-            sweep.scheduler, sweep.num_inference_steps, sweep.guidance_scale
+        Config(
+            s, n, g, sweep.height, sweep.width, sweep.negative_prompt, m, lora, scale, m != first
+        )
+        for m, (lora, scale), s, n, g in itertools.product(
+            models,
+            sweep.lora_settings,
+            sweep.scheduler,
+            sweep.num_inference_steps,
+            sweep.guidance_scale,
         )
     ]
 

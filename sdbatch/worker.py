@@ -1,10 +1,19 @@
-"""The worker: one loaded pipeline that turns work units into committed Parquet files.
+"""The worker: a loaded pipeline that turns work units into committed Parquet files.
+
+A worker holds one model at a time and keeps it while its units come (distribute hands units out
+by model); another model's unit frees it and loads that one. LoRA adapters are loaded into the
+model once and switched by weight (`set_adapters`, `disable_lora`): a unit never reloads base
+weights, and switching does not grow memory (loading adapters over and over does:
+huggingface/diffusers#8532).
 
 A plain class, so tests run it in-process; distribute.py wraps it, unchanged, in a Ray actor.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import io
 import logging
 import os
@@ -18,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sdbatch.adapters import AdapterSource
 from sdbatch.errors import first_line
 from sdbatch.image_rows import ImageRow, image_table
 from sdbatch.models import ModelSource, load_pipeline
@@ -34,7 +44,7 @@ log = logging.getLogger("sdbatch")
 class GenerationSetup:
     """What every generation worker of a run loads; the driver resolves it once."""
 
-    model: ModelSource
+    models: tuple[ModelSource, ...]
     dtype: str  # fp16, bf16 or fp32
     output: str  # an Output.location
     run_id: str  # the lease's: a unit commits only while its run holds the output
@@ -42,6 +52,10 @@ class GenerationSetup:
     png_compress_level: int
     threads: int | None = None  # torch CPU threads; None keeps torch's default
     log_dir: str | None = None  # for the libraries' warnings (quiet_libraries); None: as they are
+    adapters: tuple[AdapterSource, ...] = ()
+    # The model (its reference) this worker loads first; None: the first of `models`.
+    # distribute sets it per actor (`affinity`), so that actors start on different models.
+    affinity: str | None = None
 
 
 def encode_png(pixels: np.ndarray, level: int) -> bytes:
@@ -52,7 +66,7 @@ def encode_png(pixels: np.ndarray, level: int) -> bytes:
 
 
 class Worker:
-    """Loads the pipeline once; `run` generates a work unit and commits it."""
+    """Loads a model once and keeps it; `run` generates a work unit and commits it."""
 
     def __init__(self, setup: GenerationSetup):
         import torch
@@ -63,15 +77,19 @@ class Worker:
             quiet_libraries(setup.log_dir)
         self.setup = setup
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = load_pipeline(setup.model, setup.dtype, self.device)
-        # Every scheduler is built from the model's own config, never from the last one used.
-        self._scheduler_config = self.pipe.scheduler.config
-        self._schedulers: dict[str, Any] = {}
+        self._sources = {m.ref: m for m in setup.models}
+        # peft names adapters as module keys, which a reference's dots and slashes cannot be.
+        self._adapter_names = {a.ref: (f"lora{i}", a) for i, a in enumerate(setup.adapters)}
+        self.model_loads = 0
+        self.adapter_loads = 0
+        self.model: str | None = None  # the loaded model's reference
+        self.pipe: Any = None
+        self._use_model(setup.affinity or setup.models[0].ref)
         self._output = Output(setup.output)
         # Lowered, for the rest of this worker's life, when a batch runs out of memory.
         self.batch_size = setup.batch_size
         # The UNet input shapes this worker has run: the first call at each one is warm-up.
-        self._shapes: set[tuple[int, int, int]] = set()
+        self._shapes: set[tuple[str | None, int, int, int]] = set()
         # zlib releases the GIL, so PNG encoding of one batch overlaps the next batch's denoising.
         self._encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
 
@@ -84,6 +102,8 @@ class Worker:
             "device": self.device_name(),
             "torch_threads": torch.get_num_threads(),
             "versions": library_versions(),
+            "model_loads": self.model_loads,
+            "adapter_loads": self.adapter_loads,
         }
 
     def device_name(self) -> str:
@@ -94,7 +114,9 @@ class Worker:
 
     def run(self, unit: WorkUnit) -> Iterator[int | UnitMarker]:
         """Generate `unit`, yielding each batch's image count; commit it and yield its marker."""
-        # 1. switch scheduler; the weights stay loaded
+        # 1. switch model (only if it is another), adapter and scheduler
+        self._use_model(unit.config.model or self.model)
+        self._use_adapter(unit.config.lora, unit.config.lora_scale)
         name = unit.config.scheduler
         if name not in self._schedulers:
             self._schedulers[name] = make_scheduler(name, self._scheduler_config)
@@ -113,7 +135,7 @@ class Worker:
             batch = images[start : start + self.batch_size]
             seeds = [image_seed(unit.seed, unit.prompt_ids[p], s) for p, s in batch]
             passes = guidance_passes(config.guidance_scale)
-            shape = (len(batch) * passes, config.height, config.width)
+            shape = (self.model, len(batch) * passes, config.height, config.width)
             # Not a switch of scheduler: it builds no tensors (measured no slower). The first
             # call at a new shape is left out too: on a GPU it selects kernels and grows the
             # memory pool; leaving out one call per shape costs one sample, counting it a bias.
@@ -154,6 +176,48 @@ class Worker:
             device=self.device_name(),
         )
         yield self._output.commit_unit(image_table(rows), marker, self.setup.run_id)
+
+    def _use_model(self, ref: str) -> None:
+        """Load model `ref`, unless it is the one loaded; the previous one is freed first, as
+        two may not fit at once."""
+        import torch
+
+        if ref == self.model:
+            return
+        self.pipe, self.model = None, None  # none is loaded until this load succeeds
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        _return_freed_memory()
+        self.pipe = load_pipeline(self._sources[ref], self.setup.dtype, self.device)
+        self.model = ref
+        self.model_loads += 1
+        # Every scheduler is built from the model's own config, never from the last one used.
+        self._scheduler_config = self.pipe.scheduler.config
+        self._schedulers: dict[str, Any] = {}
+        self._adapters_loaded: set[str] = set()
+
+    def _use_adapter(self, ref: str | None, scale: float | None) -> None:
+        """Apply adapter `ref` at `scale`, loading it into this model the first time; None: the
+        model as it is."""
+        if ref is None:
+            if self._adapters_loaded:
+                self.pipe.disable_lora()
+            return
+        name, source = self._adapter_names[ref]
+        if name not in self._adapters_loaded:
+            self.pipe.load_lora_weights(
+                source.location,
+                weight_name=source.weight_name,
+                revision=source.revision,
+                adapter_name=name,
+                use_safetensors=True,
+            )
+            self._adapters_loaded.add(name)
+            self.adapter_loads += 1
+        # set_adapters does not undo disable_lora: enabled again first.
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(name, adapter_weights=scale)
 
     def _shrink_batch(self, size: int, error: Exception) -> None:
         """Halve the batch after running out of memory; this worker keeps the smaller size."""
@@ -225,13 +289,25 @@ class Worker:
             guidance_scale=config.guidance_scale,
             height=config.height,
             width=config.width,
-            model=self.setup.model.ref,
+            model=config.model or self.model,
+            model_identity=self._sources[self.model].identity,
+            lora=config.lora,
+            lora_identity=self._adapter_names[config.lora][1].identity if config.lora else None,
+            lora_scale=config.lora_scale,
             dtype=self.setup.dtype,
             batch_size=batch,
             generation_seconds=seconds,
             warmup=warmup,
             nsfw_flagged=flagged,
         )
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps it for reuse otherwise, so a
+    freed model would still count in the process's memory)."""
+    # not glibc: its allocator returns memory its own way
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _out_of_memory(error: Exception) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 
-from sdbatch.spec import Sweep
+from sdbatch.spec import Adapter, Sweep
 from sdbatch.sweep import Config, configurations, image_seed, plan_units, split_unit
 
 
@@ -93,3 +95,34 @@ def test_split_halves_are_the_units_a_plan_of_those_prompts_makes():
         assert piece == planned
     (one,) = plan_units(prompts(1), [config], 2, 0, 5)
     assert split_unit(one) == []
+
+
+def test_config_ids_of_outputs_made_before_models_were_an_axis_do_not_change():
+    # tests/fixtures/output-0.1.0 holds this configuration under this id
+    assert Config("ddim", 2, 1.0, 32, 32, "").config_id == "ddim-s2-g1-26561f"
+    one = Sweep(scheduler=("ddim",), num_inference_steps=(2,), guidance_scale=(1.0,))
+    one = dataclasses.replace(one, height=32, width=32)
+    (config,) = configurations(one, ("builtin:tiny",))
+    assert config.model == "builtin:tiny" and config.config_id == "ddim-s2-g1-26561f"
+
+
+def test_models_and_adapters_are_axes_and_extension_keeps_every_id():
+    lora = (None, Adapter("builtin:toy-purple", (0.5, 1.0)))
+    sweep = Sweep(scheduler=("ddim",), num_inference_steps=(2,), guidance_scale=(1.0,), lora=lora)
+    configs = configurations(sweep, ("builtin:toy", "builtin:tiny"))
+    assert [(c.model, c.lora, c.lora_scale) for c in configs] == [
+        ("builtin:toy", None, None),
+        ("builtin:toy", "builtin:toy-purple", 0.5),
+        ("builtin:toy", "builtin:toy-purple", 1.0),
+        ("builtin:tiny", None, None),
+        ("builtin:tiny", "builtin:toy-purple", 0.5),
+        ("builtin:tiny", "builtin:toy-purple", 1.0),
+    ]
+    ids = [c.config_id for c in configs]
+    assert len(set(ids)) == 6 and ids[1].startswith("ddim-s2-g1-lora0.5-")
+    # the first model without an adapter keeps the id it had as the only model
+    plain = dataclasses.replace(sweep, lora=(None,))
+    assert ids[0] == configurations(plain, ("builtin:toy",))[0].config_id
+    # listed in another order, or with a model more, the run's first model decides the ids
+    extended = configurations(sweep, ("builtin:x", "builtin:tiny", "builtin:toy"), "builtin:toy")
+    assert set(ids) <= {c.config_id for c in extended}

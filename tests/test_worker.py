@@ -32,7 +32,7 @@ def setup(output, batch_size=4) -> GenerationSetup:
     """What a driver gives its workers, the lease on `output` included."""
     out = Output(str(output))
     holder = acquire(out.fs, out.root)
-    return GenerationSetup(TINY, "fp32", str(output), holder.run_id, batch_size, 1)
+    return GenerationSetup((TINY,), "fp32", str(output), holder.run_id, batch_size, 1)
 
 
 def one_unit(config: Config, texts=("a red circle",), images_per_prompt=1, negatives=None):

@@ -17,7 +17,15 @@ from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.evaluation.suite import Suite
 from sdbatch.records import BatchTiming, RunRecord, UnitMarker
 
-CONFIG_COLUMNS = ("config_id", "scheduler", "num_inference_steps", "guidance_scale")
+CONFIG_COLUMNS = (
+    "config_id",
+    "model",
+    "lora",
+    "lora_scale",
+    "scheduler",
+    "num_inference_steps",
+    "guidance_scale",
+)
 # Measured, so they change from one run of the same images to the next.
 TIMING_COLUMNS = (
     "seconds_per_image_median",
