@@ -1,7 +1,7 @@
 """Ray clusters as users run them, on 127.0.0.1: a job submitted through the real Ray Jobs API to
 a `ray start` head (its dashboard on loopback) and followed to SUCCEEDED, as the KubeRay
-manifest's entrypoint would be; a submitted job stopped and submitted again; and a two-node
-cluster that loses its second node (raylet and workers killed) mid-generation and mid-evaluation; and
+manifest's entrypoint would be; a submitted job stopped and submitted again; a two-node cluster
+that loses its second node (raylet and workers killed) mid-generation and mid-evaluation; and
 progress as plain lines when stderr is not a terminal. Outputs are on a real S3-compatible server
 (moto)."""
 

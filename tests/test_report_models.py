@@ -9,7 +9,6 @@ import itertools
 import re
 import shutil
 from statistics import NormalDist
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -192,12 +191,10 @@ def test_each_model_and_adapter_against_the_baseline_with_paired_intervals(repor
 def test_baseline_named_by_the_spec(reported):
     run = load_run(str(reported["out"]))
     assert run.baseline == MODELS[0]
-    named = SimpleNamespace(model=MODELS[1], lora=ADAPTER, lora_scale=0.5)
-    run.baseline = baseline_of(run.configs, named)
+    run.baseline = baseline_of(run.configs, (MODELS[1], ADAPTER, 0.5))
     assert run.baseline == f"{MODELS[1]} + {ADAPTER} at 0.5"
     # a baseline the run does not have: the default
-    missing = SimpleNamespace(model="other", lora=None, lora_scale=None)
-    assert baseline_of(run.configs, missing) == MODELS[0]
+    assert baseline_of(run.configs, ("other", None, None)) == MODELS[0]
     section = models_and_adapters(run)
     expected = expected_versus(reported["configs"], reported["replicates"], run.baseline)
     table = section.table.set_index("model / adapter")

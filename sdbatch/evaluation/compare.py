@@ -32,7 +32,7 @@ from sdbatch.evaluation.table import CONFIG_COLUMNS
 # Outputs evaluated before sdbatch swept models have none of these columns.
 MODEL_AXES = ("model", "lora", "lora_scale")
 # What the sweep varies: the axes a main effect is computed for, models and adapters first.
-AXES = (*MODEL_AXES, *(c for c in CONFIG_COLUMNS[1:] if c not in MODEL_AXES))
+AXES = CONFIG_COLUMNS[1:]
 # How a main effect's level, a plot and a sentence name "no adapter" (a null lora and scale).
 NO_ADAPTER = "none"
 

@@ -60,7 +60,7 @@ def load_run(location: str) -> Run:
     if "model" in configs and (names := model_names(configs)).nunique() > 1:
         # models and adapters in the sweep's order (the file's), each one's configurations sorted
         configs[MODEL] = pd.Categorical(names, categories=list(dict.fromkeys(names)))
-        baseline = baseline_of(configs, getattr(record.spec, "baseline", None))
+        baseline = baseline_of(configs, record.spec.baseline_setting)
     configs = configs.sort_values([MODEL, *PARAMS] if baseline else PARAMS, ignore_index=True)
     if baseline:
         configs[MODEL] = configs[MODEL].astype(str)
@@ -72,15 +72,13 @@ def load_run(location: str) -> Run:
     return Run(record.spec.name, out, configs, metrics, record, *paired, baseline)
 
 
-def baseline_of(configs: pd.DataFrame, named) -> str:
-    """The model (and adapter) the others are compared with: the spec's `baseline` when it
-    names one of the run's (`named`: model, lora, lora_scale), else the first model without
-    an adapter, else the first model."""
+def baseline_of(configs: pd.DataFrame, named: tuple[str, str | None, float | None]) -> str:
+    """The model (and adapter) the others are compared with: the spec's baseline (`named`:
+    model, lora, lora_scale, defaults filled) when the run evaluated it, else the first model
+    without an adapter, else the first model."""
     names = list(dict.fromkeys(configs[MODEL]))
-    if named is not None:
-        name = model_name(named.model, named.lora, named.lora_scale)
-        if name in names:
-            return name
+    if (name := model_name(*named)) in names:
+        return name
     plain = configs.loc[configs["lora"].isna(), MODEL]
     return str(plain.iloc[0]) if len(plain) else names[0]
 
