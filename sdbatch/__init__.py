@@ -62,10 +62,11 @@ below it (tests/test_layout.py holds the code to this list).
     models                          model reference -> pinned ModelSource; pipeline loading
     spec                            the job spec: typed, validated, up front
     toy.build                       writes every builtin model's shipped files
+    toy.lora                        trains the toy-purple adapter: a LoRA that teaches toy purple
     toy.train                       trains toy-clip and toy on the shapes world
     toy.components                  the builtin models' parts (byte tokenizer, scheduler, CLIP)
     toy.world                       the shapes world: scenes, rendering, the pixel judge
-    builtin                         builtin:NAME -> a model folder shipped in the package
+    builtin                         builtin:NAME -> a model or adapter folder shipped in the package
     schedulers                      scheduler names -> diffusers classes (from_config)
     publish                         files written whole: a temporary name, then a move
     digests                         sha256 identities of files, folders and weights

@@ -1,13 +1,15 @@
 """Build the shipped files of every builtin model, from a fixed seed, into the package.
 
 `tiny`, `tiny-clip` and `tiny-dinov2` are the real classes at toy size with fixed random weights
-(seconds); `toy-clip` and `toy` are trained on the shapes world by `sdbatch.toy.train` (minutes):
+(seconds); `toy-clip` and `toy` are trained on the shapes world by `sdbatch.toy.train`, and the
+adapter `toy-purple` by `sdbatch.toy.lora` (minutes each):
 
     python -m sdbatch.toy.build tiny
     python -m sdbatch.toy.build tiny-clip
     python -m sdbatch.toy.build tiny-dinov2
     python -m sdbatch.toy.build toy-clip      # the same as python -m sdbatch.toy.train toy-clip
     python -m sdbatch.toy.build toy
+    python -m sdbatch.toy.build toy-purple
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from sdbatch.builtin import MODELS_DIR
 from sdbatch.toy.components import make_byte_tokenizer, make_clip, save_sd_pipeline
+from sdbatch.toy.lora import train_toy_purple
 from sdbatch.toy.train import train_toy, train_toy_clip
 
 
@@ -128,6 +131,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-dinov2": build_tiny_dinov2,
     "toy-clip": train_toy_clip,
     "toy": train_toy,
+    "toy-purple": train_toy_purple,
 }
 
 

@@ -32,11 +32,12 @@ from sdbatch.toy.components import make_clip, save_sd_pipeline
 CAPTION_DROPOUT = 0.1
 
 
-def _images(count: int, seed: int):
-    """`count` world pairs as a float tensor in [-1, 1] (N x 3 x H x W) and their captions."""
+def image_tensors(count: int, seed: int, scenes: list[world.Scene] = world.SCENES):
+    """`count` world pairs of `scenes` as a float tensor in [-1, 1] (N x 3 x H x W) and their
+    captions."""
     import torch
 
-    pairs = world.samples(count, seed)
+    pairs = world.samples(count, seed, scenes=scenes)
     pixels = np.stack([np.asarray(image) for image, _ in pairs])
     tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     return tensor, [caption for _, caption in pairs]
@@ -59,7 +60,7 @@ def train_toy_clip(
         width=64, layers=3, image_size=world.SIZE, patch_size=4, projection=64
     )
     tokenizer = processor.tokenizer
-    images, captions = _images(samples, seed)
+    images, captions = image_tensors(samples, seed)
     # CLIP's normalisation, applied once to the whole set (the processor does the same at use).
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
@@ -133,7 +134,7 @@ def train_toy(
     clip = clip or builtin_path("toy-clip")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    images, captions = _images(samples, seed + 1)
+    images, captions = image_tensors(samples, seed + 1)
 
     # 1. the autoencoder: 32 px images <-> 4 x 8 x 8 latents (a 4x downsampling keeps the UNet
     #    cheap enough to train on 2 CPU cores)
@@ -217,7 +218,7 @@ def train_toy(
 
 def zero_shot_accuracy(folder: Path, count: int = 1000, seed: int = 99) -> dict[str, float]:
     """Toy CLIP, zero-shot: the share of rendered images whose best-matching caption among
-    "a {color} {shape}" names their color, and their shape."""
+    "a {color} {shape}" (the colors it was trained on) names their color, and their shape."""
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -225,7 +226,7 @@ def zero_shot_accuracy(folder: Path, count: int = 1000, seed: int = 99) -> dict[
     processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pairs = world.samples(count, seed)
-    labels = [(c, s) for c in world.COLORS for s in world.SHAPES]
+    labels = [(c, s) for c in world.BASE_COLORS for s in world.SHAPES]
     with torch.no_grad():
         pixels = processor(images=[np.asarray(i) for i, _ in pairs], return_tensors="pt")
         image = model.get_image_features(**pixels).pooler_output

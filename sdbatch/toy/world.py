@@ -7,6 +7,9 @@ images of any caption to serve as an FID reference, and `judge`: a check of an i
 caption from the pixels alone (the object's hue, its centroid, its area and how much of its bounding
 box it fills), which needs no model and so can grade one.
 
+Purple is the world's one color the base models never saw: `SCENES`, their training scenes, leave
+it out; `PURPLE_SCENES` are what the `builtin:toy-purple` adapter learns.
+
 Write a reference set (the demo suite's `eval/demo-reference.parquet`):
     python -m sdbatch.toy.world eval/demo-reference.parquet --count 1024
 """
@@ -34,7 +37,12 @@ COLORS = {
     "green": (40, 160, 60),
     "blue": (40, 70, 210),
     "yellow": (230, 200, 30),
+    # At least 112 from every other color, and farther than their own color from the mean color
+    # of every object builtin:toy draws (by 78 or more), so the judge's verdicts on the base
+    # colors are the same as without it.
+    "purple": (140, 40, 170),
 }
+BASE_COLORS = ("red", "green", "blue", "yellow")  # what builtin:toy and builtin:toy-clip know
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.2, "large": 0.34}  # radius as a fraction of the image side
 POSITIONS = {"left": 0.27, "center": 0.5, "right": 0.73}  # centroid x as a fraction
@@ -71,17 +79,19 @@ class Scene:
         return cls(**match.groupdict()) if match else None
 
 
-SCENES = [Scene(*s) for s in itertools.product(SHAPES, COLORS, SIZES, POSITIONS)]
+def scenes_of(colors: tuple[str, ...]) -> list[Scene]:
+    """Every scene in one of `colors`."""
+    return [Scene(*s) for s in itertools.product(SHAPES, colors, SIZES, POSITIONS)]
+
+
+SCENES = scenes_of(BASE_COLORS)  # builtin:toy's and builtin:toy-clip's training scenes
+PURPLE_SCENES = scenes_of(("purple",))
 ATTRIBUTES_OF = {
     "shape": SHAPES,
     "color": tuple(COLORS),
     "size": tuple(SIZES),
     "position": tuple(POSITIONS),
 }
-
-
-def random_scene(rng: random.Random) -> Scene:
-    return rng.choice(SCENES)
 
 
 def render(scene: Scene, seed: int, size: int = SIZE) -> Image.Image:
@@ -105,12 +115,14 @@ def render(scene: Scene, seed: int, size: int = SIZE) -> Image.Image:
     return image
 
 
-def samples(count: int, seed: int = 0, size: int = SIZE) -> list[tuple[Image.Image, str]]:
-    """`count` (image, caption) pairs, the same for the same seed."""
+def samples(
+    count: int, seed: int = 0, size: int = SIZE, scenes: list[Scene] = SCENES
+) -> list[tuple[Image.Image, str]]:
+    """`count` (image, caption) pairs of `scenes`, the same for the same seed."""
     rng = random.Random(seed)
     pairs = []
     for _ in range(count):
-        scene = random_scene(rng)
+        scene = rng.choice(scenes)
         pairs.append((render(scene, rng.getrandbits(32), size), scene.caption))
     return pairs
 
