@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdbatch.builtin import PREFIX, builtin_path
+from sdbatch.builtin import PREFIX, builtin_adapter_path
 from sdbatch.digests import file_digest
 from sdbatch.errors import InputError, first_line
 from sdbatch.models import HUB_ID, LIBRARIES, PICKLE_SUFFIXES, ModelSource, model_file
@@ -61,7 +61,7 @@ def resolve_adapter(ref: str, field: str) -> AdapterSource:
             several and none named pytorch_lora_weights.safetensors; pickled weights.
     """
     if ref.startswith(PREFIX):
-        return _local(builtin_path(ref.removeprefix(PREFIX), field), ref, field)
+        return _local(builtin_adapter_path(ref.removeprefix(PREFIX), field), ref, field)
     path = Path(ref).expanduser()
     # os.path.exists, unlike Path.exists, says False for a name too long for the file system
     if os.path.exists(path):  # noqa: PTH110

@@ -199,7 +199,7 @@ def test_switching_model_returns_gpu_memory_to_its_level(tmp_path):
         ("two", "holds several .safetensors files (a.safetensors, b.safetensors)"),
         ("garbage", "is not a readable safetensors file"),
         ("not-lora", "is not in diffusers' LoRA format"),
-        ("builtin", "unknown builtin model 'nope'"),
+        ("builtin", "unknown builtin adapter 'nope'"),
         ("other-model", "does not fit model builtin:tiny: text_encoder."),
     ],
 )
@@ -363,3 +363,12 @@ def test_a_hub_adapter_loads_from_the_offline_cache(lora, tmp_path, prompt_file,
     assert [a.identity for a in record.adapters] == [identity]
     rows = pads.dataset(str(tmp_path / "out" / "images")).to_table().to_pandas()
     assert len(rows) == 2 and set(rows["lora_identity"]) == {identity}
+
+
+def test_the_builtin_adapter_resolves_and_fits_its_base_only():
+    from sdbatch.adapters import check_fits, resolve_adapter
+
+    purple = resolve_adapter("builtin:toy-purple", "sweep.lora[1].path")
+    check_fits(purple, TOY, "sweep.lora[1].path", {})
+    with pytest.raises(InputError, match="builtin:toy-purple does not fit model builtin:tiny"):
+        check_fits(purple, TINY, "sweep.lora[1].path", {})
