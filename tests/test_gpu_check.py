@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_smoke_mode_prints_every_row(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    # RAY_ADDRESS=local: its own Ray instance, never a cluster another test started with ray start
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "2", "RAY_ADDRESS": "local"}
     done = subprocess.run(
         ["bash", "bench/gpu_check.sh", "--smoke"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
