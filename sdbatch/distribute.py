@@ -34,9 +34,6 @@ from tqdm import tqdm
 from sdbatch.errors import InputError, JobFailed, first_line
 
 log = logging.getLogger("sdbatch")
-# transformers warns at import about optional vision backends, before a worker can send its
-# warnings to its log file (worker_logs.quiet_libraries).
-ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Joining a cluster: ray.init retries an address nobody answers at for about 14 minutes.
 CONNECT_SECONDS = 10
@@ -238,6 +235,7 @@ def run_units(
     progress: tuple[int, int, str],
     retries: int,
     split: Callable[[Any], list[Any]] | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunResult:
     """Run every unit on `plan.count` actors of class `worker`, giving each idle one the next unit.
 
@@ -253,6 +251,8 @@ def run_units(
             (a dataclass with `threads` and `log_dir` fields: what every actor loads).
         progress: (total images, images already done, what the bar says it is doing).
         split: a unit's halves (none for a unit that cannot be split).
+        env: environment variables the actors need before they import anything. Ray then
+            starts a worker process for each (seconds) instead of taking one it started ahead.
 
     Raises:
         JobFailed: a worker could not load its models, actors kept dying while loading them, or
@@ -260,8 +260,9 @@ def run_units(
     """
     import ray
 
+    runtime_env = {"env_vars": env} if env else None
     remote = ray.remote(worker).options(
-        num_gpus=plan.gpus, num_cpus=plan.cpus, runtime_env={"env_vars": ACTOR_ENV}
+        num_gpus=plan.gpus, num_cpus=plan.cpus, runtime_env=runtime_env
     )
     actor_setup = dataclasses.replace(setup, threads=plan.threads)
     actors: list[Any] = []
