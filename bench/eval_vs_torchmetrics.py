@@ -260,13 +260,16 @@ def measure(args) -> None:
     if args.measure == "plain":
         measured = plain_loop(args, out)
     else:
-        shutil.rmtree(out / "metrics", ignore_errors=True)  # no shards: everything is extracted
+        # No shards and no cached reference: every image is extracted, as by the plain loop.
+        cache = data / f"cache-{result.stem}"
+        shutil.rmtree(out / "metrics", ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
         # Ray starts before the timing, with the cores the plain loop's threads have.
         ray.init(
             address="local", num_cpus=args.threads, include_dashboard=False, logging_level="ERROR"
         )
         try:
-            measured = with_sdbatch(args, out, data / f"cache-{result.stem}")
+            measured = with_sdbatch(args, out, cache)
         finally:
             ray.shutdown()
         for name in ("configs", "replicates", "images"):
@@ -319,6 +322,10 @@ def report(args, sides: dict[str, list[Measured]], generated: int) -> None:
             f"{name:30}{whole:9.2f}{n / whole:10.1f}{ratio:9.2f}x"
             f"{loop:9.2f}{n / loop:10.1f}{loop_ratio:9.2f}x{resume}"
         )
+    before = [name for name in sides if name.startswith("sdbatch eval, before")]
+    if before:
+        ratios = [b.whole / a.whole for b, a in zip(sides[before[0]], sides[AFTER], strict=True)]
+        print(f"{'after vs before':30}{'':19}{np.median(ratios):9.2f}x (whole run, per round)")
     print("whole: models loaded (sdbatch: actors started), metrics computed; not Ray's start")
     print("loop: plain = decode, embed, update, compute; sdbatch = its actors' extraction")
     print("resume: the same sdbatch eval again (shards re-read, metrics recomputed)")
