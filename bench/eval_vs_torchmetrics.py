@@ -4,27 +4,42 @@ The plain loop is what people write by hand: a torchmetrics CLIPScore, and a
 FrechetInceptionDistance whose feature extractor is the same CLIP model's image embeddings, updated
 batch by batch, one configuration after the other, in one process. sdbatch decodes and embeds on
 Ray actors, embeds each generated image once for both metrics, writes per-unit shards and merges
-their sufficient statistics; it also computes KID and bootstrap intervals, which the loop does not.
+their sufficient statistics. By default it computes what the loop computes, CLIP score and FID per
+configuration; `--kid` and `--bootstrap N` add work the loop does not do (KID, and intervals from N
+bootstrap replicates).
 
 Both see identical images: made first by `sdbatch generate` (not timed), with the generated images
-folder itself as FID's reference. The script checks that per-configuration CLIP score and FID agree
+folder itself as FID's reference. Each measurement runs in a process of its own, after torch,
+transformers and Ray are imported and Ray started: the plain loop, sdbatch as this checkout has it
+("after"), and sdbatch as the git revision `--before` had it (unpacked with `git archive`), in
+turn, `--repeats` times; medians are printed, with each round's ratio to the plain loop. Both
+sides use the same cores: the plain loop `--threads` torch threads, sdbatch `--actors` actors
+sharing them (one thread each when there are as many actors as threads) and its driver's metric
+math `--threads` threads. The script checks that per-configuration CLIP score and FID agree
 (torchmetrics clips the mean score at 0, sdbatch each image's, so a configuration with a negative
-cosine is compared over its other images, untimed) and prints images/s for both, counting every
-image that goes through CLIP (generated + reference).
+cosine is compared over its other images, untimed), that before and after wrote the same
+configs.parquet and replicates.parquet, and prints images/s, counting every image that goes
+through CLIP (generated + reference).
 
-    python bench/eval_vs_torchmetrics.py                       # 64 prompts x 2 configs x 2 images
-    python bench/eval_vs_torchmetrics.py --prompts 256 --actors 4 --batch-size 64
-    python bench/eval_vs_torchmetrics.py --threads 1           # on a machine busy with other work
+    python bench/eval_vs_torchmetrics.py                       # 512 prompts: 2048 + 2048 images
+    python bench/eval_vs_torchmetrics.py --prompts 64 --repeats 1
+    python bench/eval_vs_torchmetrics.py --threads 1 --actors 1   # one core each
+    python bench/eval_vs_torchmetrics.py --kid --bootstrap 200     # sdbatch does more
+    python bench/eval_vs_torchmetrics.py --before none         # this checkout only
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,28 +48,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from sdbatch.builtin import builtin_path
-from sdbatch.evaluation.run import evaluate
-from sdbatch.evaluation.suite import parse_suite
-from sdbatch.generation import generate
-from sdbatch.spec import parse_spec
-
-TEXTS = (Path(__file__).resolve().parents[1] / "jobs" / "demo-prompts.txt").read_text().splitlines()
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = (ROOT / "jobs" / "demo-prompts.txt").read_text().splitlines()
 CLIP_MODEL = "builtin:tiny-clip"
 TOLERANCE = 1e-4  # relative
+PLAIN, AFTER = "plain torchmetrics loop", "sdbatch eval, after"
+# The last commit before evaluation's start-up, decoding and driver-side math were sped up.
+BEFORE = "761fe10"
+# Measured, so they differ between two runs on the same images.
+TIMED_COLUMNS = ("seconds_per_image", "timed_batches", "warmup_batches")
 
 
 @dataclass
 class Measured:
-    """One side's timings (seconds) and its (clip_score, fid) per configuration."""
+    """One run's timings (seconds) and its (clip_score, fid) per configuration."""
 
     whole: float  # models loaded and metrics computed; Ray's start excluded
     loop: float  # feature extraction and metric updates only
     scores: dict[str, tuple[float, float]]
+    resume: float | None = None  # sdbatch: the same call again, shards only
 
 
-def make_images(args, folder: Path) -> Path:
-    """Generate the evaluated images with sdbatch itself; returns the output folder."""
+def make_images(args, folder: Path) -> None:
+    """Generate the evaluated images with sdbatch itself, into FOLDER/out."""
+    from sdbatch.generation import generate
+    from sdbatch.spec import parse_spec
+
     # Under 75 characters: the builtin CLIP has one token per character and a 77-token context,
     # and torchmetrics (slicing token ids) and sdbatch (keeping end-of-text) truncate differently.
     texts = [f"{TEXTS[i % len(TEXTS)]}, {i}" for i in range(args.prompts)]
@@ -76,18 +95,18 @@ def make_images(args, folder: Path) -> Path:
         }
     )
     generate(spec, output=str(folder / "out"))
-    return folder / "out"
 
 
-def with_sdbatch(args, out: Path, cache: Path) -> tuple[Measured, float, pd.DataFrame]:
-    """`sdbatch eval` on the connected Ray session, then once more (a resume: shards only).
+def with_sdbatch(args, out: Path, cache: Path) -> Measured:
+    """`sdbatch eval` on a connected Ray session with a fresh cache and no shards, then once more
+    (a resume: shards only)."""
+    from sdbatch.evaluation.run import evaluate
+    from sdbatch.evaluation.suite import parse_suite
 
-    Returns the first call's measurement, the resume's seconds, and the per-image table.
-    """
     suite = parse_suite(
         {
             "name": "bench-eval",
-            "metrics": ["clip_score", "fid", "kid"],
+            "metrics": ["clip_score", "fid", *(["kid"] if args.kid else [])],
             "clip": {"model": CLIP_MODEL},
             "fid": {"features": "clip"},
             "reference": {"images": str(out / "images")},
@@ -104,14 +123,15 @@ def with_sdbatch(args, out: Path, cache: Path) -> tuple[Measured, float, pd.Data
     resume = time.perf_counter() - began
     table = summary.configs.set_index("config_id")
     scores = {c: (row.clip_score, row.fid) for c, row in table.iterrows()}
-    per_image = pd.read_parquet(out / "metrics" / "images.parquet")
-    return Measured(whole, summary.extraction_seconds, scores), resume, per_image
+    return Measured(whole, summary.extraction_seconds, scores, resume)
 
 
 def load_clip(device: str):
     """The builtin CLIP as torchmetrics' CLIPScore takes it: (model, CLIPProcessor)."""
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
+
+    from sdbatch.builtin import builtin_path
 
     path = builtin_path(CLIP_MODEL.removeprefix("builtin:"))
 
@@ -226,35 +246,99 @@ def clip_score_without(args, out: Path, clipped: pd.DataFrame) -> dict[str, floa
     return scores
 
 
-def report(
-    args,
-    ours: Measured,
-    resume: float,
-    plain: Measured,
-    per_image: pd.DataFrame,
-    without: dict[str, float],
-) -> None:
+def measure(args) -> None:
+    """One measurement in this process (`--measure`): its Measured as JSON in `--result`, and
+    sdbatch's tables beside it."""
+    # Imported before any timing, as both sides would be in a script of their own.
+    import ray
     import torch
+    import transformers  # noqa: F401
 
-    n = 2 * len(per_image)  # every generated image, and each again as a reference image
+    torch.set_num_threads(args.threads)
+    data, result = Path(args.data), Path(args.result)
+    out = data / "out"
+    if args.measure == "plain":
+        measured = plain_loop(args, out)
+    else:
+        # No shards and no cached reference: every image is extracted, as by the plain loop.
+        cache = data / f"cache-{result.stem}"
+        shutil.rmtree(out / "metrics", ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        # Ray starts before the timing, with the cores the plain loop's threads have.
+        ray.init(
+            address="local", num_cpus=args.threads, include_dashboard=False, logging_level="ERROR"
+        )
+        try:
+            measured = with_sdbatch(args, out, cache)
+        finally:
+            ray.shutdown()
+        for name in ("configs", "replicates", "images"):
+            shutil.copy(out / "metrics" / f"{name}.parquet", f"{result}.{name}.parquet")
+    result.write_text(json.dumps(asdict(measured)))
+
+
+def run_side(args, side: str, source: Path, data: Path, result: Path) -> Measured:
+    """`measure` in a fresh process that imports sdbatch from `source` (its Ray actors too)."""
+    command = [
+        sys.executable,
+        __file__,
+        "--measure",
+        "plain" if side == PLAIN else "sdbatch",
+    ]
+    command += ["--data", str(data), "--result", str(result)]
+    for name in ("actors", "batch_size", "bootstrap", "threads"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    command += ["--kid"] if args.kid else []
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    return Measured(**json.loads(result.read_text()))
+
+
+def report(args, sides: dict[str, list[Measured]], generated: int) -> None:
+    """Medians over the rounds, and each side's median ratio to the plain loop in its round."""
+    n = 2 * generated  # every generated image, and each again as a reference image
+    plain = sides[PLAIN]
+    load = os.getloadavg()[0]
     print(
-        f"\n{len(per_image)} generated + {len(per_image)} reference images "
-        f"({len(ours.scores)} configs, {args.size}x{args.size}), CLIP {CLIP_MODEL}, "
-        f"batch {args.batch_size}; {args.actors} sdbatch actors on {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} torch threads here"
+        f"\n{generated} generated + {generated} reference images ({len(plain[0].scores)} configs, "
+        f"{args.size}x{args.size}), CLIP {CLIP_MODEL}, batch {args.batch_size}, median of "
+        f"{args.repeats} rounds; plain loop: {args.threads} torch threads; sdbatch: "
+        f"{args.actors} actors sharing {args.threads} CPUs; {os.cpu_count()} CPUs, load average "
+        f"{load:.1f} at the end"
     )
-    print(f"{'':26}{'whole run s':>12}{'images/s':>10}{'loop s':>10}{'images/s':>10}")
-    for name, m in (("plain torchmetrics loop", plain), ("sdbatch eval", ours)):
-        print(f"{name:26}{m.whole:12.2f}{n / m.whole:10.1f}{m.loop:10.2f}{n / m.loop:10.1f}")
-    print(f"{'ratio sdbatch/plain':26}{'':12}{plain.whole / ours.whole:10.2f}", end="")
-    print(f"{'':10}{plain.loop / ours.loop:10.2f}")
-    print(f"{'sdbatch eval, resumed':26}{resume:12.2f}  (shards re-read, metrics recomputed)")
-    print("whole run: models loaded (sdbatch: actors started), metrics computed; not Ray's start")
+    extra = ["KID"] * args.kid + [f"{args.bootstrap} bootstrap replicates"] * (args.bootstrap > 0)
+    print(f"both compute CLIP score and FID; sdbatch also: {', '.join(extra) or 'nothing'}")
+    print(
+        f"{'':30}{'whole s':>9}{'images/s':>10}{'vs plain':>10}"
+        f"{'loop s':>9}{'images/s':>10}{'vs plain':>10}{'resume s':>10}"
+    )
+    for name, runs in sides.items():
+        whole = np.median([m.whole for m in runs])
+        loop = np.median([m.loop for m in runs])
+        ratio = np.median([p.whole / m.whole for p, m in zip(plain, runs, strict=True)])
+        loop_ratio = np.median([p.loop / m.loop for p, m in zip(plain, runs, strict=True)])
+        resume = "" if runs[0].resume is None else f"{np.median([m.resume for m in runs]):10.2f}"
+        print(
+            f"{name:30}{whole:9.2f}{n / whole:10.1f}{ratio:9.2f}x"
+            f"{loop:9.2f}{n / loop:10.1f}{loop_ratio:9.2f}x{resume}"
+        )
+    before = [name for name in sides if name.startswith("sdbatch eval, before")]
+    if before:
+        ratios = [b.whole / a.whole for b, a in zip(sides[before[0]], sides[AFTER], strict=True)]
+        print(f"{'after vs before':30}{'':19}{np.median(ratios):9.2f}x (whole run, per round)")
+    print("whole: models loaded (sdbatch: actors started), metrics computed; not Ray's start")
     print("loop: plain = decode, embed, update, compute; sdbatch = its actors' extraction")
+    print("resume: the same sdbatch eval again (shards re-read, metrics recomputed)")
 
+
+def check_agreement(args, out: Path, ours: Measured, plain: Measured, images: Path) -> bool:
+    """Per-configuration CLIP score and FID of sdbatch against the plain loop's; printed."""
     # Configurations with a negative cosine are compared with torchmetrics' score over the other
     # images (`clip_score_without`), the timed loop's own score shown beside it.
-    clipped = per_image[per_image["clip_score"] == 0].groupby("config_id").size()
+    per_image = pd.read_parquet(images)
+    clipped = per_image[per_image["clip_score"] == 0]
+    without = clip_score_without(args, out, clipped) if len(clipped) else {}
+    counts = clipped.groupby("config_id").size()
     clip_diffs, fid_diffs = [], []
     print()
     for config_id, (clip_score, fid) in ours.scores.items():
@@ -263,19 +347,43 @@ def report(
         clip_diffs.append(abs(clip_score / expected - 1))
         fid_diffs.append(abs(fid / plain_fid - 1))
         print(f"  {config_id}: clip_score {clip_score:.6f} vs {expected:.6f}", end="")
-        if config_id in clipped:
-            print(f" ({clipped[config_id]} images < 0 left out; all: {plain_clip:.6f})", end="")
+        if config_id in counts:
+            print(f" ({counts[config_id]} images < 0 left out; all: {plain_clip:.6f})", end="")
         print(f", fid {fid:.6g} vs {plain_fid:.6g}")
     clip_diff, fid_diff = max(clip_diffs), max(fid_diffs)
     print(f"max relative difference sdbatch vs torchmetrics: clip_score {clip_diff:.2e}, ", end="")
     print(f"fid {fid_diff:.2e}")
     ok = max(clip_diff, fid_diff) < TOLERANCE
     print(f"agreement: {'OK' if ok else 'MISMATCH'} (tolerance {TOLERANCE:g} relative)")
+    return ok
+
+
+def same_tables(before: Path, after: Path) -> bool:
+    """Whether before and after wrote the same configs and replicates, exactly; printed."""
+    same = True
+    for name in ("configs", "replicates", "images"):
+        a = pd.read_parquet(f"{before}.{name}.parquet")
+        b = pd.read_parquet(f"{after}.{name}.parquet")
+        equal = a.columns.equals(b.columns) and a.equals(b)
+        same &= equal
+        print(f"{name}.parquet before vs after: {'identical' if equal else 'DIFFERENT'}")
+    return same
+
+
+def unpack(revision: str, folder: Path) -> Path:
+    """The sdbatch package as git `revision` had it, unpacked under `folder`; returns `folder`."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "sdbatch"], check=True, capture_output=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=512)
     parser.add_argument("--per-prompt", type=int, default=2, help="images per prompt and config")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
@@ -283,38 +391,78 @@ def main() -> None:
         "--actors",
         type=lambda v: v if v == "auto" else int(v),
         default=2,
-        help="CPU actors (with GPUs, auto: one per GPU)",
+        help="sdbatch's CPU actors (with GPUs, auto: one per GPU)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--bootstrap", type=int, default=200, help="sdbatch's bootstrap samples")
+    parser.add_argument(
+        "--bootstrap", type=int, default=0, help="sdbatch's bootstrap replicates (0: no intervals)"
+    )
+    parser.add_argument("--kid", action="store_true", help="sdbatch computes KID too")
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch threads of this process: the plain loop, and sdbatch's metric math (default: "
-        "torch's own); on a busy machine 1 avoids threads waiting on descheduled siblings",
+        default=os.cpu_count(),
+        help="CPUs each side gets: the plain loop's torch threads, the CPUs sdbatch's Ray "
+        "instance shares among its actors, and sdbatch's metric math threads",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every side")
+    parser.add_argument(
+        "--before",
+        default=BEFORE,
+        help="a git revision of sdbatch to measure beside this checkout ('none': skip it)",
+    )
+    parser.add_argument("--measure", choices=["plain", "sdbatch"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--data",
+        help="a folder to generate the images into, or to reuse them from when it has them "
+        "(default: a temporary folder)",
+    )
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    # Imported before any timing: each side would pay them once per process.
-    import ray
-    import torch
-    import transformers  # noqa: F401
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.measure:
+        measure(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
-        # Ray starts before the timing; generate and evaluate reuse a connected session.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-        try:
-            out = make_images(args, Path(tmp))
-            ours, resume, per_image = with_sdbatch(args, out, Path(tmp) / "cache")
-        finally:
-            ray.shutdown()
-        plain = plain_loop(args, out)
-        clipped = per_image[per_image["clip_score"] == 0]
-        without = clip_score_without(args, out, clipped) if len(clipped) else {}
-    report(args, ours, resume, plain, per_image, without)
+        data = Path(args.data or tmp)
+        data.mkdir(parents=True, exist_ok=True)
+        out = data / "out"
+        if not (out / "run.json").exists():
+            import ray
+
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                logging_level="ERROR",
+            )
+            try:
+                make_images(args, data)
+            finally:
+                ray.shutdown()
+        sources = {PLAIN: ROOT}
+        if args.before != "none":
+            sources[f"sdbatch eval, before ({args.before})"] = unpack(args.before, data / "before")
+        sources[AFTER] = ROOT
+        sides: dict[str, list[Measured]] = {name: [] for name in sources}
+        for round_ in range(args.repeats):
+            for i, (name, source) in enumerate(sources.items()):
+                result = data / f"{i}-{round_}.json"
+                sides[name].append(run_side(args, name, source, data, result))
+                print(f"round {round_ + 1}, {name}: {sides[name][-1].whole:.2f} s", flush=True)
+        generated = len(pd.read_parquet(data / f"{len(sources) - 1}-0.json.images.parquet"))
+        report(args, sides, generated)
+        after = data / f"{len(sources) - 1}-0.json"
+        ok = check_agreement(
+            args,
+            out,
+            sides[AFTER][0],
+            sides[PLAIN][0],
+            Path(f"{after}.images.parquet"),
+        )
+        if args.before != "none":
+            ok &= same_tables(data / "1-0.json", after)
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from sdbatch.generation import GenerateSummary, generate
 from sdbatch.models import CLIP, PIPELINE, ModelKind, ModelSource, fetch_models, resolve_model
 from sdbatch.reporting.write import write_report
 from sdbatch.spec import JobSpec
+from sdbatch.worker import ACTOR_ENV
 
 log = logging.getLogger("sdbatch")
 
@@ -109,7 +110,7 @@ def pull(
             models.append((inputs.extractor.model, DINOV2))
     # 2. fetch them on every node of the cluster generate would run on (a local one included)
     with distribute.session(address):
-        return distribute.on_every_node(fetch_models, models)
+        return distribute.on_every_node(fetch_models, models, env=ACTOR_ENV)
 
 
 def demo_spec() -> Path:

@@ -39,9 +39,6 @@ from tqdm import tqdm
 from sdbatch.errors import InputError, JobFailed, first_line
 
 log = logging.getLogger("sdbatch")
-# transformers warns at import about optional vision backends, before a worker can send its
-# warnings to its log file (worker_logs.quiet_libraries).
-ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # A local Ray instance serves this machine only. Ray binds its servers (GCS, raylet, workers,
 # object manager) to the node's address, which is the machine's network address unless Ray runs
@@ -196,9 +193,12 @@ def local_without_gpu(address: str | None) -> bool:
     return not torch.cuda.is_available()
 
 
-def on_every_node(function: Callable[..., Any], *args: Any) -> dict[str, Any]:
+def on_every_node(
+    function: Callable[..., Any], *args: Any, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """`function(*args)`'s result on every live node of the cluster (a task pinned to each, that
-    reserves no CPU, so busy nodes run it too), by the node's host name and id.
+    reserves no CPU, so busy nodes run it too, with `env` in its environment), by the node's host
+    name and id.
 
     Raises:
         JobFailed: it raised on a node, or the node was lost; naming the node.
@@ -210,7 +210,7 @@ def on_every_node(function: Callable[..., Any], *args: Any) -> dict[str, Any]:
     refs = {
         f"{node['NodeManagerHostname']} (node {node['NodeID'][:8]})": task.options(
             num_cpus=0,
-            runtime_env={"env_vars": ACTOR_ENV},
+            runtime_env={"env_vars": env} if env else None,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
         ).remote(*args)
         for node in ray.nodes()
@@ -300,6 +300,7 @@ def run_units(
     retries: int,
     split: Callable[[Any], list[Any]] | None = None,
     affinity: Callable[[Any], str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunResult:
     """Run every unit on `plan.count` actors of class `worker`, giving each idle one the next unit.
 
@@ -317,6 +318,8 @@ def run_units(
         split: a unit's halves (none for a unit that cannot be split).
         affinity: what a unit needs loaded (a model); then `setup` has an `affinity` field,
             which each actor is started with, and units go to actors holding what they need.
+        env: environment variables the actors need before they import anything. Ray then
+            starts a worker process for each (seconds) instead of taking one it started ahead.
 
     Raises:
         JobFailed: a worker could not load its models, actors kept dying while loading them, or
@@ -324,8 +327,9 @@ def run_units(
     """
     import ray
 
+    runtime_env = {"env_vars": env} if env else None
     remote = ray.remote(worker).options(
-        num_gpus=plan.gpus, num_cpus=plan.cpus, runtime_env={"env_vars": ACTOR_ENV}
+        num_gpus=plan.gpus, num_cpus=plan.cpus, runtime_env=runtime_env
     )
     actor_setup = dataclasses.replace(setup, threads=plan.threads)
     actors: list[Any] = []

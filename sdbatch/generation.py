@@ -42,7 +42,7 @@ from sdbatch.sweep import (
     plan_units,
     split_unit,
 )
-from sdbatch.worker import GenerationSetup, Worker
+from sdbatch.worker import ACTOR_ENV, GenerationSetup, Worker
 
 log = logging.getLogger("sdbatch")
 # Larger jobs need `confirmed` (--yes): a slip in images_per_prompt or a sweep list must not
@@ -184,7 +184,15 @@ def generate(
             )
             progress = (total, total - left, "generating")
             result = distribute.run_units(
-                Worker, setup, units, plan, progress, spec.runtime.retries, split_unit, _model_of
+                Worker,
+                setup,
+                units,
+                plan,
+                progress,
+                spec.runtime.retries,
+                split_unit,
+                affinity=_model_of,
+                env=ACTOR_ENV,
             )
 
         # 6. record what this call did, failures included: the run's stats live in run.json

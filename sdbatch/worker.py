@@ -38,6 +38,9 @@ from sdbatch.sweep import WorkUnit, image_seed
 from sdbatch.worker_logs import quiet_libraries
 
 log = logging.getLogger("sdbatch")
+# diffusers' pipelines make transformers warn at import about optional vision backends, before a
+# worker can send its warnings to its log file (quiet_libraries): set in the actor's environment.
+ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
 
 
 @dataclass(frozen=True)

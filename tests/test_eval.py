@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
+import subprocess
+import sys
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -358,6 +361,30 @@ def test_a_user_module_extractor_runs_in_a_plain_worker(evaluated_output, tmp_pa
     unstable = describe_extractor(FidSettings(features="module:tiny_features:RandomFeatures"), None)
     with pytest.raises(JobFailed, match="different weights"):
         FeatureWorker(ExtractionSetup(clip=None, extractor=unstable))
+
+
+def test_a_feature_worker_imports_neither_pandas_nor_diffusers(evaluated_output, tmp_path):
+    """An actor's start is mostly imports: what a feature worker has no use for stays out."""
+    from sdbatch.evaluation.inputs import resolve_suite
+    from sdbatch.evaluation.run import _setup
+
+    inputs = resolve_suite(evaluated_output["suite"])
+    setup = _setup(inputs, evaluated_output["suite"], inputs.reference.units, str(tmp_path))
+    assert setup.clip is not None and setup.image_metrics  # CLIP loaded, metrics unpickled
+    # A fresh process, as a Ray actor is: it unpickles the setup and builds the worker from it.
+    started = subprocess.run(
+        [sys.executable, "-c", WORKER_IMPORTS],
+        input=pickle.dumps(setup), capture_output=True, text=False, check=True,
+    )  # fmt: skip
+    assert started.stdout.decode().split() == ["pandas=False", "diffusers=False"]
+
+
+WORKER_IMPORTS = """
+import pickle, sys
+from sdbatch.evaluation.worker import FeatureWorker
+FeatureWorker(pickle.loads(sys.stdin.buffer.read()))
+print(*(f"{name}={name in sys.modules}" for name in ("pandas", "diffusers")))
+"""
 
 
 def test_long_prompts_are_truncated_keeping_end_of_text():

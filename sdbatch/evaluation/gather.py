@@ -64,7 +64,11 @@ def gather(
     `safety: exclude` the images the safety checker flagged are left out here, where statistics
     merge: shards hold every image, so changing the policy extracts nothing again.
     """
-    frames, per_config, features, embeddings = [], {}, {}, {}
+    per_config, features, embeddings = {}, {}, {}
+    # Columns gathered unit by unit and made a frame once: a frame per unit costs more than its
+    # shard at thousands of units.
+    columns: dict[str, list[Any]] = {name: [] for name in (*KEY_COLUMNS, *image_columns)}
+    flags, exclusions, units = [], [], []
     for marker in markers:
         shard = read_shard(f"{out.location}/{shard_dir}/{marker.unit_id}.npz")
         flagged = _flags(out, marker)
@@ -77,23 +81,27 @@ def gather(
             unit_stats = shard_stats(shard, ~excluded)
         for config_id, s in unit_stats.items():
             per_config.setdefault(config_id, []).append(s)
-        frame = pd.DataFrame({k: shard[k] for k in KEY_COLUMNS}).astype(
-            {"prompt_id": str, "config_id": str, "sample_index": "int32"}
-        )
-        # The shard lists the unit's images in the order of its Parquet file.
-        frame["nsfw_flagged"] = flagged
-        frame["_excluded"] = excluded
-        for name in image_columns:
-            if name in shard:
-                frame[name] = shard[name]
-        frame["_row"] = range(len(frame))
+        # The shard lists the unit's images in the order of its Parquet file; pending_units
+        # extracts again a shard without every image column.
+        for name, parts in columns.items():
+            parts.append(shard[name])
+        flags.append(flagged)
+        exclusions.append(excluded)
+        units.append(marker.unit_id)
         if "features" in shard:
             features[marker.unit_id] = shard["features"]
         if CLIP_EMBEDDINGS in shard:
             embeddings[marker.unit_id] = shard[CLIP_EMBEDDINGS]
-        frame["_unit"] = marker.unit_id
-        frames.append(frame)
-    images = pd.concat(frames, ignore_index=True)
+    counts = [len(f) for f in flags]
+    images = pd.DataFrame({k: np.concatenate(columns[k]) for k in KEY_COLUMNS}).astype(
+        {"prompt_id": str, "config_id": str, "sample_index": "int32"}
+    )
+    images["nsfw_flagged"] = pd.concat(flags, ignore_index=True)
+    images["_excluded"] = np.concatenate(exclusions)
+    for name in image_columns:
+        images[name] = np.concatenate(columns[name])
+    images["_row"] = np.concatenate([np.arange(n) for n in counts])
+    images["_unit"] = np.repeat(units, counts)
     merged = {c: merge_stats(s) for c, s in per_config.items()}
     return Gathered(images, merged, features, embeddings)
 

@@ -22,10 +22,9 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.metric_math import (
@@ -39,6 +38,9 @@ from sdbatch.evaluation.metric_math import (
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.spec import MAX_SEED
 from sdbatch.typed_data import conform, require, within
+
+if TYPE_CHECKING:  # feature workers unpickle metrics and never need pandas: a slower start
+    import pandas as pd
 
 
 class Need(enum.Enum):
@@ -115,6 +117,8 @@ class Score:
 
     def cell(self, row: Mapping[str, Any]) -> str:
         """The value as the report prints it: with its interval or spread, or n/a."""
+        import pandas as pd
+
         value = row.get(self.column)
         if value is None or pd.isna(value):
             return "n/a"

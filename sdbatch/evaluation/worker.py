@@ -54,7 +54,7 @@ class FeatureWorker:
         if setup.threads:
             torch.set_num_threads(setup.threads)
         if setup.log_dir:
-            quiet_libraries(setup.log_dir)
+            quiet_libraries(setup.log_dir, ("transformers",))
         # Loading bars of every worker would interleave with the driver's own progress bar.
         transformers.utils.logging.disable_progress_bar()
         self.setup = setup
