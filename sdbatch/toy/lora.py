@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sdbatch.builtin import builtin_path
 from sdbatch.schedulers import make_scheduler
 from sdbatch.toy import world
-from sdbatch.toy.train import CAPTION_DROPOUT, image_tensors
+from sdbatch.toy.train import denoising_loss, image_tensors
 
 # One thread: float sums split across threads could give other weights with another count, and
 # on a busy 2-core machine two threads wait on each other (one step took 20x as long).
@@ -114,7 +114,6 @@ def train_toy_purple(
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    timesteps = noise_scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(seed)
     unet.train()
     for _ in tqdm(range(steps), desc="toy-purple", unit="step"):
@@ -122,17 +121,8 @@ def train_toy_purple(
         prior_rows = torch.randint(0, len(prior), (batch,), generator=generator)
         clean = torch.cat([latents[rows], prior[prior_rows]])
         ids = torch.cat([caption_ids[rows], prior_ids[prior_rows]])
-        # captions dropped as in the base's training: else the unconditional prediction that
-        # classifier-free guidance subtracts drifts unchecked
-        dropped = torch.rand(2 * batch, generator=generator) < CAPTION_DROPOUT
-        ids = torch.where(dropped, torch.zeros_like(ids), ids)
-        noise = torch.randn(clean.shape, generator=generator)
-        t = torch.randint(0, timesteps, (2 * batch,), generator=generator)
-        prediction = unet(
-            noise_scheduler.add_noise(clean, noise, t), t, encoder_hidden_states=states[ids]
-        ).sample
         # Dreambooth's loss, new concept's plus prior's with weight 1: halves of equal size
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss = denoising_loss(unet, noise_scheduler, clean, ids, states, generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -43,6 +43,23 @@ def image_tensors(count: int, seed: int, scenes: list[world.Scene] = world.SCENE
     return tensor, [caption for _, caption in pairs]
 
 
+def denoising_loss(unet, noise_scheduler, clean, ids, states, generator):
+    """Stable Diffusion's training loss on `clean` latents captioned `ids` (rows of `states`,
+    row 0 the empty caption): captions dropped 10% of the time, so that the unconditional
+    prediction classifier-free guidance subtracts is trained too; noise at a random timestep;
+    the prediction's squared error against that noise."""
+    import torch
+
+    count = len(clean)
+    dropped = torch.rand(count, generator=generator) < CAPTION_DROPOUT
+    ids = torch.where(dropped, torch.zeros_like(ids), ids)
+    noise = torch.randn(clean.shape, generator=generator)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator)
+    noisy = noise_scheduler.add_noise(clean, noise, t)
+    prediction = unet(noisy, t, encoder_hidden_states=states[ids]).sample
+    return torch.nn.functional.mse_loss(prediction, noise)
+
+
 def _required(text: str, codes: dict[str, dict[str, int]]) -> list[int]:
     """The attribute codes a caption names, -1 for the ones it leaves out."""
     words = text.split()
@@ -198,14 +215,7 @@ def train_toy(
     unet.train()
     for _ in tqdm(range(unet_steps), desc="toy unet", unit="step"):
         rows = torch.randint(0, len(latents), (batch,), generator=generator)
-        ids = index[rows]
-        dropped = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
-        ids = torch.where(dropped, torch.zeros_like(ids), ids)
-        noise = torch.randn(latents[rows].shape, generator=generator)
-        t = torch.randint(0, 1000, (batch,), generator=generator)
-        noisy = noise_scheduler.add_noise(latents[rows], noise, t)
-        prediction = unet(noisy, t, encoder_hidden_states=states[ids]).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss = denoising_loss(unet, noise_scheduler, latents[rows], index[rows], states, generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
