@@ -501,9 +501,11 @@ def _side(row: pd.Series, suffix: str) -> pd.Series:
 def _provenance(run: Run) -> Section:
     m, r = run.metrics, run.record
     clip = m.clip
+    models = ", ".join(f"`{s.ref}` ({s.identity})" for s in r.sources.values())
+    adapters = "".join(f"; adapter `{a.ref}` ({a.identity})" for a in r.adapters)
     lines = [
-        f"Output `{run.out.location}`; model `{r.model.ref}` ({r.model.identity}), "
-        f"dtype {r.dtype or 'n/a'}, seed {r.spec.seed}, "
+        f"Output `{run.out.location}`; model{'s' if len(r.sources) > 1 else ''} {models}"
+        f"{adapters}, dtype {r.dtype or 'n/a'}, seed {r.spec.seed}, "
         f"{r.prompts.count} prompts (sha256 {r.prompts.sha256[:16]}).",
         f"CLIP `{clip.ref if clip else 'n/a'}` ({clip.identity if clip else 'n/a'}); "
         f"{m.truncated_prompts} prompts longer than CLIP's context were truncated "
