@@ -10,12 +10,15 @@ from sdbatch.evaluation.metric import Metric
 from sdbatch.evaluation.metrics.attributes import ATTRIBUTE_ACCURACY
 from sdbatch.evaluation.metrics.clip_score import CLIP_SCORE
 from sdbatch.evaluation.metrics.cmmd import CMMD
+from sdbatch.evaluation.metrics.directional import CLIP_DIRECTIONAL
 from sdbatch.evaluation.metrics.fid import FID
 from sdbatch.evaluation.metrics.kid import KID
 from sdbatch.evaluation.metrics.prdc import PRDC
+from sdbatch.evaluation.metrics.psnr_ssim import PSNR, SSIM
 
 REGISTRY: dict[str, Metric] = {
-    m.name: m for m in (CLIP_SCORE, ATTRIBUTE_ACCURACY, FID, KID, CMMD, *PRDC)
+    m.name: m
+    for m in (CLIP_SCORE, ATTRIBUTE_ACCURACY, CLIP_DIRECTIONAL, PSNR, SSIM, FID, KID, CMMD, *PRDC)
 }
 # The report's trade-off, (x, y): agreement with the prompt against quality next to the reference;
 # its plot, and the Pareto front of configurations no other one beats on both.
