@@ -4,20 +4,24 @@ sources.parquet (built here as the tasks' generation writes it), or refusing the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import job, suite_data
 from PIL import Image
 
 from sdbatch.evaluation.metrics.directional import directional_similarity
 from sdbatch.evaluation.metrics.psnr_ssim import MAX_PSNR, masked_psnr, masked_ssim
 from sdbatch.evaluation.sources import SOURCES, outpaint_offset, row_sources
+from sdbatch.toy.world import Scene
 
 RNG = np.random.default_rng(0)
 
@@ -172,3 +176,160 @@ def test_rows_find_their_source_and_the_part_to_keep(tmp_path):
     assert outpaint_offset("t0-r16-b8-l24") == (0, 24)
     with pytest.raises(ValueError, match="source_id p9"):
         row_sources(str(tmp_path / SOURCES), {**columns, "source_id": ["p9"] * 4})
+
+
+# The synthetic image-conditioned output: a real text2img run of builtin:tiny whose rows are
+# rewritten as the tasks' generation writes them (the contract's columns, sources.parquet), one
+# configuration per task, with results made from their sources so that preservation varies.
+SCENES = [
+    (Scene("circle", "blue", "large", "center"), Scene("circle", "red", "large", "center")),
+    (Scene("square", "green", "small", "left"), Scene("square", "yellow", "small", "left")),
+    (Scene("triangle", "red", "large", "right"), None),  # no source caption
+]
+TASKS = {  # per configuration, in the sweep's order (guidance 1, 4, 7.5)
+    1.0: ("img2img", 0.3, None),
+    4.0: ("inpaint", 0.6, None),
+    7.5: ("outpaint", None, "t0-r8-b0-l0"),
+}
+MASK = (slice(8, 24), slice(6, 20))  # the repainted area of every inpaint source
+SIDE = 32
+
+
+def task_result(task: str, source: np.ndarray, generated: np.ndarray, seed: int) -> np.ndarray:
+    """What a pipeline might have made: img2img the source changed everywhere, inpaint changed
+    a little outside the mask and replaced inside, outpaint the source with 8 new columns."""
+    if task == "img2img":
+        return noisy(source, 60, seed)
+    if task == "inpaint":
+        result = noisy(source, 6, seed)
+        result[MASK] = generated[MASK]
+        return result
+    return np.concatenate([noisy(source, 6, seed), generated[:, :8]], axis=1)
+
+
+def build_task_output(root, ray_address):
+    """Generate, then rewrite as an image-conditioned output; returns (out, sources by id)."""
+    from sdbatch.generation import generate
+    from sdbatch.output import Output
+    from sdbatch.spec import parse_spec
+    from sdbatch.toy import world
+
+    prompts = root / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": [target.caption for target, _ in SCENES]}), prompts)
+    out = root / "out"
+    sweep = {"scheduler": ["ddim"], "guidance_scale": list(TASKS), "images_per_prompt": 2}
+    generate(parse_spec(job(prompts, sweep=sweep)), output=str(out), address=ray_address)
+    output = Output(str(out))
+    ids = output.read_prompts()["prompt_id"].tolist()
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    mask[MASK] = 255
+    sources = {
+        pid: (np.asarray(world.render(target, seed=k, size=SIDE)), mask, source and source.caption)
+        for k, (pid, (target, source)) in enumerate(zip(ids, SCENES, strict=True))
+    }
+    write_sources(out / SOURCES, sources)
+    guidance = {c.config_id: c.guidance_scale for c in output.read_run().configs}
+    for marker in output.done_units():
+        path = out / marker.file
+        rows = pq.read_table(path).to_pylist()
+        for k, row in enumerate(rows):
+            task, strength, outpaint = TASKS[guidance[row["config_id"]]]
+            source = sources[row["prompt_id"]][0]
+            generated = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"))
+            result = task_result(task, source, generated, seed=hash((row["seed"], k)) % 2**32)
+            row["image"]["bytes"] = png(result)
+            row.update(task=task, strength=strength, outpaint=outpaint)
+            row.update(source_id=row["prompt_id"], source_sha256=f"sha256:{row['prompt_id']}")
+        schema = pq.read_schema(path)
+        for name, kind in [("task", pa.string()), ("strength", pa.float64())] + [
+            (n, pa.string()) for n in ("outpaint", "source_id", "source_sha256")
+        ]:
+            schema = schema.append(pa.field(name, kind))
+        pq.write_table(pa.Table.from_pylist(rows, schema), path)
+        body = path.read_bytes()
+        marker = dataclasses.replace(
+            marker, bytes=len(body), sha256=hashlib.sha256(body).hexdigest()
+        )
+        (out / "_units" / f"{marker.unit_id}.json").write_bytes(marker.to_json())
+    return out, sources
+
+
+TASK_METRICS = ["clip_score", "attribute_accuracy", "clip_directional", "psnr", "ssim", "fid"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_tasks(tmp_path_factory, ray_address):
+    from sdbatch.evaluation.run import evaluate
+    from sdbatch.evaluation.suite import parse_suite
+    from sdbatch.toy.world import write_reference
+
+    root = tmp_path_factory.mktemp("tasks")
+    out, sources = build_task_output(root, ray_address)
+    reference = root / "reference.parquet"
+    write_reference(str(reference), count=20, size=SIDE)
+    data = suite_data(reference, root / "cache", metrics=TASK_METRICS)
+    summary = evaluate(str(out), parse_suite(data), address=ray_address)
+    return {"root": root, "out": out, "sources": sources, "summary": summary, "suite": data}
+
+
+def test_eval_scores_each_image_against_its_own_source(evaluated_tasks):
+    from sdbatch.evaluation.clip import ClipEncoder
+    from sdbatch.models import CLIP, resolve_model
+
+    out, sources = evaluated_tasks["out"], evaluated_tasks["sources"]
+    scores = pd.read_parquet(out / "metrics" / "images.parquet")
+    rows = pd.concat([pq.read_table(f).to_pandas() for f in (out / "images").glob("*.parquet")])
+    rows = rows.merge(scores, on=["prompt_id", "sample_index", "config_id"])
+    assert len(rows) == len(scores) == 3 * 3 * 2
+    clip = ClipEncoder(resolve_model("builtin:tiny-clip", None, CLIP), "cpu")
+    for row in rows.itertuples():
+        result = np.asarray(Image.open(io.BytesIO(row.image["bytes"])).convert("RGB"))
+        source, mask, caption = sources[row.source_id]
+        part, kept = result, None
+        if row.task == "inpaint":
+            kept = mask == 0
+        if row.task == "outpaint":  # t0-r8-b0-l0: the source is the result's left 32 columns
+            part = result[:, :SIDE]
+        assert row.psnr == pytest.approx(numpy_psnr(part, source, kept)), row.task
+        ssim_map = numpy_ssim_map(part, source)
+        expected = ssim_map.mean() if kept is None else ssim_map[kept].mean()
+        assert row.ssim == pytest.approx(expected, abs=1e-9), row.task
+        if caption is None:
+            assert math.isnan(row.clip_directional)
+        else:
+            embedded = clip.embed_images([result, source])
+            texts, _ = clip.embed_texts([row.prompt, caption])
+            expected = directional_similarity(embedded[:1], embedded[1:], texts[:1], texts[1:])[0]
+            assert row.clip_directional == pytest.approx(expected, abs=1e-5)
+    # inpainting kept the unmasked area (noise of 6), img2img changed everything (noise of 60)
+    by_task = rows.groupby("task")[["psnr", "ssim"]].mean()
+    assert by_task.loc["inpaint", "psnr"] > by_task.loc["img2img", "psnr"] + 10
+    assert by_task.loc["outpaint", "ssim"] > by_task.loc["img2img", "ssim"]
+
+
+def test_configs_carry_the_task_and_the_metrics_with_intervals(evaluated_tasks):
+    configs = pd.read_parquet(evaluated_tasks["out"] / "metrics" / "configs.parquet")
+    for metric in ("psnr", "ssim", "clip_directional"):
+        assert (configs[f"{metric}_low"] <= configs[metric]).all()
+        assert (configs[metric] <= configs[f"{metric}_high"]).all()
+    # sweep.Config has no task yet on this branch: every configuration reads as text2img
+    assert {"task", "strength", "outpaint"} <= set(configs.columns)
+    columns = list(configs.columns)
+    assert columns.index("lora_scale") + 1 == columns.index("task")
+
+
+def test_a_suite_with_source_metrics_refuses_an_output_without_sources(
+    evaluated_tasks, tmp_path, refused
+):
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "text2img"
+    shutil.copytree(evaluated_tasks["out"], out, ignore=shutil.ignore_patterns("metrics"))
+    (out / SOURCES).unlink()
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(evaluated_tasks["suite"]))
+    err = refused("eval", out, "--suite", suite)
+    assert err.startswith("metrics: clip_directional compares images with their sources"), err
+    assert not (out / "metrics").exists()
