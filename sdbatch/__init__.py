@@ -19,6 +19,7 @@ below it (tests/test_layout.py holds the code to this list).
     progress                        status(): images, failures, pace, ETA, eval; from the output
     reporting.write                 report(): read evaluated runs, write index.html and report.md
     reporting.render                sections and figures -> self-contained HTML, and Markdown
+    reporting.tasks                 image-conditioned runs: sources and results, strength, trade-off
     reporting.grids                 image galleries: configurations per prompt, worst images
     reporting.plots                 main effects; vs guidance, steps, adapter scale; trade-off
     reporting.summary               recommendation, models vs baseline, bests, effects, provenance

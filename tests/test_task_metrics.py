@@ -20,7 +20,7 @@ from PIL import Image
 
 from sdbatch.evaluation.metrics.directional import directional_similarity
 from sdbatch.evaluation.metrics.psnr_ssim import MAX_PSNR, masked_psnr, masked_ssim
-from sdbatch.evaluation.sources import SOURCES, outpaint_offset, row_sources
+from sdbatch.evaluation.sources import SOURCES, outpaint_sides, row_sources
 from sdbatch.toy.world import Scene
 
 RNG = np.random.default_rng(0)
@@ -173,7 +173,7 @@ def test_rows_find_their_source_and_the_part_to_keep(tmp_path):
     assert (part == extended[8:24, 16:40]).all() and kept is None
     with pytest.raises(ValueError, match="does not fit the result 24x16"):
         outpaint.preserved(result)
-    assert outpaint_offset("t0-r16-b8-l24") == (0, 24)
+    assert outpaint_sides("t0-r16-b8-l24") == (0, 16, 8, 24)
     with pytest.raises(ValueError, match="source_id p9"):
         row_sources(str(tmp_path / SOURCES), {**columns, "source_id": ["p9"] * 4})
 
@@ -195,20 +195,24 @@ MASK = (slice(8, 24), slice(6, 20))  # the repainted area of every inpaint sourc
 SIDE = 32
 
 
-def task_result(task: str, source: np.ndarray, generated: np.ndarray, seed: int) -> np.ndarray:
+def task_result(
+    task: str, strength: float | None, source: np.ndarray, generated: np.ndarray, seed: int
+) -> np.ndarray:
     """What a pipeline might have made: img2img the source changed everywhere, inpaint changed
-    a little outside the mask and replaced inside, outpaint the source with 8 new columns."""
+    a little outside the mask and replaced inside, outpaint the source with 8 new columns; the
+    more strength, the more change."""
     if task == "img2img":
-        return noisy(source, 60, seed)
+        return noisy(source, round(200 * strength), seed)
     if task == "inpaint":
-        result = noisy(source, 6, seed)
+        result = noisy(source, round(10 * strength), seed)
         result[MASK] = generated[MASK]
         return result
     return np.concatenate([noisy(source, 6, seed), generated[:, :8]], axis=1)
 
 
-def build_task_output(root, ray_address):
-    """Generate, then rewrite as an image-conditioned output; returns (out, sources by id)."""
+def build_task_output(root, ray_address, tasks=TASKS):
+    """Generate, then rewrite as an image-conditioned output, `tasks` giving each configuration
+    (by its guidance) its task, strength and outpaint; returns (out, sources by id)."""
     from sdbatch.generation import generate
     from sdbatch.output import Output
     from sdbatch.spec import parse_spec
@@ -217,7 +221,7 @@ def build_task_output(root, ray_address):
     prompts = root / "prompts.parquet"
     pq.write_table(pa.table({"prompt": [target.caption for target, _ in SCENES]}), prompts)
     out = root / "out"
-    sweep = {"scheduler": ["ddim"], "guidance_scale": list(TASKS), "images_per_prompt": 2}
+    sweep = {"scheduler": ["ddim"], "guidance_scale": list(tasks), "images_per_prompt": 2}
     generate(parse_spec(job(prompts, sweep=sweep)), output=str(out), address=ray_address)
     output = Output(str(out))
     ids = output.read_prompts()["prompt_id"].tolist()
@@ -233,10 +237,11 @@ def build_task_output(root, ray_address):
         path = out / marker.file
         rows = pq.read_table(path).to_pylist()
         for k, row in enumerate(rows):
-            task, strength, outpaint = TASKS[guidance[row["config_id"]]]
+            task, strength, outpaint = tasks[guidance[row["config_id"]]]
             source = sources[row["prompt_id"]][0]
             generated = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"))
-            result = task_result(task, source, generated, seed=hash((row["seed"], k)) % 2**32)
+            seed = hash((row["seed"], k)) % 2**32
+            result = task_result(task, strength, source, generated, seed)
             row["image"]["bytes"] = png(result)
             row.update(task=task, strength=strength, outpaint=outpaint)
             row.update(source_id=row["prompt_id"], source_sha256=f"sha256:{row['prompt_id']}")

@@ -23,6 +23,11 @@ REGISTRY: dict[str, Metric] = {
 # The report's trade-off, (x, y): agreement with the prompt against quality next to the reference;
 # its plot, and the Pareto front of configurations no other one beats on both.
 TRADEOFF = (CLIP_SCORE, FID)
+# An image-conditioned run's trade-off, (x, y): agreement with the prompt against what the image
+# keeps of its source (more strength buys the first with the second).
+PRESERVATION_TRADEOFF = (CLIP_SCORE, SSIM)
+# What the report of an image-conditioned run plots against strength, in this order.
+STRENGTH_METRICS = (ATTRIBUTE_ACCURACY, CLIP_SCORE, CLIP_DIRECTIONAL, PSNR, SSIM)
 
 
 def metrics_named(names: tuple[str, ...]) -> list[Metric]:

@@ -52,20 +52,20 @@ class Source:
         return part, self.image, None if self.repaint is None else ~self.repaint
 
 
-def outpaint_offset(outpaint: str) -> tuple[int, int]:
-    """(top, left) of the original canvas in an outpainted result, from "t0-r16-b0-l0"."""
+def outpaint_sides(outpaint: str) -> tuple[int, int, int, int]:
+    """Pixels added at (top, right, bottom, left) by an outpaint expansion "t0-r16-b0-l0"."""
     match = _OUTPAINT.fullmatch(outpaint)
     if match is None:
         raise ValueError(f"outpaint {outpaint!r}: not of the form t0-r16-b0-l0")
-    top, _, _, left = map(int, match.groups())
-    return top, left
+    top, right, bottom, left = map(int, match.groups())
+    return top, right, bottom, left
 
 
 def row_sources(location: str, columns: dict[str, list[Any]]) -> list[Source | None]:
     """Per generated row (`columns`: its SOURCE_COLUMNS), what it was made from; None for a row
     without a source. Reads only the source rows these rows name from `location`."""
     ids = sorted({i for i in columns["source_id"] if i is not None})
-    rows = _read(location, ids)
+    rows = read_sources(location, ids)
     sources: list[Source | None] = []
     for source_id, task, outpaint in zip(*(columns[c] for c in SOURCE_COLUMNS), strict=True):
         if source_id is None:
@@ -74,13 +74,17 @@ def row_sources(location: str, columns: dict[str, list[Any]]) -> list[Source | N
         if source_id not in rows:
             raise ValueError(f"source_id {source_id}: no such prompt_id in {location}")
         image, mask, prompt = rows[source_id]
-        top, left = outpaint_offset(outpaint) if outpaint else (0, 0)
+        top, _, _, left = outpaint_sides(outpaint) if outpaint else (0, 0, 0, 0)
         repaint = mask if task == "inpaint" else None
         sources.append(Source(source_id, image, prompt, repaint, top, left))
     return sources
 
 
-def _read(location: str, ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray | None, Any]]:
+def read_sources(
+    location: str, ids: list[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray | None, str | None]]:
+    """The source rows `ids` of a sources.parquet: prompt_id -> (image H x W x 3 uint8, mask
+    H x W bool (True: repaint) or None, source prompt or None)."""
     if not ids:
         return {}
     with fsspec.open(location, "rb") as f:
