@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdbatch.errors import InputError
 from sdbatch.evaluation.registry import REGISTRY
-from sdbatch.reporting.grids import table_png, choose_prompts, worst_images
+from sdbatch.reporting.grids import choose_prompts, table_png, worst_images
 from sdbatch.reporting.runs import load_run
 from sdbatch.reporting.write import write_report
 

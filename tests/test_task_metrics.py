@@ -72,8 +72,8 @@ def test_psnr_and_ssim_over_kept_pixels_match_direct_numpy(shape):
     assert masked_psnr(result, source, kept) == pytest.approx(numpy_psnr(result, source, kept))
     assert masked_psnr(result, source, None) == pytest.approx(numpy_psnr(result, source, None))
     ssim_map = numpy_ssim_map(result, source)
-    assert masked_ssim(result, source, kept) == pytest.approx(ssim_map[kept].mean(), abs=1e-9)
-    assert masked_ssim(result, source, None) == pytest.approx(ssim_map.mean(), abs=1e-9)
+    assert masked_ssim(result, source, kept) == pytest.approx(ssim_map[kept].mean(), abs=1e-6)
+    assert masked_ssim(result, source, None) == pytest.approx(ssim_map.mean(), abs=1e-6)
     # the mask matters: repainting the masked pixels lowers neither score where nothing is kept
     repainted = result.copy()
     repainted[~kept] = 255 - repainted[~kept]
@@ -91,12 +91,15 @@ def test_every_pixel_kept_is_torchmetrics_own_ssim_and_psnr():
     result = noisy(source, 40)
     everything = np.ones((24, 24), bool)
 
-    def tensor(x):
-        return torch.from_numpy(x.astype(np.float64)).permute(2, 0, 1)[None]
+    def tensor(x, dtype=np.float64):
+        return torch.from_numpy(x.astype(dtype)).permute(2, 0, 1)[None]
 
-    ssim = structural_similarity_index_measure(tensor(result), tensor(source), data_range=255.0)
+    # float32, as masked_ssim computes it: the same numbers to rounding
+    ssim = structural_similarity_index_measure(
+        tensor(result, np.float32), tensor(source, np.float32), data_range=255.0
+    )
     psnr = peak_signal_noise_ratio(tensor(result), tensor(source), data_range=255.0)
-    assert masked_ssim(result, source, everything) == pytest.approx(float(ssim), abs=1e-12)
+    assert masked_ssim(result, source, everything) == pytest.approx(float(ssim), abs=1e-6)
     assert masked_psnr(result, source, everything) == pytest.approx(float(psnr), abs=1e-9)
 
 
@@ -298,7 +301,8 @@ def test_eval_scores_each_image_against_its_own_source(evaluated_tasks):
         assert row.psnr == pytest.approx(numpy_psnr(part, source, kept)), row.task
         ssim_map = numpy_ssim_map(part, source)
         expected = ssim_map.mean() if kept is None else ssim_map[kept].mean()
-        assert row.ssim == pytest.approx(expected, abs=1e-9), row.task
+        # float32 (masked_ssim): flat areas' variances lose ~1e-4 to rounding
+        assert row.ssim == pytest.approx(expected, abs=2e-4), row.task
         if caption is None:
             assert math.isnan(row.clip_directional)
         else:

@@ -15,7 +15,8 @@ K2 = 0.03, the image reflected at its border. Masked: torchmetrics' SSIM map
 channels; with every pixel kept this is torchmetrics' SSIM. A kept pixel's window reaches up to
 5 pixels into the repainted area, so repainting lowers the SSIM of its unmasked neighbours too.
 
-Cost: per image one pass over its pixels (the SSIM map: five 11 x 11 convolutions), no model.
+Cost: no model; per image PSNR one pass over its pixels, SSIM five 11 x 11 convolutions per
+channel in float32 (on one busy CPU thread: 8 ms at 32 px, 0.5 s at 512 px; PSNR 19 ms at 512 px).
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ MAX_PSNR = 100.0  # dB; what identical pixels score
 
 
 def _tensor(image: np.ndarray) -> Any:
-    """H x W x 3 uint8 -> 1 x 3 x H x W float64."""
+    """H x W x 3 uint8 -> 1 x 3 x H x W float32: torch's CPU convolutions are ~8x slower in
+    float64. SSIM moves by up to ~1e-4 (measured on world scenes): in flat areas a window's
+    variance is a small difference of large squares."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(image, np.float64)).permute(2, 0, 1)[None]
+    return torch.from_numpy(np.ascontiguousarray(image, np.float32)).permute(2, 0, 1)[None]
 
 
 def masked_psnr(result: np.ndarray, source: np.ndarray, kept: np.ndarray | None) -> float:
