@@ -108,7 +108,9 @@ def source_galleries(run: Run, named: bool, prompts: int | Sequence[str]) -> lis
     location = run.out.path(SOURCES)
     with run.out.fs.open(location, "rb") as f:
         ids = sorted(pd.read_parquet(f, columns=["prompt_id"])["prompt_id"])
-    chosen = [p for p in choose_prompts(ids, prompts, run.name) if p in set(ids)]
+    # listed prompt ids without a source are the image grids' to show (and check), not these
+    wanted = prompts if isinstance(prompts, int) else [p for p in prompts if p in set(ids)]
+    chosen = choose_prompts(ids, wanted, run.name)
     if not chosen:
         return []
     dataset = image_dataset(run)
