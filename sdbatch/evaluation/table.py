@@ -22,10 +22,15 @@ CONFIG_COLUMNS = (
     "model",
     "lora",
     "lora_scale",
+    "task",  # text2img, img2img, inpaint, outpaint or depth2img
+    "strength",  # null where the task has none
+    "outpaint",  # pixels added per side, "t0-r16-b0-l0"; null but for outpaint
     "scheduler",
     "num_inference_steps",
     "guidance_scale",
 )
+# A text2img configuration's task columns: those of every run made before sdbatch had tasks.
+TEXT2IMG = {"task": "text2img", "strength": None, "outpaint": None}
 # Measured, so they change from one run of the same images to the next.
 TIMING_COLUMNS = (
     "seconds_per_image_median",
@@ -94,7 +99,7 @@ def config_table(
             continue  # configured but not generated yet
         counted = generated[~generated["_excluded"]]  # the images the metrics are computed on
         row: dict[str, Any] = {"config_id": config_id}
-        row.update({c: getattr(config, c) for c in CONFIG_COLUMNS[1:]})
+        row.update({c: getattr(config, c, TEXT2IMG.get(c)) for c in CONFIG_COLUMNS[1:]})
         row["n_images"] = len(generated)
         checked = generated["nsfw_flagged"].dropna()
         # null where no image went through a safety checker, so "none flagged" means checked
@@ -123,4 +128,5 @@ def config_table(
             drawn.update(resampled)
         rows.append(row)
         replicates.append(pd.DataFrame(drawn))
-    return pd.DataFrame(rows).astype({"n_flagged": "Int64"}), pd.concat(replicates)
+    table = pd.DataFrame(rows).astype({"n_flagged": "Int64", "strength": "float64"})
+    return table, pd.concat(replicates)
