@@ -48,6 +48,12 @@ log = logging.getLogger("sdbatch")
 # diffusers' pipelines make transformers warn at import about optional vision backends, before a
 # worker can send its warnings to its log file (quiet_libraries): set in the actor's environment.
 ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
+# The tasks whose pipeline is derived from the loaded one's components, and the class that does it.
+DERIVED = {
+    "img2img": "AutoPipelineForImage2Image",
+    "inpaint": "AutoPipelineForInpainting",
+    "outpaint": "AutoPipelineForInpainting",
+}
 
 
 @dataclass(frozen=True)
@@ -210,16 +216,13 @@ class Worker:
 
     def _pipeline(self, task: str) -> Any:
         """The loaded model's pipeline for `task`, built once from its components."""
+        # text2img and depth2img run the pipeline as loaded (check_task saw its class).
+        if task not in DERIVED:
+            return self.pipe
         if task not in self._pipes:
             import diffusers
 
-            derive = {
-                "img2img": diffusers.AutoPipelineForImage2Image,
-                "inpaint": diffusers.AutoPipelineForInpainting,
-                "outpaint": diffusers.AutoPipelineForInpainting,
-            }
-            # text2img and depth2img run the pipeline as loaded (check_task saw its class).
-            pipe = derive[task].from_pipe(self.pipe) if task in derive else self.pipe
+            pipe = getattr(diffusers, DERIVED[task]).from_pipe(self.pipe)
             pipe.set_progress_bar_config(disable=True)
             self._pipes[task] = pipe
         return self._pipes[task]
