@@ -58,12 +58,24 @@ MAX_RETRIES = 10
 # Negative scales are allowed: they push away from what the adapter teaches.
 MAX_LORA_SCALE = 10
 MAX_MODELS = 100
-# The tasks that start from a source image (every one but text2img), and the per-task fields
-# each may use: a field given for a task that ignores it is refused, not silently dropped.
+# The tasks that take a strength; below, the tasks that start from a source image (all but
+# text2img), and the fields each task may use: one given for a task that ignores it is refused,
+# not silently dropped.
 STRENGTH_TASKS = ("img2img", "inpaint", "depth2img")
 # diffusers' own defaults for `strength` (its img2img and depth2img pipelines: 0.8; inpainting:
 # 1.0, the masked area repainted from noise), used where sweep.strength is not given.
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0, "depth2img": 0.8}
+IMAGE_TASKS = ("img2img", "inpaint", "outpaint", "depth2img")
+TASK_FIELDS = {
+    "prompts.image_column": IMAGE_TASKS,
+    "prompts.mask_column": ("inpaint",),
+    "prompts.depth_column": ("depth2img",),
+    "prompts.source_prompt_column": IMAGE_TASKS,
+    "sweep.strength": STRENGTH_TASKS,
+    "sweep.outpaint": ("outpaint",),
+}
+# The task fields that the tasks using them cannot do without.
+REQUIRED = ("prompts.image_column", "prompts.mask_column", "sweep.outpaint")
 
 
 @dataclass(frozen=True)
@@ -343,34 +355,17 @@ class JobSpec:
     def _check_task(self) -> None:
         """Each task's fields given where it uses them, and only there."""
         task = self.task
-        uses = {
-            "prompts.image_column": task != "text2img",
-            "prompts.mask_column": task == "inpaint",
-            "prompts.depth_column": task == "depth2img",
-            "prompts.source_prompt_column": task != "text2img",
-            "sweep.strength": task in STRENGTH_TASKS,
-            "sweep.outpaint": task == "outpaint",
-        }
-        users = {
-            "prompts.image_column": "img2img, inpaint, outpaint and depth2img",
-            "prompts.mask_column": "inpaint",
-            "prompts.depth_column": "depth2img",
-            "prompts.source_prompt_column": "img2img, inpaint, outpaint and depth2img",
-            "sweep.strength": "img2img, inpaint and depth2img",
-            "sweep.outpaint": "outpaint",
-        }
-        given = {}
-        for field in uses:
+        for field, tasks in TASK_FIELDS.items():
             section, name = field.split(".")
-            given[field] = getattr(getattr(self, section), name) not in (None, ())
-        for field, used in uses.items():
+            given = getattr(getattr(self, section), name) not in (None, ())
+            users = " and ".join([", ".join(tasks[:-1]), tasks[-1]] if len(tasks) > 1 else tasks)
             require(
-                used or not given[field],
+                task in tasks or not given,
                 field,
-                f"used by {users[field]} only; this job's task is {task}",
+                f"used by {users} only; this job's task is {task}",
             )
-        for field in ("prompts.image_column", "prompts.mask_column", "sweep.outpaint"):
-            require(not uses[field] or given[field], field, f"task {task} needs it")
+            needed = field in REQUIRED and task in tasks
+            require(given or not needed, field, f"task {task} needs it")
         # diffusers runs int(steps x strength) of the steps, and refuses to run none.
         strengths = [s for s, _ in self.sweep.task_settings(task) if s is not None]
         for strength in strengths:

@@ -205,16 +205,16 @@ def test_a_text_to_image_run_feeds_an_img2img_run(tmp_path, ray_address):
         assert np.array_equal(decoded(source["image"]), decoded(by_prompt[row["prompt"]]["image"]))
 
 
-def test_resume_after_the_driver_is_killed(tmp_path, spec_file, ray_address):
-    prompts = task_prompts(tmp_path / "edits.parquet", count=6)
-    data = task_job(prompts, "inpaint", num_inference_steps=[12], strength=[0.5, 1.0])
+def test_resume_after_the_driver_is_killed(tmp_path, spec_file, ray_address, refused):
+    prompts = task_prompts(tmp_path / "edits.parquet", count=4)
+    data = task_job(prompts, "inpaint", strength=[0.5, 1.0])
     data["runtime"] = {"batch_size": 1, "shard_size": 1}
     path = spec_file(data)
     output = tmp_path / "killed"
     driver = sdbatch("generate", str(path), "--out", str(output), "--address", ray_address)
     markers = output / "_units"
     kill_once(driver, lambda: len(list(markers.glob("*.json")) if markers.exists() else []) >= 2)
-    units = 6 * 2
+    units = 4 * 2
     done = len(list(markers.glob("*.json")))
     assert 2 <= done < units, "the kill should land mid-job"
     sources = (output / "sources.parquet").read_bytes()
@@ -224,5 +224,14 @@ def test_resume_after_the_driver_is_killed(tmp_path, spec_file, ray_address):
     assert rerun.returncode == 0, err
     assert f"resuming: {done * 2} images done" in err
     rows = read(output)
-    assert len(rows) == 6 * 2 * 2 and len(set(keys(rows))) == len(rows)
+    assert len(rows) == 4 * 2 * 2 and len(set(keys(rows))) == len(rows)
     assert (output / "sources.parquet").read_bytes() == sources
+
+    # a source image changed since: the output holds another job
+    other = render(Scene("square", "green", "small", "left"), seed=9)
+    table = pq.read_table(prompts).to_pylist()
+    table[2]["image"] = {"bytes": png(other), "path": None}
+    pq.write_table(pa.Table.from_pylist(table), prompts)
+    error = refused("generate", path, "--out", output, "--dry-run")
+    assert error.startswith(f"--out: {output} holds a different job (1 source image(s)"), error
+    assert "first '000002-" in error
