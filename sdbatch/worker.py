@@ -9,8 +9,10 @@ components (`AutoPipelineForImage2Image.from_pipe`, `AutoPipelineForInpainting.f
 module objects, no weights loaded); switching task or strength loads nothing.
 
 Outpainting is inpainting on the extended canvas: the source at (left, top), the new border
-edge-replicated (each border pixel repeats the nearest source pixel: the scene's background runs
-on, rather than a color the model would have to paint over) and masked white.
+edge-replicated (each border pixel repeats the nearest source pixel, so the canvas holds no color
+the scene does not) and masked white. It runs at strength 1: the border is generated from noise
+(a 9-channel model sees it masked out), so the fill is the canvas's content, never a start that
+biases the result.
 
 A plain class, so tests run it in-process; distribute.py wraps it, unchanged, in a Ray actor.
 """

@@ -204,6 +204,11 @@ def test_a_text_to_image_run_feeds_an_img2img_run(tmp_path, ray_address):
         # the text-to-image image, pixel for pixel, was the source
         assert np.array_equal(decoded(source["image"]), decoded(by_prompt[row["prompt"]]["image"]))
 
+    # extended by a strength: the sources match, and only the new configuration is made
+    second["sweep"]["strength"] = [0.6, 0.9]
+    summary = generate(parse_spec(second), output=str(out), address=ray_address)
+    assert summary.new_images == 3 * 2 and len(set(keys(read(out)))) == 3 * 2 * 2
+
 
 def test_resume_after_the_driver_is_killed(tmp_path, spec_file, ray_address, refused):
     prompts = task_prompts(tmp_path / "edits.parquet", count=4)
@@ -232,6 +237,8 @@ def test_resume_after_the_driver_is_killed(tmp_path, spec_file, ray_address, ref
     table = pq.read_table(prompts).to_pylist()
     table[2]["image"] = {"bytes": png(other), "path": None}
     pq.write_table(pa.Table.from_pylist(table), prompts)
+    import diffusers.pipelines.auto_pipeline  # noqa: F401 (its import is not the check's cost)
+
     error = refused("generate", path, "--out", output, "--dry-run")
     assert error.startswith(f"--out: {output} holds a different job (1 source image(s)"), error
     assert "first '000002-" in error
