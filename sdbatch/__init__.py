@@ -53,7 +53,7 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.metric_math          pure math: statistics that merge, FID, intervals
     generation                      generate(): spec -> committed image dataset, resumable
     integrity                       committed units checked against their markers; verify()
-    worker                          plain class: a model kept loaded, adapters switched -> rows
+    worker                          plain class: a model kept loaded, adapters, tasks -> rows
     distribute                      Ray: a session, one actor per GPU, units by model, retries
     worker_logs                     a worker's library warnings -> its log file; errors -> stderr
     output                          the output's layout: run.json, unit commits, markers
@@ -61,7 +61,8 @@ below it (tests/test_layout.py holds the code to this list).
     records                         run.json and unit markers, typed
     image_rows                      the image dataset's row and key columns
     prompts                         prompt files -> (prompt_id, prompt, negative_prompt)
-    sweep                           configurations (model x adapter x grid), seeds, work units
+    sweep                           configurations (model x adapter x grid x task), seeds, units
+    sources                         source images, masks, depth maps: checked, sized; their file
     adapters                        LoRA reference -> pinned AdapterSource; its fit to a model
     models                          model reference -> pinned ModelSource; pipeline loading
     spec                            the job spec: typed, validated, up front
