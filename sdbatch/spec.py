@@ -20,6 +20,7 @@ extra zero, 1e30) is refused here rather than found by every worker, or never.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -125,6 +126,9 @@ class PromptSource:
         require(self.limit is None or self.limit >= 1, "limit", "must be >= 1 or null")
 
 
+EXPANSION_LABEL = re.compile(r"t(\d+)-r(\d+)-b(\d+)-l(\d+)")
+
+
 @dataclass(frozen=True)
 class Expansion:
     """Pixels an outpainting adds on each side of the source image."""
@@ -154,6 +158,14 @@ class Expansion:
     def label(self) -> str:
         """Canonical form, as configurations and rows carry it: ``t0-r16-b0-l0``."""
         return f"t{self.top}-r{self.right}-b{self.bottom}-l{self.left}"
+
+    @classmethod
+    def parse(cls, label: str) -> Expansion:
+        """The expansion a label ``t0-r16-b0-l0`` names."""
+        match = EXPANSION_LABEL.fullmatch(label)
+        if match is None:
+            raise ValueError(f"outpaint {label!r}: not of the form t0-r16-b0-l0")
+        return cls(*map(int, match.groups()))
 
 
 @dataclass(frozen=True)

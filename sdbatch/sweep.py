@@ -18,7 +18,7 @@ import pandas as pd
 
 from sdbatch.schedulers import unet_evals_per_image
 from sdbatch.sources import Source
-from sdbatch.spec import Sweep
+from sdbatch.spec import Expansion, Sweep
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,8 @@ class Config:
         """(height, width) of its images: the source's, plus an outpainting's border."""
         if self.outpaint is None:
             return self.height, self.width
-        top, right, bottom, left = expansion(self.outpaint)
-        return self.height + top + bottom, self.width + left + right
-
-
-def expansion(label: str) -> tuple[int, int, int, int]:
-    """(top, right, bottom, left) of an outpaint label ``t0-r16-b0-l0``."""
-    top, right, bottom, left = (int(part[1:]) for part in label.split("-"))
-    return top, right, bottom, left
+        border = Expansion.parse(self.outpaint)
+        return self.height + border.top + border.bottom, self.width + border.left + border.right
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ from sdbatch.output import Output
 from sdbatch.records import BatchTiming, UnitMarker, library_versions
 from sdbatch.schedulers import guidance_passes, make_scheduler
 from sdbatch.sources import pixels as png_pixels
-from sdbatch.sweep import WorkUnit, expansion, image_seed
+from sdbatch.spec import Expansion
+from sdbatch.sweep import WorkUnit, image_seed
 from sdbatch.worker_logs import quiet_libraries
 
 log = logging.getLogger("sdbatch")
@@ -359,8 +360,8 @@ def _task_inputs(unit: WorkUnit, prompts: list[int]) -> dict[str, Any]:
         masks = [Image.open(io.BytesIO(s.mask)) for s in sources]
         strength = config.strength
     else:
-        top, right, bottom, left = expansion(config.outpaint)
-        sides = ((top, bottom), (left, right))
+        border = Expansion.parse(config.outpaint)
+        sides = ((border.top, border.bottom), (border.left, border.right))
         images = [
             Image.fromarray(np.pad(np.asarray(i), (*sides, (0, 0)), mode="edge")) for i in images
         ]

@@ -17,7 +17,7 @@ from test_task_metrics import build_task_output
 
 from sdbatch.evaluation.compare import main_effects
 from sdbatch.evaluation.registry import PSNR, STRENGTH_METRICS
-from sdbatch.evaluation.sources import SOURCES
+from sdbatch.output import SOURCES
 from sdbatch.reporting.plots import versus_figure
 from sdbatch.reporting.runs import load_run
 from sdbatch.reporting.tasks import OUTLINE, _outlined, _result

@@ -20,7 +20,9 @@ from PIL import Image
 
 from sdbatch.evaluation.metrics.directional import directional_similarity
 from sdbatch.evaluation.metrics.psnr_ssim import MAX_PSNR, masked_psnr, masked_ssim
-from sdbatch.evaluation.sources import SOURCES, outpaint_sides, row_sources
+from sdbatch.evaluation.sources import row_sources
+from sdbatch.output import SOURCES
+from sdbatch.spec import Expansion
 from sdbatch.toy.world import Scene
 
 RNG = np.random.default_rng(0)
@@ -176,7 +178,7 @@ def test_rows_find_their_source_and_the_part_to_keep(tmp_path):
     assert (part == extended[8:24, 16:40]).all() and kept is None
     with pytest.raises(ValueError, match="does not fit the result 24x16"):
         outpaint.preserved(result)
-    assert outpaint_sides("t0-r16-b8-l24") == (0, 16, 8, 24)
+    assert Expansion.parse("t0-r16-b8-l24") == Expansion(0, 16, 8, 24)
     with pytest.raises(ValueError, match="source_id p9"):
         row_sources(str(tmp_path / SOURCES), {**columns, "source_id": ["p9"] * 4})
 
@@ -248,12 +250,7 @@ def build_task_output(root, ray_address, tasks=TASKS):
             row["image"]["bytes"] = png(result)
             row.update(task=task, strength=strength, outpaint=outpaint)
             row.update(source_id=row["prompt_id"], source_sha256=f"sha256:{row['prompt_id']}")
-        schema = pq.read_schema(path)
-        for name, kind in [("task", pa.string()), ("strength", pa.float64())] + [
-            (n, pa.string()) for n in ("outpaint", "source_id", "source_sha256")
-        ]:
-            schema = schema.append(pa.field(name, kind))
-        pq.write_table(pa.Table.from_pylist(rows, schema), path)
+        pq.write_table(pa.Table.from_pylist(rows, pq.read_schema(path)), path)
         body = path.read_bytes()
         marker = dataclasses.replace(
             marker, bytes=len(body), sha256=hashlib.sha256(body).hexdigest()

@@ -43,12 +43,11 @@ from sdbatch.evaluation.metric import RESAMPLING_UNIT, Need
 from sdbatch.evaluation.record import MetricsRecord, ReferenceProvenance, write_metrics_record
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.evaluation.shards import CLIP_EMBEDDINGS, SHARDS, FeatureUnit, pending_units
-from sdbatch.evaluation.sources import SOURCES
 from sdbatch.evaluation.suite import Suite, load_suite
 from sdbatch.evaluation.table import config_table
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
 from sdbatch.integrity import summarize, unit_problems
-from sdbatch.output import METRICS_DIR, Output
+from sdbatch.output import METRICS_DIR, SOURCES, Output
 from sdbatch.records import library_versions
 
 log = logging.getLogger("sdbatch")

@@ -11,7 +11,6 @@ original canvas, which lies at (top, left) of the extended result (the row's `ou
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +19,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-SOURCES = "sources.parquet"  # at the output's root; text2img runs have none
+from sdbatch.spec import Expansion
+
 # The generated rows' columns that say what each image was made from.
 SOURCE_COLUMNS = ("source_id", "task", "outpaint")
 # A mask pixel at or above this is repainted: sources hold binary "L" masks (0 or 255).
 MASK_THRESHOLD = 128
-_OUTPAINT = re.compile(r"t(\d+)-r(\d+)-b(\d+)-l(\d+)")
 
 
 @dataclass(frozen=True)
@@ -52,15 +51,6 @@ class Source:
         return part, self.image, None if self.repaint is None else ~self.repaint
 
 
-def outpaint_sides(outpaint: str) -> tuple[int, int, int, int]:
-    """Pixels added at (top, right, bottom, left) by an outpaint expansion "t0-r16-b0-l0"."""
-    match = _OUTPAINT.fullmatch(outpaint)
-    if match is None:
-        raise ValueError(f"outpaint {outpaint!r}: not of the form t0-r16-b0-l0")
-    top, right, bottom, left = map(int, match.groups())
-    return top, right, bottom, left
-
-
 def row_sources(location: str, columns: dict[str, list[Any]]) -> list[Source | None]:
     """Per generated row (`columns`: its SOURCE_COLUMNS), what it was made from; None for a row
     without a source. Reads only the source rows these rows name from `location`."""
@@ -74,7 +64,10 @@ def row_sources(location: str, columns: dict[str, list[Any]]) -> list[Source | N
         if source_id not in rows:
             raise ValueError(f"source_id {source_id}: no such prompt_id in {location}")
         image, mask, prompt = rows[source_id]
-        top, _, _, left = outpaint_sides(outpaint) if outpaint else (0, 0, 0, 0)
+        top = left = 0
+        if outpaint:
+            border = Expansion.parse(outpaint)
+            top, left = border.top, border.left
         repaint = mask if task == "inpaint" else None
         sources.append(Source(source_id, image, prompt, repaint, top, left))
     return sources

@@ -29,8 +29,6 @@ CONFIG_COLUMNS = (
     "num_inference_steps",
     "guidance_scale",
 )
-# A text2img configuration's task columns: those of every run made before sdbatch had tasks.
-TEXT2IMG = {"task": "text2img", "strength": None, "outpaint": None}
 # Measured, so they change from one run of the same images to the next.
 TIMING_COLUMNS = (
     "seconds_per_image_median",
@@ -99,7 +97,7 @@ def config_table(
             continue  # configured but not generated yet
         counted = generated[~generated["_excluded"]]  # the images the metrics are computed on
         row: dict[str, Any] = {"config_id": config_id}
-        row.update({c: getattr(config, c, TEXT2IMG.get(c)) for c in CONFIG_COLUMNS[1:]})
+        row.update({c: getattr(config, c) for c in CONFIG_COLUMNS[1:]})
         row["n_images"] = len(generated)
         checked = generated["nsfw_flagged"].dropna()
         # null where no image went through a safety checker, so "none flagged" means checked

@@ -10,8 +10,7 @@ from sdbatch.errors import InputError
 from sdbatch.evaluation.compare import model_name, model_names
 from sdbatch.evaluation.metric import Metric
 from sdbatch.evaluation.record import MetricsRecord, read_metrics_record
-from sdbatch.evaluation.sources import SOURCES
-from sdbatch.output import METRICS_DIR, Output
+from sdbatch.output import METRICS_DIR, SOURCES, Output
 from sdbatch.records import RunRecord
 
 PARAMS = ["scheduler", "num_inference_steps", "guidance_scale"]

@@ -16,7 +16,8 @@ import pyarrow.dataset as pads
 from PIL import Image
 
 from sdbatch.evaluation.registry import PRESERVATION_TRADEOFF, STRENGTH_METRICS
-from sdbatch.evaluation.sources import SOURCES, outpaint_sides, read_sources
+from sdbatch.evaluation.sources import read_sources
+from sdbatch.output import SOURCES
 from sdbatch.reporting.grids import (
     MAX_CELL,
     choose_prompts,
@@ -27,6 +28,7 @@ from sdbatch.reporting.grids import (
 from sdbatch.reporting.parts import Figure, Gallery, Section
 from sdbatch.reporting.plots import encode_figure, percent, tradeoff_figure, versus_figure
 from sdbatch.reporting.runs import Run
+from sdbatch.spec import Expansion
 
 OUTLINE = (255, 0, 255)  # magenta: no color of the shapes world, so it reads as a mark
 PRESERVED_WHERE = {
@@ -165,9 +167,11 @@ def _result(blob: bytes, outpaint: str | None) -> bytes:
     if outpaint is None or pd.isna(outpaint):
         return blob
     image = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
-    top, right, bottom, left = outpaint_sides(outpaint)
+    border = Expansion.parse(outpaint)
     canvas = np.zeros(image.shape[:2], bool)
-    canvas[top : image.shape[0] - bottom, left : image.shape[1] - right] = True
+    canvas[
+        border.top : image.shape[0] - border.bottom, border.left : image.shape[1] - border.right
+    ] = True
     return _outlined(image, canvas)
 
 
