@@ -154,3 +154,30 @@ def test_purple_jobs_ask_every_purple_scene_and_every_base_scene():
         assert spec.sweep.lora_settings == settings
         prompts = load_prompts(spec.prompts).frame
         assert sorted(prompts["prompt"]) == sorted(s.caption for s in scenes)
+
+
+def test_a_blend_of_two_colors_is_not_a_color():
+    """builtin:toy asked for purple draws red and blue mixed (about (138, 51, 115)): nearest to
+    purple in the palette, yet not purple."""
+    scene = world.Scene("square", "purple", "large", "center")
+    image = np.asarray(world.render(scene, seed=0)).copy()
+    drawn = (image != world.BACKGROUND).any(axis=2)
+    for mean, judged in (
+        ((138, 51, 115), False),
+        ((150, 45, 140), True),
+        (world.COLORS["purple"], True),
+    ):
+        image[drawn] = mean
+        assert world.judge(image, scene).color is judged, mean
+
+
+def test_the_adapter_draws_purple_and_the_base_does_not(toy):
+    prompts = [s.caption for s in world.PURPLE_SCENES]
+    judged = {}
+    for scale in (0.0, 1.0):
+        toy.set_adapters(["purple"], adapter_weights=[scale])
+        images = draw(toy, prompts)
+        judged[scale] = np.mean(
+            [world.judge(i, s).color for i, s in zip(images, world.PURPLE_SCENES, strict=True)]
+        )
+    assert judged[0.0] <= 0.2 and judged[1.0] >= 0.8, judged

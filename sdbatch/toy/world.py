@@ -42,6 +42,10 @@ COLORS = {
     # colors are the same as without it.
     "purple": (140, 40, 170),
 }
+# How far an object's mean color may lie from the palette color it is judged to be. A blend is
+# not a color: builtin:toy, asked for purple, which it never saw, mixes red and blue into a dull
+# (138, 51, 115), 57 from purple (median); every base color it draws lies within 36 of its own.
+COLOR_TOLERANCE = 45
 BASE_COLORS = ("red", "green", "blue", "yellow")  # what builtin:toy and builtin:toy-clip know
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.2, "large": 0.34}  # radius as a fraction of the image side
@@ -141,8 +145,9 @@ def judge(image: np.ndarray, scene: Scene) -> Judgement:
     """Check an H x W x 3 uint8 image against `scene` from its pixels alone.
 
     The object is every pixel far from the background. Its color is the palette color nearest to
-    its mean; its shape is the one whose fill ratio (area / bounding box) is nearest; its size and
-    position come from its area and centroid, against the renderer's own values.
+    its mean, if within COLOR_TOLERANCE of it; its shape is the one whose fill ratio (area /
+    bounding box) is nearest; its size and position come from its area and centroid, against the
+    renderer's own values.
     """
     pixels = np.asarray(image, dtype=np.float64)
     side = pixels.shape[1]
@@ -151,6 +156,8 @@ def judge(image: np.ndarray, scene: Scene) -> Judgement:
         return Judgement(False, False, False, False)
     mean = pixels[mask].mean(axis=0)
     color = min(COLORS, key=lambda c: np.linalg.norm(mean - COLORS[c]))
+    if np.linalg.norm(mean - COLORS[color]) > COLOR_TOLERANCE:
+        color = None
     rows, cols = np.nonzero(mask)
     box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     fill = mask.sum() / box
