@@ -62,6 +62,7 @@ below it (tests/test_layout.py holds the code to this list).
     models                          model reference -> pinned ModelSource; pipeline loading
     spec                            the job spec: typed, validated, up front
     toy.build                       writes every builtin model's shipped files
+    toy.tasks                       trains toy-inpaint and toy-depth (9- and 5-channel UNets)
     toy.lora                        trains the toy-purple adapter: a LoRA that teaches toy purple
     toy.train                       trains toy-clip and toy on the shapes world
     toy.components                  the builtin models' parts (byte tokenizer, scheduler, CLIP)

@@ -164,16 +164,17 @@ def depth_map(scene: Scene, seed: int, size: int = SIZE) -> Image.Image:
     return image
 
 
+def draws(count: int, seed: int = 0, scenes: list[Scene] = SCENES) -> list[tuple[Scene, int]]:
+    """`count` (scene, render seed) pairs of `scenes`, the same for the same seed."""
+    rng = random.Random(seed)
+    return [(rng.choice(scenes), rng.getrandbits(32)) for _ in range(count)]
+
+
 def samples(
     count: int, seed: int = 0, size: int = SIZE, scenes: list[Scene] = SCENES
 ) -> list[tuple[Image.Image, str]]:
     """`count` (image, caption) pairs of `scenes`, the same for the same seed."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(count):
-        scene = rng.choice(scenes)
-        pairs.append((render(scene, rng.getrandbits(32), size), scene.caption))
-    return pairs
+    return [(render(s, k, size), s.caption) for s, k in draws(count, seed, scenes)]
 
 
 @dataclass(frozen=True)
