@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dest", type=Path, help="folder to write (default: the package's own)")
     args = parser.parse_args(argv)
     destination = args.dest or MODELS_DIR / args.name
+    began = time.perf_counter()
     BUILDERS[args.name](destination)
-    print(destination)
+    print(f"{destination} ({time.perf_counter() - began:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -184,11 +184,11 @@ def _save(pipe: Any, destination: Path, base: Path) -> None:
 def train_toy_inpaint(
     destination: Path,
     base: Path | None = None,
-    steps: int = 800,
+    steps: int = 1500,
     seed: int = 0,
     batch: int = 32,
     samples: int = 6000,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 2e-3,
 ) -> None:
     """Train `builtin:toy-inpaint` from `base` (default `builtin:toy`) into `destination`."""
     import torch
@@ -254,7 +254,7 @@ def make_depth_estimator() -> tuple[Any, Any]:
 
 
 def train_depth_estimator(
-    steps: int = 400, seed: int = 0, batch: int = 32, samples: int = 4000
+    steps: int = 300, seed: int = 0, batch: int = 32, samples: int = 4000
 ) -> tuple[Any, Any]:
     """The depth estimator trained on world images to their depth maps / 255."""
     import torch
@@ -288,12 +288,12 @@ def train_depth_estimator(
 def train_toy_depth(
     destination: Path,
     base: Path | None = None,
-    steps: int = 800,
-    estimator_steps: int = 400,
+    steps: int = 1000,
+    estimator_steps: int = 300,
     seed: int = 0,
     batch: int = 32,
     samples: int = 6000,
-    learning_rate: float = 5e-4,
+    learning_rate: float = 1e-3,
 ) -> None:
     """Train `builtin:toy-depth` from `base` (default `builtin:toy`) into `destination`."""
     import torch
@@ -358,19 +358,30 @@ def _shares(verdicts: list[world.Judgement]) -> dict[str, float]:
 
 
 def judge_inpaint(
-    folder: Path, count: int = 24, seed: int = 0, strength: float = 1.0
+    folder: Path, count: int = 24, seed: int = 0, strength: float = 1.0, task: str = "inpaint"
 ) -> dict[str, float]:
-    """An inpainting model on the inpaint job's edits (another shape, its area masked): the share
-    of results the judge finds right for the asked scene, per attribute and in all ("every"), and
-    the mean PSNR (dB) against the source where the mask keeps it ("kept_psnr")."""
+    """An inpainting model on the inpaint job's edits (another shape, its area masked), or with
+    `task="outpaint"` on the outpaint job's (the scene's cut-off right 8 columns to paint, the
+    canvas extended with the background color): the share of results the judge finds right for
+    the asked scene, per attribute and in all ("every"), and the mean PSNR (dB) against the source
+    where the mask keeps it ("kept_psnr")."""
     from diffusers import AutoPipelineForInpainting
+    from PIL import Image
 
     pipe = AutoPipelineForInpainting.from_pretrained(folder, use_safetensors=True)
     pipe.scheduler = make_scheduler(JUDGE_SCHEDULER, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    edits = world.edits("inpaint", count)
+    edits = world.edits(task, count)
     sources = [world.render(e.source, e.seed) for e in edits]
-    masks = [world.inpaint_mask(e) for e in edits]
+    if task == "outpaint":
+        strip = Image.new("RGB", (world.SIZE - world.OUTPAINT_KEEP, world.SIZE), world.BACKGROUND)
+        for source in sources:
+            source.paste(strip, (world.OUTPAINT_KEEP, 0))
+        mask = np.zeros((world.SIZE, world.SIZE), dtype=np.uint8)
+        mask[:, world.OUTPAINT_KEEP :] = 255
+        masks = [Image.fromarray(mask) for _ in edits]
+    else:
+        masks = [world.inpaint_mask(e) for e in edits]
     drawn = pipe(
         [e.target.caption for e in edits],
         image=sources,
