@@ -28,7 +28,7 @@ from sdbatch.toy.tasks import (
     widen,
 )
 
-KEPT_PSNR = 25  # dB, outside the mask; the shipped model measured 27 on these rows (README)
+KEPT_PSNR = 27  # dB, outside the mask; the shipped model measured 30.5 on the 24 rows (README)
 
 
 def _same_files(a, b) -> bool:
