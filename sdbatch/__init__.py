@@ -19,6 +19,7 @@ below it (tests/test_layout.py holds the code to this list).
     progress                        status(): images, failures, pace, ETA, eval; from the output
     reporting.write                 report(): read evaluated runs, write index.html and report.md
     reporting.render                sections and figures -> self-contained HTML, and Markdown
+    reporting.tasks                 image-conditioned runs: sources and results, strength, trade-off
     reporting.grids                 image galleries: configurations per prompt, worst images
     reporting.plots                 main effects; vs guidance, steps, adapter scale; trade-off
     reporting.summary               recommendation, models vs baseline, bests, effects, provenance
@@ -33,6 +34,8 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.record               metrics.json, typed
     evaluation.suite                the evaluation suite: typed, validated, up front
     evaluation.registry             every metric, in column order; the report's trade-off
+    evaluation.metrics.psnr_ssim    PSNR and SSIM to the source, where the task keeps it
+    evaluation.metrics.directional  CLIP directional similarity: the edit against the captions'
     evaluation.metrics.cmmd         CMMD: kernel MMD on CLIP image embeddings
     evaluation.metrics.kid          KID and its settings
     evaluation.metrics.prdc         precision, recall, density, coverage (k-NN) and their k
@@ -42,6 +45,7 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.metric               what a metric declares; what it scores and aggregates
     evaluation.reference            reference images or .npz -> cached reference statistics
     evaluation.images               decoding a shard's images
+    evaluation.sources              an output's source images, and what of them a result keeps
     evaluation.shards               units of evaluation work and their .npz files
     evaluation.extractors           feature extractors: inception, clip, dinov2, any nn.Module
     evaluation.clip                 CLIP in a worker: image and text embeddings
@@ -49,7 +53,7 @@ below it (tests/test_layout.py holds the code to this list).
     evaluation.metric_math          pure math: statistics that merge, FID, intervals
     generation                      generate(): spec -> committed image dataset, resumable
     integrity                       committed units checked against their markers; verify()
-    worker                          plain class: a model kept loaded, adapters switched -> rows
+    worker                          plain class: a model kept loaded, adapters, tasks -> rows
     distribute                      Ray: a session, one actor per GPU, units by model, retries
     worker_logs                     a worker's library warnings -> its log file; errors -> stderr
     output                          the output's layout: run.json, unit commits, markers
@@ -57,7 +61,8 @@ below it (tests/test_layout.py holds the code to this list).
     records                         run.json and unit markers, typed
     image_rows                      the image dataset's row and key columns
     prompts                         prompt files -> (prompt_id, prompt, negative_prompt)
-    sweep                           configurations (model x adapter x grid), seeds, work units
+    sweep                           configurations (model x adapter x grid x task), seeds, units
+    sources                         source images, masks, depth maps: checked, sized; their file
     adapters                        LoRA reference -> pinned AdapterSource; its fit to a model
     models                          model reference -> pinned ModelSource; pipeline loading
     spec                            the job spec: typed, validated, up front

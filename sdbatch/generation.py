@@ -23,7 +23,7 @@ from sdbatch.adapters import AdapterSource, check_fits, resolve_adapter
 from sdbatch.errors import InputError, first_line
 from sdbatch.integrity import summarize, unit_problems
 from sdbatch.lease import check_holder, held
-from sdbatch.models import ModelSource, longer_than_context, resolve_model
+from sdbatch.models import ModelSource, check_task, longer_than_context, resolve_model
 from sdbatch.output import Output
 from sdbatch.prompts import PromptSet, load_prompts, prompt_set_digest
 from sdbatch.records import (
@@ -33,6 +33,7 @@ from sdbatch.records import (
     RunRecord,
     library_versions,
 )
+from sdbatch.sources import Source, changed_sources, load_sources, sources_table
 from sdbatch.spec import JobSpec
 from sdbatch.sweep import (
     Config,
@@ -53,6 +54,7 @@ ELSEWHERE = "choose another output with --out"
 # Fields of run.json that fix what every image looks like: a rerun must match them exactly.
 FIXED_FIELDS = (
     ("model", "identity"),
+    ("spec", "task"),
     ("spec", "seed"),
     ("spec", "sweep", "images_per_prompt"),
     ("spec", "sweep", "height"),
@@ -124,9 +126,12 @@ def generate(
             "runtime.dtype: fp16 needs GPUs and this machine has none; use fp32 or bf16"
         )
     models = [
-        resolve_model(ref, spec.model_revision, allow_pickle=spec.model_allow_pickle)
+        resolve_model(
+            ref, spec.model_revision, allow_pickle=spec.model_allow_pickle, task=spec.task
+        )
         for ref in spec.models
     ]
+    sources = _load_sources(spec, prompt_set, models)
     adapters = _resolve_adapters(spec, models)
     out = Output(output or spec.output or f"out/{spec.name}")
     field = _output_field(output, spec)
@@ -135,7 +140,7 @@ def generate(
     # An extension keeps the model the run started with first: its configurations' ids.
     started = None if overwrite else out.read_run()
     first = started.model.ref if started and started.model.ref in spec.models else spec.models[0]
-    configs = configurations(spec.sweep, spec.models, first)
+    configs = configurations(spec.sweep, spec.models, first, spec.task)
     truncated = _count_truncated(prompts, spec, models)
     record = _run_record(spec, prompt_set, configs, models, adapters, first, truncated)
     log.info(
@@ -143,11 +148,13 @@ def generate(
         spec.name, len(prompts), len(configs), spec.sweep.images_per_prompt, total, out.location,
     )  # fmt: skip
     if dry_run:
-        _plan(out, record, prompts, overwrite, verify, field, dry_run=True)
+        _plan(out, record, prompts, sources, overwrite, verify, field, dry_run=True)
         return GenerateSummary(out.location, total, 0, time.perf_counter() - began)
 
     with held(out.fs, out.root, force) as holder:
-        previous, units = _plan(out, record, prompts, overwrite, verify, field, dry_run=False)
+        previous, units = _plan(
+            out, record, prompts, sources, overwrite, verify, field, dry_run=False
+        )
         if not units:
             return GenerateSummary(out.location, total, 0, time.perf_counter() - began)
         left = sum(u.num_images for u in units)
@@ -171,6 +178,8 @@ def generate(
                 record, dtype=dtype, history=previous.history if previous else ()
             )
             out.write_prompts(prompts)
+            if sources:
+                out.write_sources(sources_table(sources))
             out.write_run(record)
             setup = GenerationSetup(
                 models=tuple(models),
@@ -240,6 +249,18 @@ def _model_of(unit: WorkUnit) -> str:
     return unit.config.model
 
 
+def _load_sources(
+    spec: JobSpec, prompts: PromptSet, models: list[ModelSource]
+) -> dict[str, Source]:
+    """Each prompt's source image (mask, depth map), checked and at the sweep's size, once every
+    model is known to do the task; empty for text2img."""
+    if spec.task == "text2img":
+        return {}
+    for model in models:
+        check_task(model, spec.task, depth_given=spec.prompts.depth_column is not None)
+    return load_sources(spec.prompts, prompts.sources, spec.sweep.height, spec.sweep.width)
+
+
 def _resolve_adapters(spec: JobSpec, models: list[ModelSource]) -> tuple[AdapterSource, ...]:
     """Every adapter of the sweep, resolved and checked against every model it runs with."""
     adapters = []
@@ -286,6 +307,7 @@ def _plan(
     out: Output,
     record: RunRecord,
     prompts: pd.DataFrame,
+    sources: dict[str, Source],
     overwrite: bool,
     verify: bool,
     field: str,
@@ -300,7 +322,15 @@ def _plan(
     # 2. reconcile with what the output already holds
     previous = None if overwrite else out.read_run()
     if previous is not None:
-        _check_same_job(previous, record, out.read_prompts(), prompts, f"{field}: {out.uri}")
+        where = f"{field}: {out.uri}"
+        _check_same_job(previous, record, out.read_prompts(), prompts, where)
+        written = out.read_sources()
+        if written is not None and (changed := changed_sources(written, sources)):
+            raise InputError(
+                f"{where} holds a different job ({len(changed)} source image(s), mask(s) or "
+                f"depth map(s) changed, first {changed[0]!r}); use --overwrite to start over, "
+                f"or {ELSEWHERE}"
+            )
     if overwrite and not dry_run:
         out.clear()
 
@@ -324,6 +354,7 @@ def _plan(
         spec.runtime.shard_size,
         done,
         record.identity,
+        sources,
     )
     left = sum(u.num_images for u in units)
     total = len(prompts) * len(record.configs) * spec.sweep.images_per_prompt

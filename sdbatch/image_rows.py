@@ -39,6 +39,15 @@ class ImageRow:
     lora: Annotated[str | None, pa.string()]
     lora_identity: Annotated[str | None, pa.string()]
     lora_scale: Annotated[float | None, pa.float64()]
+    # text2img, img2img, inpaint, outpaint or depth2img, and the task's own setting: strength
+    # (img2img, inpaint, depth2img) or the pixels outpainting added, "t0-r16-b0-l0"; else null
+    task: Annotated[str, pa.string()]
+    strength: Annotated[float | None, pa.float64()]
+    outpaint: Annotated[str | None, pa.string()]
+    # The prompt row whose image was the source (its prompt_id; its row in sources.parquet), and
+    # "sha256:<hex>" of that image's pixels as the pipeline got it; null for text2img
+    source_id: Annotated[str | None, pa.string()]
+    source_sha256: Annotated[str | None, pa.string()]
     dtype: Annotated[str, pa.string()]
     batch_size: Annotated[int, pa.int32()]  # images in the pipeline call that made it
     generation_seconds: Annotated[float, pa.float64()]  # that call's time over its images

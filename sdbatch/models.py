@@ -57,7 +57,11 @@ CLIP = ModelKind("clip.model", "config.json", "a transformers CLIP model")
 
 
 def resolve_model(
-    ref: str, revision: str | None = None, kind: ModelKind = PIPELINE, allow_pickle: bool = False
+    ref: str,
+    revision: str | None = None,
+    kind: ModelKind = PIPELINE,
+    allow_pickle: bool = False,
+    task: str = "text2img",
 ) -> ModelSource:
     """Check a model reference and pin what it points to.
 
@@ -67,6 +71,8 @@ def resolve_model(
         kind: a diffusers pipeline (the default) or a CLIP model.
         allow_pickle: a pipeline may have weights that are not safetensors (the spec's
             `model_allow_pickle`).
+        task: the job's task; a pipeline for another task than text2img is checked by
+            `check_task`, not here.
 
     Raises:
         InputError: no such builtin, folder or hub model, or one of another kind; a pipeline
@@ -84,7 +90,7 @@ def resolve_model(
             )
         suffixes = IDENTITY_SUFFIXES
         if kind is PIPELINE:
-            components = _components(folder / kind.marker, ref)
+            components = _components(folder / kind.marker, ref, task)
             if allow_pickle:
                 # Pickles may then be what loads, so they are part of what the model is.
                 suffixes += PICKLE_SUFFIXES
@@ -94,18 +100,19 @@ def resolve_model(
         return ModelSource(ref, str(folder.resolve()), None, identity, allow_pickle)
     if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
         raise InputError(f"{kind.field}: no folder {ref!r}, and it is not a hub id like org/name")
-    return _resolve_hub(ref, revision, kind, allow_pickle)
+    return _resolve_hub(ref, revision, kind, allow_pickle, task)
 
 
-def _components(index: Path, ref: str) -> list[str]:
+def _components(index: Path, ref: str, task: str) -> list[str]:
     """The component folders model_index.json names; refuses a pipeline that is not one of
     diffusers' own text-to-image pipelines, or that asks for code of its own.
 
     A custom pipeline class, or a component library other than diffusers and transformers, is
     code that comes with the model. sdbatch never passes trust_remote_code or custom_pipeline, so
     such a model would fail in every worker, after Ray started; it is refused here instead. So is
-    an image-to-image, inpainting, unconditional or video pipeline: the class must be in the table
-    diffusers' AutoPipelineForText2Image loads from.
+    an image-to-image, inpainting, unconditional or video pipeline for a text2img job: the class
+    must be in the table diffusers' AutoPipelineForText2Image loads from (`check_task` checks
+    the other tasks' classes).
     """
     try:
         entries = json.loads(index.read_text(encoding="utf-8"))
@@ -121,7 +128,7 @@ def _components(index: Path, ref: str) -> list[str]:
             f"model: {ref} asks for a custom pipeline class {pipeline!r} in model_index.json; "
             "sdbatch loads diffusers' own pipelines only and never runs code shipped with a model"
         )
-    if pipeline not in _text_to_image_classes():
+    if task == "text2img" and pipeline not in _text_to_image_classes():
         raise InputError(
             f"model: {ref} holds {f'a {pipeline}' if pipeline else 'no _class_name'} "
             "(model_index.json); sdbatch needs a text-to-image pipeline, like "
@@ -179,7 +186,7 @@ def model_file(source: ModelSource, name: str) -> Path:
 
 
 def _resolve_hub(
-    repo_id: str, revision: str | None, kind: ModelKind, allow_pickle: bool
+    repo_id: str, revision: str | None, kind: ModelKind, allow_pickle: bool, task: str
 ) -> ModelSource:
     import huggingface_hub
 
@@ -197,7 +204,7 @@ def _resolve_hub(
     if not (Path(snapshot) / kind.marker).is_file():
         raise InputError(f"{kind.field}: hub repo {repo_id!r} is not {kind.description}")
     if kind is PIPELINE:
-        _components(Path(snapshot) / kind.marker, repo_id)
+        _components(Path(snapshot) / kind.marker, repo_id, task)
     commit = Path(snapshot).name
     return ModelSource(repo_id, repo_id, commit, f"hub:{repo_id}@{commit}", allow_pickle)
 
@@ -247,6 +254,11 @@ def fetch_models(models: list[tuple[ModelSource, ModelKind]]) -> dict[str, str]:
 
 def _text_to_image_classes() -> set[str]:
     """Class names of the pipelines diffusers' AutoPipelineForText2Image loads (its own table)."""
+    return _auto_classes("TEXT2IMAGE")
+
+
+def _auto_classes(table: str) -> set[str]:
+    """Class names in one of diffusers' AutoPipeline tables: TEXT2IMAGE, IMAGE2IMAGE, INPAINT."""
     import transformers
 
     # The table imports every diffusers pipeline (seconds, so builtin models skip this check),
@@ -254,10 +266,65 @@ def _text_to_image_classes() -> set[str]:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
+        from diffusers.pipelines import auto_pipeline
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return {pipeline.__name__ for pipeline in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+    mapping = getattr(auto_pipeline, f"AUTO_{table}_PIPELINES_MAPPING")
+    return {pipeline.__name__ for pipeline in mapping.values()}
+
+
+DEPTH2IMG = "StableDiffusionDepth2ImgPipeline"
+
+
+def check_task(source: ModelSource, task: str, depth_given: bool = False) -> None:
+    """Refuse a model that cannot do `task`, judged by model_index.json's class and the UNet's
+    input channels: img2img needs a 4-channel model of diffusers' text-to-image or image-to-image
+    tables; inpaint and outpaint that, or an inpainting pipeline (9 channels: image, mask and
+    masked image), as AutoPipelineForInpainting.from_pipe takes them; depth2img a
+    StableDiffusionDepth2ImgPipeline (5 channels) with its depth estimator, unless every row
+    gives a depth map (`depth_given`).
+
+    Raises:
+        InputError: the model cannot do the task.
+    """
+    if task == "text2img":
+        return  # resolve_model checked the class
+    index = json.loads(model_file(source, "model_index.json").read_text(encoding="utf-8"))
+    pipeline = index.get("_class_name")
+    try:
+        unet = json.loads(model_file(source, "unet/config.json").read_text(encoding="utf-8"))
+        channels = unet.get("in_channels")
+    except (OSError, ValueError):
+        channels = None
+    holds = f"model {source.ref} holds a {pipeline} ({channels}-channel UNet)"
+    if task == "depth2img":
+        if pipeline != DEPTH2IMG or channels != 5:
+            raise InputError(
+                f"task: depth2img needs a {DEPTH2IMG} with a 5-channel UNet (the depth map is "
+                f"its fifth input); {holds}"
+            )
+        estimator = all(index.get(n, [None])[0] for n in ("depth_estimator", "feature_extractor"))
+        if not (estimator or depth_given):
+            raise InputError(
+                f"prompts.depth_column: model {source.ref} has no depth estimator; give every "
+                "prompt a depth map"
+            )
+        return
+    plain = _auto_classes("TEXT2IMAGE") | _auto_classes("IMAGE2IMAGE")
+    if task == "img2img" and not (channels == 4 and pipeline in plain):
+        raise InputError(
+            "task: img2img needs a text-to-image or image-to-image pipeline with a 4-channel "
+            f"UNet, like StableDiffusionPipeline; {holds}"
+        )
+    inpainting = _auto_classes("INPAINT")
+    if task in ("inpaint", "outpaint") and not (
+        (channels == 4 and pipeline in plain | inpainting)
+        or (channels == 9 and pipeline in inpainting)
+    ):
+        raise InputError(
+            f"task: {task} needs a 4-channel text-to-image pipeline (StableDiffusionPipeline) "
+            f"or an inpainting one (StableDiffusionInpaintPipeline, 9 channels); {holds}"
+        )
 
 
 def longer_than_context(source: ModelSource, texts: list[str]) -> set[str]:
@@ -296,7 +363,7 @@ def longer_than_context(source: ModelSource, texts: list[str]) -> set[str]:
 
 
 def load_pipeline(source: ModelSource, dtype: str, device: str) -> Any:
-    """Load the text-to-image pipeline once, on `device`, in `dtype` (fp16, bf16 or fp32)."""
+    """Load the pipeline once, on `device`, in `dtype` (fp16, bf16 or fp32)."""
     import diffusers
     import torch
     import transformers
@@ -304,8 +371,24 @@ def load_pipeline(source: ModelSource, dtype: str, device: str) -> Any:
     # Loading bars of every worker would interleave with the driver's own progress bar.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+    # Text-to-image pipelines load as they always have; inpainting and depth-to-image ones (9- and
+    # 5-channel UNets) as the class model_index.json names, which check_task has accepted.
+    index = json.loads(model_file(source, "model_index.json").read_text(encoding="utf-8"))
+    absent = {}
+    if index.get("_class_name") in _text_to_image_classes():
+        loader = diffusers.AutoPipelineForText2Image
+    else:
+        loader = diffusers.DiffusionPipeline
+        # Components saved as [null, null] (a depth2img model without its depth estimator, run
+        # on given depth maps) are passed as None: from_pretrained would refuse them missing.
+        absent = {
+            name: None
+            for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and entry[:1] == [None]
+        }
+    pipe = loader.from_pretrained(
         source.location,
+        **absent,
         revision=source.revision,
         dtype=getattr(torch, TORCH_DTYPES[dtype]),
         # None: safetensors where a component has them, else its pickle, which diffusers reads

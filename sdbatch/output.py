@@ -6,6 +6,8 @@ Layout of an output location (a local folder or any fsspec URI such as s3://buck
                           Hugging Face `datasets` read the folder as one table
     run.json              the resolved spec, library versions and the model's identity
     prompts.parquet       the prompt set the run used
+    sources.parquet       image-conditioned tasks: each prompt's source image (mask, depth map) as
+                          the pipeline got it (see sdbatch.sources); written whole before any unit
     _units/UNIT.json      done markers: a unit is done only once its marker exists; each holds
                           its file's size and sha256, and the identity of the run that made it
     _tmp/                 files being written; readers never look here
@@ -48,9 +50,10 @@ UNITS = "_units"
 TMP = "_tmp"
 RUN = "run.json"
 PROMPTS = "prompts.parquet"
+SOURCES = "sources.parquet"
 METRICS_DIR = "metrics"
 LOGS = "_logs"
-OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS, METRICS_DIR, LOGS, LEASE)
+OWNED = (IMAGES, UNITS, TMP, RUN, PROMPTS, SOURCES, METRICS_DIR, LOGS, LEASE)
 # Stores private to one process: workers would write where the driver never looks.
 NOT_SHARED = ("memory",)
 ROWS_PER_ROW_GROUP = 64  # ~25 MB of 512x512 PNGs: small enough for readers to stream
@@ -147,6 +150,19 @@ class Output:
         table = pa.Table.from_pandas(prompts, preserve_index=False)
         self._publish(
             lambda tmp: pq.write_table(table, tmp, filesystem=self.fs), self.path(PROMPTS)
+        )
+
+    def read_sources(self) -> pa.Table | None:
+        """sources.parquet, or None where the run has none (text2img)."""
+        path = self.path(SOURCES)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f)
+
+    def write_sources(self, table: pa.Table) -> None:
+        self._publish(
+            lambda tmp: pq.write_table(table, tmp, filesystem=self.fs), self.path(SOURCES)
         )
 
     def done_units(self) -> list[UnitMarker]:

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from sdbatch.errors import InputError, first_line
 from sdbatch.publish import publish_beside
+from sdbatch.sources import COLUMNS
 from sdbatch.spec import PromptSource
 
 log = logging.getLogger("sdbatch")
@@ -44,6 +45,9 @@ class PromptSet:
 
     frame: pd.DataFrame  # columns prompt_id, prompt, negative_prompt
     skipped_blank: int = 0
+    # prompt_id and, as sources.COLUMNS names them, the image-conditioned tasks' columns the
+    # spec sets (as read: structs, bytes or paths); None where it sets none
+    sources: pd.DataFrame | None = None
 
 
 def load_prompts(source: PromptSource) -> PromptSet:
@@ -69,6 +73,7 @@ def load_prompts(source: PromptSource) -> PromptSet:
         ) from None
     wanted = {"column": source.column, "id_column": source.id_column}
     wanted["negative_column"] = source.negative_column
+    wanted |= {field: getattr(source, field) for field in COLUMNS.values()}
     for key, column in wanted.items():
         if column is not None and column not in names:
             raise InputError(
@@ -108,6 +113,8 @@ def load_prompts(source: PromptSource) -> PromptSet:
         else [None] * len(texts)
     )
     keep = sorted(set(range(len(texts))) - set(blank))
+    given = {name: field for name, field in COLUMNS.items() if getattr(source, field)}
+    extra = {name: table.column(getattr(source, f)).to_pylist() for name, f in given.items()}
     ids, texts, negatives = ([values[i] for i in keep] for values in (ids, texts, negatives))
     if None in ids:
         raise InputError(f"prompts.id_column: row {keep[ids.index(None)]} has a null id")
@@ -122,7 +129,11 @@ def load_prompts(source: PromptSource) -> PromptSet:
     frame = pd.DataFrame(
         {"prompt_id": ids, "prompt": texts, "negative_prompt": pd.Series(negatives, dtype=object)}
     )
-    return PromptSet(frame, len(blank))
+    sources = None
+    if extra:
+        columns = {n: pd.Series([v[i] for i in keep], dtype=object) for n, v in extra.items()}
+        sources = pd.DataFrame({"prompt_id": ids} | columns)
+    return PromptSet(frame, len(blank), sources)
 
 
 def prompt_set_digest(prompts: pd.DataFrame) -> str:

@@ -20,6 +20,7 @@ extra zero, 1e30) is refused here rather than found by every worker, or never.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,24 @@ MAX_RETRIES = 10
 # Negative scales are allowed: they push away from what the adapter teaches.
 MAX_LORA_SCALE = 10
 MAX_MODELS = 100
+# The tasks that take a strength; below, the tasks that start from a source image (all but
+# text2img), and the fields each task may use: one given for a task that ignores it is refused,
+# not silently dropped.
+STRENGTH_TASKS = ("img2img", "inpaint", "depth2img")
+# diffusers' own defaults for `strength` (its img2img and depth2img pipelines: 0.8; inpainting:
+# 1.0, the masked area repainted from noise), used where sweep.strength is not given.
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0, "depth2img": 0.8}
+IMAGE_TASKS = ("img2img", "inpaint", "outpaint", "depth2img")
+TASK_FIELDS = {
+    "prompts.image_column": IMAGE_TASKS,
+    "prompts.mask_column": ("inpaint",),
+    "prompts.depth_column": ("depth2img",),
+    "prompts.source_prompt_column": IMAGE_TASKS,
+    "sweep.strength": STRENGTH_TASKS,
+    "sweep.outpaint": ("outpaint",),
+}
+# The task fields that the tasks using them cannot do without.
+REQUIRED = ("prompts.image_column", "prompts.mask_column", "sweep.outpaint")
 
 
 @dataclass(frozen=True)
@@ -92,11 +111,61 @@ class PromptSource:
     limit: int | None = None
     # A null or blank prompt is usually a broken export: refused unless the user says to drop it.
     blank: Literal["error", "skip"] = "error"
+    # Image-conditioned tasks: each row's source image (an image struct {bytes, path}, sdbatch's
+    # own output format, or a path/URI relative to the prompt file), its mask (inpaint: white =
+    # repaint), its depth map (depth2img; else the model's depth estimator runs) and a caption of
+    # the source (for directional metrics).
+    image_column: str | None = None
+    mask_column: str | None = None
+    depth_column: str | None = None
+    source_prompt_column: str | None = None
 
     def __post_init__(self) -> None:
         conform(self)
         require(self.path.strip() != "", "path", "must name a Parquet file or folder")
         require(self.limit is None or self.limit >= 1, "limit", "must be >= 1 or null")
+
+
+EXPANSION_LABEL = re.compile(r"t(\d+)-r(\d+)-b(\d+)-l(\d+)")
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """Pixels an outpainting adds on each side of the source image."""
+
+    top: int = 0
+    right: int = 0
+    bottom: int = 0
+    left: int = 0
+
+    def __post_init__(self) -> None:
+        conform(self)
+        for side in ("top", "right", "bottom", "left"):
+            size = getattr(self, side)
+            require(
+                0 <= size <= MAX_SIDE and size % 8 == 0,
+                side,
+                f"must be a multiple of 8 (the VAE's downsampling) from 0 to {MAX_SIDE:,}, "
+                f"got {shown(size)}",
+            )
+        require(
+            self.top + self.right + self.bottom + self.left > 0,
+            "top",
+            "adds no pixels; at least one of top, right, bottom, left must be > 0",
+        )
+
+    @property
+    def label(self) -> str:
+        """Canonical form, as configurations and rows carry it: ``t0-r16-b0-l0``."""
+        return f"t{self.top}-r{self.right}-b{self.bottom}-l{self.left}"
+
+    @classmethod
+    def parse(cls, label: str) -> Expansion:
+        """The expansion a label ``t0-r16-b0-l0`` names."""
+        match = EXPANSION_LABEL.fullmatch(label)
+        if match is None:
+            raise ValueError(f"outpaint {label!r}: not of the form t0-r16-b0-l0")
+        return cls(*map(int, match.groups()))
 
 
 @dataclass(frozen=True)
@@ -112,6 +181,10 @@ class Sweep:
     negative_prompt: str = ""
     # LoRA adapters: each item null (the model as it is) or an adapter at one or more scales.
     lora: tuple[Adapter | None, ...] = (None,)
+    # img2img, inpaint, depth2img: how much of the source is noised away (empty: diffusers'
+    # default for the task, DEFAULT_STRENGTH). outpaint: the expansions, each a configuration.
+    strength: tuple[float, ...] = ()
+    outpaint: tuple[Expansion, ...] = ()
 
     def __post_init__(self) -> None:
         conform(self)
@@ -130,6 +203,25 @@ class Sweep:
         unique(self.guidance_scale, "guidance_scale")
         for i, g in enumerate(self.guidance_scale):
             within(g, 0, MAX_GUIDANCE, f"guidance_scale[{i}]")
+        for i, strength in enumerate(self.strength):
+            require(
+                0 < strength <= 1,
+                f"strength[{i}]",
+                f"must be in (0, 1] (the share of the denoising run), got {shown(strength)}",
+            )
+        if self.strength:
+            unique(self.strength, "strength")
+        if self.outpaint:
+            unique(tuple(e.label for e in self.outpaint), "outpaint")
+        for i, expansion in enumerate(self.outpaint):
+            for side in ("height", "width"):
+                extra = expansion.top + expansion.bottom if side == "height" else 0
+                extra += expansion.left + expansion.right if side == "width" else 0
+                require(
+                    getattr(self, side) + extra <= MAX_SIDE,
+                    f"outpaint[{i}]",
+                    f"makes the {side} {getattr(self, side) + extra:,}; at most {MAX_SIDE:,}",
+                )
         axes = "scheduler x num_inference_steps x guidance_scale"
         _check_count(self.configurations, axes if self.lora == (None,) else f"lora x {axes}")
         within(self.images_per_prompt, 1, MAX_IMAGES_PER_PROMPT, "images_per_prompt")
@@ -151,11 +243,21 @@ class Sweep:
             for s in (a.scale if a else (None,))
         ]
 
+    def task_settings(self, task: str) -> list[tuple[float | None, str | None]]:
+        """(strength, outpaint label) for each setting of `task`'s own axis, in spec order;
+        text2img has one, (None, None)."""
+        if task == "outpaint":
+            return [(None, e.label) for e in self.outpaint]
+        if task in STRENGTH_TASKS:
+            return [(s, None) for s in self.strength or (DEFAULT_STRENGTH[task],)]
+        return [(None, None)]
+
     @property
     def configurations(self) -> int:
-        """How many configurations the sweep holds for one model."""
+        """How many configurations the sweep holds for one model (and one task)."""
         steps, guidance = self.num_inference_steps, self.guidance_scale
-        return len(self.lora_settings) * len(self.scheduler) * len(steps) * len(guidance)
+        tasks = max(len(self.strength), len(self.outpaint), 1)
+        return len(self.lora_settings) * len(self.scheduler) * len(steps) * len(guidance) * tasks
 
 
 def _check_count(count: int, where: str) -> None:
@@ -210,6 +312,7 @@ class JobSpec:
     # One model, or a list: each is a value of the sweep's model axis.
     model: str | tuple[str, ...]
     prompts: PromptSource
+    task: Literal["text2img", "img2img", "inpaint", "outpaint", "depth2img"] = "text2img"
     sweep: Sweep = Sweep()
     seed: int = 0
     # Where to write; None: out/NAME, relative to the working directory.
@@ -243,6 +346,7 @@ class JobSpec:
         )
         _check_count(len(self.models) * self.sweep.configurations, "model x sweep")
         within(self.seed, 0, MAX_SEED, "seed")
+        self._check_task()
         self._check_baseline()
 
     @property
@@ -259,6 +363,31 @@ class JobSpec:
         if b.lora is not None or (None, None) in self.sweep.lora_settings:
             return (model, b.lora, b.lora_scale)
         return (model, *self.sweep.lora_settings[0])
+
+    def _check_task(self) -> None:
+        """Each task's fields given where it uses them, and only there."""
+        task = self.task
+        for field, tasks in TASK_FIELDS.items():
+            section, name = field.split(".")
+            given = getattr(getattr(self, section), name) not in (None, ())
+            users = " and ".join([", ".join(tasks[:-1]), tasks[-1]] if len(tasks) > 1 else tasks)
+            require(
+                task in tasks or not given,
+                field,
+                f"used by {users} only; this job's task is {task}",
+            )
+            needed = field in REQUIRED and task in tasks
+            require(given or not needed, field, f"task {task} needs it")
+        # diffusers runs int(steps x strength) of the steps, and refuses to run none.
+        strengths = [s for s, _ in self.sweep.task_settings(task) if s is not None]
+        for strength in strengths:
+            for steps in self.sweep.num_inference_steps:
+                require(
+                    int(steps * strength) >= 1,
+                    "sweep.strength",
+                    f"{strength:g} x {steps} num_inference_steps leaves no denoising step "
+                    "(diffusers runs int(steps x strength) of them); raise either",
+                )
 
     def _check_baseline(self) -> None:
         model, lora, scale = self.baseline_setting

@@ -11,13 +11,14 @@ import dataclasses
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 import pandas as pd
 
 from sdbatch.schedulers import unet_evals_per_image
-from sdbatch.spec import Sweep
+from sdbatch.sources import Source
+from sdbatch.spec import Expansion, Sweep
 
 
 @dataclass(frozen=True)
@@ -36,27 +37,50 @@ class Config:
     # False for the run's first model: its configurations' ids are those they had before models
     # and adapters were sweep axes, so outputs made then keep theirs, and extend.
     model_in_id: bool = False
+    task: str = "text2img"
+    strength: float | None = None  # img2img, inpaint, depth2img
+    outpaint: str | None = None  # outpaint: pixels added per side, "t0-r16-b0-l0"
 
     @property
     def config_id(self) -> str:
         """Readable and stable: ``ddim-s25-g7.5-3fa9c1``, with ``-lora0.5`` for an adapter's
-        scale; the hash covers every field (the model where `model_in_id`, the adapter where
-        one is set)."""
+        scale and ``-img2img-str0.6`` or ``-outpaint-t0-r16-b0-l0`` for a task's setting; the
+        hash covers every field (the model where `model_in_id`, the adapter where one is set,
+        the task and its setting but for text2img, whose ids are those from before tasks)."""
         fields = asdict(self)
         del fields["model_in_id"]
         if not self.model_in_id:
             del fields["model"]
         if self.lora is None:
             del fields["lora"], fields["lora_scale"]
+        if self.task == "text2img":
+            del fields["task"], fields["strength"], fields["outpaint"]
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()
         lora = "" if self.lora_scale is None else f"-lora{self.lora_scale:g}"
         steps = f"s{self.num_inference_steps}-g{self.guidance_scale:g}"
-        return f"{self.scheduler}-{steps}{lora}-{digest[:6]}"
+        task = "" if self.task == "text2img" else f"-{self.task}"
+        if self.strength is not None:
+            task += f"-str{self.strength:g}"
+        if self.outpaint is not None:
+            task += f"-{self.outpaint}"
+        return f"{self.scheduler}-{steps}{lora}{task}-{digest[:6]}"
 
     @property
     def unet_evals_per_image(self) -> int:
         """Model evaluations (UNet calls, per image of a batch) that one image costs."""
-        return unet_evals_per_image(self.scheduler, self.num_inference_steps, self.guidance_scale)
+        # diffusers runs int(steps x strength) of the schedule's steps from a source image.
+        steps = self.num_inference_steps
+        if self.strength is not None:
+            steps = min(int(steps * self.strength), steps)
+        return unet_evals_per_image(self.scheduler, steps, self.guidance_scale)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of its images: the source's, plus an outpainting's border."""
+        if self.outpaint is None:
+            return self.height, self.width
+        border = Expansion.parse(self.outpaint)
+        return self.height + border.top + border.bottom, self.width + border.left + border.right
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,8 @@ class WorkUnit:
     images_per_prompt: int
     seed: int
     run: str = ""  # the run's identity (RunRecord.identity), part of the unit's file name
+    # Each prompt's source image (mask, depth map), in prompt order; empty for text2img.
+    sources: tuple[Source, ...] = ()
 
     @property
     def num_images(self) -> int:
@@ -78,25 +104,42 @@ class WorkUnit:
 
 
 def configurations(
-    sweep: Sweep, models: tuple[str, ...] = ("",), first: str | None = None
+    sweep: Sweep,
+    models: tuple[str, ...] = ("",),
+    first: str | None = None,
+    task: str = "text2img",
 ) -> list[Config]:
     """The Cartesian product of models and the sweep's lists, in the order the spec lists them.
 
     Args:
         first: the run's first model (default: the first of `models`), whose configurations'
             ids leave the model out; on an extension, the model the run was started with.
+        task: the job's task; its strengths or outpaint expansions are the innermost axis.
     """
     first = models[0] if first is None else first
     return [
         Config(
-            s, n, g, sweep.height, sweep.width, sweep.negative_prompt, m, lora, scale, m != first
+            s,
+            n,
+            g,
+            sweep.height,
+            sweep.width,
+            sweep.negative_prompt,
+            m,
+            lora,
+            scale,
+            m != first,
+            task,
+            strength,
+            outpaint,
         )
-        for m, (lora, scale), s, n, g in itertools.product(
+        for m, (lora, scale), s, n, g, (strength, outpaint) in itertools.product(
             models,
             sweep.lora_settings,
             sweep.scheduler,
             sweep.num_inference_steps,
             sweep.guidance_scale,
+            sweep.task_settings(task),
         )
     ]
 
@@ -121,8 +164,10 @@ def plan_units(
     shard_size: int,
     done: Iterable[tuple[str, str]] = (),
     run: str = "",
+    sources: Mapping[str, Source] | None = None,
 ) -> list[WorkUnit]:
-    """Work units for every (configuration, prompt) pair not in `done`.
+    """Work units for every (configuration, prompt) pair not in `done`; each carries its prompts'
+    `sources` (by prompt id) where the task has them.
 
     Shards run in the outer loop and configurations in the inner one, so a job stopped early holds
     every configuration for its first prompts: enough for paired comparisons.
@@ -140,7 +185,8 @@ def plan_units(
         for config in configs:
             rows = todo[config.config_id][start : start + shard_size]
             if rows:
-                units.append(_unit(prompts.iloc[rows], config, images_per_prompt, seed, run))
+                shard = prompts.iloc[rows]
+                units.append(_unit(shard, config, images_per_prompt, seed, run, sources or {}))
     return units
 
 
@@ -157,6 +203,7 @@ def split_unit(unit: WorkUnit) -> list[WorkUnit]:
             prompt_ids=unit.prompt_ids[part],
             prompts=unit.prompts[part],
             negative_prompts=unit.negative_prompts[part],
+            sources=unit.sources[part],
         )
         for part in (slice(None, half), slice(half, None))
     ]
@@ -170,7 +217,12 @@ def _unit_id(config: Config, prompt_ids: tuple[str, ...], run: str) -> str:
 
 
 def _unit(
-    shard: pd.DataFrame, config: Config, images_per_prompt: int, seed: int, run: str
+    shard: pd.DataFrame,
+    config: Config,
+    images_per_prompt: int,
+    seed: int,
+    run: str,
+    sources: Mapping[str, Source],
 ) -> WorkUnit:
     ids = tuple(shard["prompt_id"])
     negatives = negative_prompts(shard["negative_prompt"], config.negative_prompt)
@@ -183,4 +235,5 @@ def _unit(
         images_per_prompt=images_per_prompt,
         seed=seed,
         run=run,
+        sources=tuple(sources[pid] for pid in ids) if sources else (),
     )

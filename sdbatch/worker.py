@@ -4,7 +4,15 @@ A worker holds one model at a time and keeps it while its units come (distribute
 by model); another model's unit frees it and loads that one. LoRA adapters are loaded into the
 model once and switched by weight (`set_adapters`, `disable_lora`): a unit never reloads base
 weights, and switching does not grow memory (loading adapters over and over does:
-huggingface/diffusers#8532).
+huggingface/diffusers#8532). Each task's pipeline is built once per model from the loaded
+components (`AutoPipelineForImage2Image.from_pipe`, `AutoPipelineForInpainting.from_pipe`: the same
+module objects, no weights loaded); switching task or strength loads nothing.
+
+Outpainting is inpainting on the extended canvas: the source at (left, top), the new border
+edge-replicated (each border pixel repeats the nearest source pixel, so the canvas holds no color
+the scene does not) and masked white. It runs at strength 1: the border is generated from noise
+(a 9-channel model sees it masked out), so the fill is the canvas's content, never a start that
+biases the result.
 
 A plain class, so tests run it in-process; distribute.py wraps it, unchanged, in a Ray actor.
 """
@@ -34,6 +42,8 @@ from sdbatch.models import ModelSource, load_pipeline
 from sdbatch.output import Output
 from sdbatch.records import BatchTiming, UnitMarker, library_versions
 from sdbatch.schedulers import guidance_passes, make_scheduler
+from sdbatch.sources import pixels as png_pixels
+from sdbatch.spec import Expansion
 from sdbatch.sweep import WorkUnit, image_seed
 from sdbatch.worker_logs import quiet_libraries
 
@@ -41,6 +51,12 @@ log = logging.getLogger("sdbatch")
 # diffusers' pipelines make transformers warn at import about optional vision backends, before a
 # worker can send its warnings to its log file (quiet_libraries): set in the actor's environment.
 ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
+# The tasks whose pipeline is derived from the loaded one's components, and the class that does it.
+DERIVED = {
+    "img2img": "AutoPipelineForImage2Image",
+    "inpaint": "AutoPipelineForInpainting",
+    "outpaint": "AutoPipelineForInpainting",
+}
 
 
 @dataclass(frozen=True)
@@ -92,7 +108,7 @@ class Worker:
         # Lowered, for the rest of this worker's life, when a batch runs out of memory.
         self.batch_size = setup.batch_size
         # The UNet input shapes this worker has run: the first call at each one is warm-up.
-        self._shapes: set[tuple[str | None, int, int, int]] = set()
+        self._shapes: set[tuple[str | None, str, int, int, int]] = set()
         # zlib releases the GIL, so PNG encoding of one batch overlaps the next batch's denoising.
         self._encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
 
@@ -123,7 +139,7 @@ class Worker:
         name = unit.config.scheduler
         if name not in self._schedulers:
             self._schedulers[name] = make_scheduler(name, self._scheduler_config)
-        self.pipe.scheduler = self._schedulers[name]
+        self._pipeline(unit.config.task).scheduler = self._schedulers[name]
 
         # 2. generate batch by batch; every image has its own seed, whatever batch it lands in
         images = [
@@ -138,7 +154,7 @@ class Worker:
             batch = images[start : start + self.batch_size]
             seeds = [image_seed(unit.seed, unit.prompt_ids[p], s) for p, s in batch]
             passes = guidance_passes(config.guidance_scale)
-            shape = (self.model, len(batch) * passes, config.height, config.width)
+            shape = (self.model, config.task, len(batch) * passes, *config.size)
             # Not a switch of scheduler: it builds no tensors (measured no slower). The first
             # call at a new shape is left out too: on a GPU it selects kernels and grows the
             # memory pool; leaving out one call per shape costs one sample, counting it a bias.
@@ -199,6 +215,20 @@ class Worker:
         self._scheduler_config = self.pipe.scheduler.config
         self._schedulers: dict[str, Any] = {}
         self._adapters_loaded: set[str] = set()
+        self._pipes: dict[str, Any] = {}
+
+    def _pipeline(self, task: str) -> Any:
+        """The loaded model's pipeline for `task`, built once from its components."""
+        # text2img and depth2img run the pipeline as loaded (check_task saw its class).
+        if task not in DERIVED:
+            return self.pipe
+        if task not in self._pipes:
+            import diffusers
+
+            pipe = getattr(diffusers, DERIVED[task]).from_pipe(self.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[task] = pipe
+        return self._pipes[task]
 
     def _use_adapter(self, ref: str | None, scale: float | None) -> None:
         """Apply adapter `ref` at `scale`, loading it into this model the first time; None: the
@@ -247,16 +277,15 @@ class Worker:
         import torch
 
         config = unit.config
-        result = self.pipe(
+        result = self._pipeline(config.task)(
             prompt=[unit.prompts[p] for p in prompts],
             negative_prompt=[unit.negative_prompts[p] for p in prompts],
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
-            height=config.height,
-            width=config.width,
             # CPU generators give the same noise on any device, so a seed means one image.
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="pt",
+            **_task_inputs(unit, prompts),
         )
         # diffusers' own rounding (numpy_to_pil), on the device: a quarter of the bytes to copy.
         pixels = (result.images * 255).round().clamp(0, 255).to(torch.uint8)
@@ -290,19 +319,62 @@ class Worker:
             scheduler=config.scheduler,
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
-            height=config.height,
-            width=config.width,
+            height=config.size[0],
+            width=config.size[1],
             model=config.model or self.model,
             model_identity=self._sources[self.model].identity,
             lora=config.lora,
             lora_identity=self._adapter_names[config.lora][1].identity if config.lora else None,
             lora_scale=config.lora_scale,
+            task=config.task,
+            strength=config.strength,
+            outpaint=config.outpaint,
+            source_id=prompt_id if unit.sources else None,
+            source_sha256=unit.sources[p].sha256 if unit.sources else None,
             dtype=self.setup.dtype,
             batch_size=batch,
             generation_seconds=seconds,
             warmup=warmup,
             nsfw_flagged=flagged,
         )
+
+
+def _task_inputs(unit: WorkUnit, prompts: list[int]) -> dict[str, Any]:
+    """The task's own arguments of the pipeline call, for a batch of the unit's prompts."""
+    import torch
+
+    config = unit.config
+    height, width = config.size
+    if config.task == "text2img":
+        return {"height": height, "width": width}
+    sources = [unit.sources[p] for p in prompts]
+    images = [Image.open(io.BytesIO(s.image)).convert("RGB") for s in sources]
+    if config.task == "img2img":
+        return {"image": images, "strength": config.strength}
+    if config.task == "depth2img":
+        depths = [png_pixels(s.depth) for s in sources if s.depth is not None]
+        # None: the pipeline's depth estimator runs (load_sources gives all rows one or none)
+        depth = torch.from_numpy(np.stack(depths) / 255).float() if depths else None
+        return {"image": images, "depth_map": depth, "strength": config.strength}
+    if config.task == "inpaint":
+        masks = [Image.open(io.BytesIO(s.mask)) for s in sources]
+        strength = config.strength
+    else:
+        border = Expansion.parse(config.outpaint)
+        sides = ((border.top, border.bottom), (border.left, border.right))
+        images = [
+            Image.fromarray(np.pad(np.asarray(i), (*sides, (0, 0)), mode="edge")) for i in images
+        ]
+        keep = np.zeros((config.height, config.width), np.uint8)
+        masks = [Image.fromarray(np.pad(keep, sides, constant_values=255))] * len(images)
+        strength = 1.0  # the border has nothing to keep: it starts from noise
+    return {
+        "image": images,
+        "mask_image": masks,
+        "height": height,
+        "width": width,
+        "strength": strength,
+    }
 
 
 def _return_freed_memory() -> None:

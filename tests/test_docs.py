@@ -35,7 +35,9 @@ def plain(value):
 
 
 def section_type(hint) -> type | None:
-    """The dataclass a field holds (`X` or `X | None`), or None for a plain value."""
+    """The dataclass a field holds (`X` or `X | None`), or None for a plain value or a list."""
+    if typing.get_origin(hint) is tuple:
+        return None
     options = typing.get_args(hint) or (hint,)
     return next((o for o in options if dataclasses.is_dataclass(o)), None)
 

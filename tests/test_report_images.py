@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdbatch.errors import InputError
 from sdbatch.evaluation.registry import REGISTRY
-from sdbatch.reporting.grids import _table_png, choose_prompts, worst_images
+from sdbatch.reporting.grids import choose_prompts, table_png, worst_images
 from sdbatch.reporting.runs import load_run
 from sdbatch.reporting.write import write_report
 
@@ -156,7 +156,7 @@ def test_columns_that_do_not_fit_wrap_into_bands():
 
     columns = [f"guidance {g}" for g in range(20)]
     cells = {(i, j): png((255, 40 * i, 10 * j)) for i in range(2) for j in range(20)}
-    sheet = io.BytesIO(_table_png(["ddim\n20 steps", "euler\n20 steps"], columns, cells))
+    sheet = io.BytesIO(table_png(["ddim\n20 steps", "euler\n20 steps"], columns, cells))
     assert Image.open(sheet).width <= 1100
     shown = colorful(sheet)
     per_band, rows = runs(shown.any(axis=0)), runs(shown.any(axis=1))

@@ -5,6 +5,7 @@ tables split by model. Every number is checked against a direct computation on s
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import shutil
@@ -14,10 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sdbatch.adapters import AdapterSource
 from sdbatch.evaluation.compare import best_versus_others, main_effects
 from sdbatch.evaluation.metrics.attributes import ATTRIBUTE_ACCURACY
 from sdbatch.evaluation.metrics.clip_score import CLIP_SCORE
 from sdbatch.evaluation.metrics.fid import FID
+from sdbatch.records import RunRecord
 from sdbatch.reporting.plots import scale_figure, tradeoff_figure, versus_figure
 from sdbatch.reporting.runs import baseline_of, load_run
 from sdbatch.reporting.summary import models_and_adapters
@@ -94,6 +97,11 @@ def reported(evaluated_output, tmp_path_factory):
     shutil.copytree(evaluated_output["out"], out)
     configs, replicates = synthetic_tables()
     write_tables(out, configs, replicates)
+    record = RunRecord.from_json((out / "run.json").read_bytes())
+    second = dataclasses.replace(record.model, ref=MODELS[1], identity="sha256:" + "5" * 64)
+    adapter = AdapterSource(ADAPTER, "purple", "lora.safetensors", None, "sha256:" + "7" * 64)
+    record = dataclasses.replace(record, models=(record.model, second), adapters=(adapter,))
+    (out / "run.json").write_bytes(record.to_json())
     write_report([str(out)])
     markdown = (out / "report" / "report.md").read_text()
     return {"out": out, "configs": configs, "replicates": replicates, "markdown": markdown}
@@ -364,3 +372,11 @@ def test_two_runs_compare_the_same_model_and_configuration(reported, tmp_path):
         (row,) = [r for r in rows if r.startswith(f"| {label} |")]
         change = "+1.00 [+1.00, +1.00]" if pd.notna(c["lora"]) else "+0.00 [+0.00, +0.00]"
         assert f"| {change} |" in row
+
+
+def test_provenance_names_every_model_and_adapter_with_its_identity(reported):
+    (line,) = [x for x in reported["markdown"].splitlines() if x.startswith("- Output `")]
+    record = RunRecord.from_json((reported["out"] / "run.json").read_bytes())
+    for source in (*record.models, *record.adapters):
+        assert f"`{source.ref}` ({source.identity})" in line, line
+    assert line.count("`builtin:tiny`") == 1 and "models " in line

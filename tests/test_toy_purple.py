@@ -18,7 +18,9 @@ from safetensors import safe_open
 from sdbatch.builtin import builtin_adapter_path, builtin_names, builtin_path
 from sdbatch.errors import InputError
 from sdbatch.models import load_pipeline, resolve_model
+from sdbatch.prompts import load_prompts
 from sdbatch.schedulers import make_scheduler
+from sdbatch.spec import load_spec
 from sdbatch.toy import world
 from sdbatch.toy.lora import train_toy_purple
 
@@ -139,3 +141,16 @@ def test_training_loop_saves_a_diffusers_lora_the_same_from_the_same_seed(tmp_pa
     pipe.set_adapters(["purple"], adapter_weights=[0.5])
     assert pipe.get_active_adapters() == ["purple"]
     assert np.isfinite(draw(pipe, ["a small purple square on the left"])).all()
+
+
+def test_purple_jobs_ask_every_purple_scene_and_every_base_scene():
+    """jobs/purple.yaml and jobs/purple-prior.yaml, which the README's adapter figures come from."""
+    scales = [("builtin:toy-purple", s) for s in (0.25, 0.5, 1.0)]
+    for name, scenes, settings in (
+        ("purple", world.PURPLE_SCENES, [(None, None), *scales]),
+        ("purple-prior", world.SCENES, [(None, None), scales[-1]]),
+    ):
+        spec = load_spec(REPO / "jobs" / f"{name}.yaml")
+        assert spec.sweep.lora_settings == settings
+        prompts = load_prompts(spec.prompts).frame
+        assert sorted(prompts["prompt"]) == sorted(s.caption for s in scenes)

@@ -12,17 +12,20 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from sdbatch.evaluation.shards import FeatureUnit
+from sdbatch.evaluation.sources import SOURCE_COLUMNS
 from sdbatch.image_rows import KEY_COLUMNS
 
 
 def read_images(unit: FeatureUnit) -> tuple[list[np.ndarray], dict[str, list[Any]]]:
     """Decode a unit's images to H x W x 3 uint8 arrays and, for generated ones, the columns
-    of each: its key and its prompt."""
+    of each: its key and its prompt, and what it was made from when the unit has `sources`."""
     keys: dict[str, list[Any]] = {}
     if len(unit.files) == 1 and unit.files[0].endswith(".parquet"):
         columns = ["image"]
         if unit.generated:
             columns += [*KEY_COLUMNS, "prompt"]
+        if unit.sources:
+            columns += SOURCE_COLUMNS
         with fsspec.open(unit.files[0], "rb") as f:
             parquet = pq.ParquetFile(f)
             groups = unit.row_groups or range(parquet.num_row_groups)

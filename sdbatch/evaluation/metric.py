@@ -36,6 +36,7 @@ from sdbatch.evaluation.metric_math import (
     weighted_mean,
 )
 from sdbatch.evaluation.reference import ReferenceStats
+from sdbatch.evaluation.sources import Source
 from sdbatch.spec import MAX_SEED
 from sdbatch.typed_data import conform, require, within
 
@@ -52,6 +53,8 @@ class Need(enum.Enum):
     FEATURES = "the feature extractor's features (fid.features)"
     REFERENCE = "statistics of real images (reference)"
     JUDGE = "the shapes world's pixel judge (no model)"
+    # image-conditioned runs only: a text2img output has none
+    SOURCES = "the source image each image was made from (the output's sources.parquet)"
 
 
 class Interval(enum.Enum):
@@ -139,6 +142,13 @@ class UnitImages:
     prompts: list[str]
     clip: ClipEncoder | None  # loaded when a metric needs CLIP
     image_embeddings: np.ndarray | None  # the images' CLIP embeddings, when CLIP is loaded
+    # per image, what it was made from (None: nothing); empty unless a metric needs sources
+    sources: list[Source | None] = field(default_factory=list)
+
+    @property
+    def made_from(self) -> list[Source | None]:
+        """Per image, its source, or None (every one when the unit was read without sources)."""
+        return self.sources or [None] * len(self.images)
 
 
 @dataclass
@@ -215,6 +225,7 @@ class ConfigGroup:
 
 QUALITY = "image quality"  # closeness to real images (the reference set)
 ALIGNMENT = "prompt alignment"  # agreement of each image with its prompt
+PRESERVATION = "source preservation"  # image-conditioned runs: what an image keeps of its source
 
 
 @dataclass(frozen=True)
@@ -224,7 +235,7 @@ class Metric:
     name: str  # as suites list it
     label: str
     higher_is_better: bool
-    judges: str  # QUALITY or ALIGNMENT: the report recommends a configuration for each
+    judges: str  # QUALITY, ALIGNMENT or PRESERVATION; the report recommends by the first two
     needs: frozenset[Need]
     interval: Interval
     # One configuration's images -> its columns in configs.parquet, without intervals: those

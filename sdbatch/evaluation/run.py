@@ -39,7 +39,7 @@ from sdbatch.errors import InputError, JobFailed
 from sdbatch.evaluation.compare import best_versus_others, draws_identity, main_effects
 from sdbatch.evaluation.gather import gather
 from sdbatch.evaluation.inputs import EvalInputs, resolve_suite
-from sdbatch.evaluation.metric import RESAMPLING_UNIT
+from sdbatch.evaluation.metric import RESAMPLING_UNIT, Need
 from sdbatch.evaluation.record import MetricsRecord, ReferenceProvenance, write_metrics_record
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.evaluation.shards import CLIP_EMBEDDINGS, SHARDS, FeatureUnit, pending_units
@@ -47,7 +47,7 @@ from sdbatch.evaluation.suite import Suite, load_suite
 from sdbatch.evaluation.table import config_table
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
 from sdbatch.integrity import summarize, unit_problems
-from sdbatch.output import METRICS_DIR, Output
+from sdbatch.output import METRICS_DIR, SOURCES, Output
 from sdbatch.records import library_versions
 
 log = logging.getLogger("sdbatch")
@@ -102,6 +102,15 @@ def evaluate(
             raise InputError("suite: required; the job spec of this output names no suite")
         suite = load_suite(run.spec.suite)
     inputs = inputs or resolve_suite(suite)
+    sources = None
+    if suite.needs(Need.SOURCES):
+        if not out.fs.exists(out.path(SOURCES)):
+            needing = next(m.name for m in suite.chosen_metrics if Need.SOURCES in m.needs)
+            raise InputError(
+                f"metrics: {needing} compares images with their sources, and {output} has no "
+                f"{SOURCES} (a text2img run); leave it out of the suite"
+            )
+        sources = f"{out.location}/{SOURCES}"
 
     # 2. plan: the reference (unless cached) and every generated unit without a shard of its own
     shard_dir = f"{METRICS_DIR}/{SHARDS}/{inputs.shard_key}"
@@ -115,6 +124,7 @@ def evaluate(
                 files=(f"{out.location}/{m.file}",),
                 destination=f"{out.location}/{shard_dir}/{m.unit_id}.npz",
                 num_images=m.images,
+                sources=sources,
             )
             for m in markers
         ],

@@ -45,6 +45,8 @@ class FeatureUnit:
     row_groups: tuple[int, ...] | None = None  # a slice of a Parquet reference file
     generated: bool = True  # generated images carry prompts: the metrics score them
     resolution: int | None = None  # reference images: resize and center-crop to this
+    # the output's sources.parquet, when a metric compares images with their sources
+    sources: str | None = None
 
 
 def reference_keys(unit: FeatureUnit) -> dict[str, np.ndarray]:

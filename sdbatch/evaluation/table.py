@@ -22,6 +22,9 @@ CONFIG_COLUMNS = (
     "model",
     "lora",
     "lora_scale",
+    "task",  # text2img, img2img, inpaint, outpaint or depth2img
+    "strength",  # null where the task has none
+    "outpaint",  # pixels added per side, "t0-r16-b0-l0"; null but for outpaint
     "scheduler",
     "num_inference_steps",
     "guidance_scale",
@@ -123,4 +126,5 @@ def config_table(
             drawn.update(resampled)
         rows.append(row)
         replicates.append(pd.DataFrame(drawn))
-    return pd.DataFrame(rows).astype({"n_flagged": "Int64"}), pd.concat(replicates)
+    table = pd.DataFrame(rows).astype({"n_flagged": "Int64", "strength": "float64"})
+    return table, pd.concat(replicates)

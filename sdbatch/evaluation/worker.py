@@ -26,6 +26,7 @@ from sdbatch.evaluation.shards import (
     shard_stats,
     write_npz,
 )
+from sdbatch.evaluation.sources import row_sources
 from sdbatch.image_rows import KEY_COLUMNS
 from sdbatch.models import ModelSource
 from sdbatch.worker_logs import quiet_libraries
@@ -100,6 +101,7 @@ class FeatureWorker:
                 prompts=list(columns["prompt"]),
                 clip=self.clip,
                 image_embeddings=image_embeddings,
+                sources=row_sources(unit.sources, columns) if unit.sources else [],
             )
             with torch.inference_mode():
                 for metric in self.setup.image_metrics:

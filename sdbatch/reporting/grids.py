@@ -44,7 +44,7 @@ def galleries(
 ) -> list[Gallery]:
     """The run's image galleries (see write_report for `prompts` and `prompt`)."""
     # 1. check the prompt ids against the run before any image is read
-    dataset = _images(run)
+    dataset = image_dataset(run)
     ids = sorted(pc.unique(dataset.to_table(columns=["prompt_id"])["prompt_id"]).to_pylist())
     chosen = choose_prompts(ids, prompts, run.name)
     if prompt is not None and prompt not in ids:
@@ -132,7 +132,8 @@ def worst_images(run: Run, metric: Metric, count: int = WORST_IMAGES) -> pd.Data
     return table.head(count)[[*KEY_COLUMNS, "score"]].reset_index(drop=True)
 
 
-def _images(run: Run) -> pads.Dataset:
+def image_dataset(run: Run) -> pads.Dataset:
+    """The run's images/ folder as one Parquet dataset (read lazily, filtered by row group)."""
     return pads.dataset(run.out.path(IMAGES), filesystem=run.out.fs, format="parquet")
 
 
@@ -144,9 +145,12 @@ def _unknown(field: str, value: str, ids: list[str], run_name: str) -> str:
     )
 
 
-def _read(dataset: pads.Dataset, where: pads.Expression) -> pd.DataFrame:
-    """The images matching `where`; Parquet statistics skip the row groups that cannot match."""
-    columns = ["image", "prompt", *KEY_COLUMNS]
+def read_images(
+    dataset: pads.Dataset, where: pads.Expression, extra: Sequence[str] = ()
+) -> pd.DataFrame:
+    """The images matching `where`, with their prompt, key and `extra` columns; Parquet
+    statistics skip the row groups that cannot match."""
+    columns = ["image", "prompt", *KEY_COLUMNS, *extra]
     return dataset.to_table(columns=columns, filter=where).to_pandas()
 
 
@@ -155,7 +159,9 @@ def _grids(
 ) -> list[Figure]:
     """Per prompt, image 0 of every configuration: rows (model and adapter, scheduler, steps),
     columns guidance."""
-    table = _read(dataset, (pads.field("sample_index") == 0) & pads.field("prompt_id").isin(chosen))
+    table = read_images(
+        dataset, (pads.field("sample_index") == 0) & pads.field("prompt_id").isin(chosen)
+    )
     configs = run.configs
     models = configs[MODEL] if MODEL in configs else pd.Series("", index=configs.index)
     row_keys = list(
@@ -182,7 +188,7 @@ def _grids(
             place[r.config_id]: r.image["bytes"] for r in mine.itertuples() if r.config_id in place
         }
         title = f"{prompt_id}: {mine['prompt'].iloc[0]}" + (f" ({run.name})" if named else "")
-        figures.append(Figure(f"{prefix}grid-{i}.png", title, _table_png(rows, columns, cells)))
+        figures.append(Figure(f"{prefix}grid-{i}.png", title, table_png(rows, columns, cells)))
     return figures
 
 
@@ -194,7 +200,7 @@ def _worst_figure(run: Run, dataset: pads.Dataset, metric: Metric, prefix: str) 
     where = (pads.field("config_id") == config_id) & pads.field("prompt_id").isin(
         list(worst["prompt_id"].unique())
     )
-    images = _read(dataset, where).set_index(["prompt_id", "sample_index"])
+    images = read_images(dataset, where).set_index(["prompt_id", "sample_index"])
     digits = metric.headline.digits
     columns = [
         f"{r.prompt_id}\nsample {r.sample_index}: {r.score:.{digits}f}" for r in worst.itertuples()
@@ -210,14 +216,14 @@ def _worst_figure(run: Run, dataset: pads.Dataset, metric: Metric, prefix: str) 
         f"{metric.label}: "
         + "; ".join(f"{p}: {texts[p]}" for p in dict.fromkeys(worst["prompt_id"]))
     )
-    return Figure(f"{prefix}worst-{metric.name}.png", title, _table_png([""], columns, cells))
+    return Figure(f"{prefix}worst-{metric.name}.png", title, table_png([""], columns, cells))
 
 
 def _prompt_figure(
     run: Run, dataset: pads.Dataset, prompt: str, named: bool, prefix: str
 ) -> Figure:
     """Every image of one prompt: rows configurations, columns samples."""
-    table = _read(dataset, pads.field("prompt_id") == prompt)
+    table = read_images(dataset, pads.field("prompt_id") == prompt)
     order = list(run.configs["config_id"])
     samples = sorted(table["sample_index"].unique())
     cells = {
@@ -228,10 +234,10 @@ def _prompt_figure(
     rows = [label(row) for _, row in run.configs.iterrows()]
     columns = [f"sample {s}" for s in samples]
     title = f"{prompt}: {table['prompt'].iloc[0]}" + (f" ({run.name})" if named else "")
-    return Figure(f"{prefix}prompt.png", title, _table_png(rows, columns, cells))
+    return Figure(f"{prefix}prompt.png", title, table_png(rows, columns, cells))
 
 
-def _table_png(rows: list[str], columns: list[str], cells: dict[tuple[int, int], bytes]) -> bytes:
+def table_png(rows: list[str], columns: list[str], cells: dict[tuple[int, int], bytes]) -> bytes:
     """Images (PNG bytes at (row, column)) under column headers and beside row headers; columns
     that do not fit the page's width wrap into bands below, each with its headers."""
     font = ImageFont.load_default(size=FONT_SIZE)

@@ -37,6 +37,13 @@ DASHES = (
 # More lines than this in one panel are hard to follow: one panel per scheduler instead.
 MAX_LINES = 6
 RUN_MARKERS = ("o", "s")  # the trade-off's points, per run
+# What a line of a plot against an axis holds fixed (besides model and scheduler), and in words.
+OTHER_AXES = {
+    "guidance_scale": ("num_inference_steps",),
+    "num_inference_steps": ("guidance_scale",),
+    "strength": ("num_inference_steps", "guidance_scale"),
+}
+WORDS = {"num_inference_steps": "{:g} steps", "guidance_scale": "guidance {:g}"}
 
 
 def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
@@ -49,7 +56,7 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
                 f"{run.name} was evaluated before sdbatch computed main effects, so it has no "
                 "main-effects plot; rerun sdbatch eval."
             )
-    confidence = _percent([run.metrics.suite.bootstrap.confidence for run in runs])
+    confidence = percent([run.metrics.suite.bootstrap.confidence for run in runs])
     several = max(len(run.configs) for run in runs) > 1
     absent = [m for m in ranked_metrics() if not any(run.has_metric(m) for run in runs)]
     if absent and several:
@@ -69,11 +76,11 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
             caption = (
                 f"{metric.label}: main effects. Each level's mean over the configurations at "
                 f"that level (averaged over the other axes), with its "
-                f"{_percent(pd.concat(tables)['confidence'])} interval; the dotted line is the "
+                f"{percent(pd.concat(tables)['confidence'])} interval; the dotted line is the "
                 "axis's first level, the baseline."
             )
             figure = effects_figure(runs, metric)
-            effects.append(_encode(figure, f"{metric.name}_effects.png", caption))
+            effects.append(encode_figure(figure, f"{metric.name}_effects.png", caption))
         for x in ("guidance_scale", "num_inference_steps"):
             if max(run.configs[x].nunique() for run in runs) > 1:
                 caption = (
@@ -81,7 +88,7 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
                     f"that equal values stay visible; bars are {confidence} intervals."
                 )
                 figure = versus_figure(runs, metric, x)
-                versus.append(_encode(figure, f"{metric.name}_vs_{x}.png", caption))
+                versus.append(encode_figure(figure, f"{metric.name}_vs_{x}.png", caption))
         if any(_adapted(run, metric) for run in runs):
             caption = (
                 f"{metric.label} vs adapter scale: a line per model and adapter, each point the "
@@ -90,7 +97,7 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
                 "each model without an adapter."
             )
             figure = scale_figure(runs, metric)
-            versus.append(_encode(figure, f"{metric.name}_vs_lora_scale.png", caption))
+            versus.append(encode_figure(figure, f"{metric.name}_vs_lora_scale.png", caption))
     figures = effects + versus
     if several and any(all(run.has_metric(m) for m in TRADEOFF) for run in runs):
         x, y = TRADEOFF
@@ -98,7 +105,7 @@ def plots(runs: list[Run]) -> tuple[list[Figure], list[str]]:
             f"{y.label}-{x.label} trade-off, colored by cost: each configuration is numbered "
             "and named in the key (* on the Pareto front)."
         )
-        figures.append(_encode(tradeoff_figure(runs), "tradeoff.png", caption))
+        figures.append(encode_figure(tradeoff_figure(runs), "tradeoff.png", caption))
     if not several:
         missing.append("A single configuration: there is nothing to plot against.")
     return figures, missing
@@ -153,24 +160,24 @@ def effects_figure(runs: list[Run], metric: Metric) -> matplotlib.figure.Figure:
 
 def versus_figure(runs: list[Run], metric: Metric, x: str) -> matplotlib.figure.Figure:
     """`metric` against sweep axis `x` (its levels evenly spaced), a line per (model and adapter
-    when several, scheduler, the other parameter, run) with intervals as error bars; a panel per
-    scheduler when lines are many."""
+    when several, scheduler, the other parameters (OTHER_AXES), run) with intervals as error bars;
+    a panel per scheduler when lines are many."""
     column = metric.headline.column
-    other = "num_inference_steps" if x == "guidance_scale" else "guidance_scale"
+    others = OTHER_AXES[x]
     drawn = [run for run in runs if run.has_metric(metric)]
     lines = [
-        (run, scheduler, value, model, group.sort_values(x))
+        (run, scheduler, tuple(values), model, group.sort_values(x))
         for run in drawn
-        for (model, scheduler, value), group in _by_model(run).groupby(
-            ["_model", "scheduler", other], sort=True, observed=True
+        for (model, scheduler, *values), group in _by_model(run).groupby(
+            ["_model", "scheduler", *others], sort=True, observed=True
         )
     ]
     schedulers = list(dict.fromkeys(scheduler for _, scheduler, _, _, _ in lines))
     faceted = len(lines) > MAX_LINES and len(schedulers) > 1
 
-    def name(run: Run, scheduler: str, value: float, model: str) -> str:
+    def name(run: Run, scheduler: str, values: tuple, model: str) -> str:
         # a panel per scheduler: its title names the scheduler; a line keeps its style across panels
-        words = f"{value:g} steps" if other == "num_inference_steps" else f"guidance {value:g}"
+        words = ", ".join(WORDS[a].format(v) for a, v in zip(others, values, strict=True))
         words = words if faceted else f"{scheduler}, {words}"
         words = f"{model}, {words}" if model else words
         return words + (f" ({run.name})" if len(runs) > 1 else "")
@@ -252,16 +259,19 @@ def scale_figure(runs: list[Run], metric: Metric) -> matplotlib.figure.Figure:
     return fig
 
 
-def tradeoff_figure(runs: list[Run]) -> matplotlib.figure.Figure:
-    """The trade-off of `TRADEOFF`'s two metrics: every configuration a point colored by cost and
-    numbered, named in a key beside the plot (* on the Pareto front), each run's front joined."""
+def tradeoff_figure(
+    runs: list[Run], metrics: tuple[Metric, Metric] = TRADEOFF
+) -> matplotlib.figure.Figure:
+    """The trade-off of two metrics (x, y; default `TRADEOFF`): every configuration a point
+    colored by cost and numbered, named in a key beside the plot (* on the Pareto front), each
+    run's front joined."""
     from matplotlib.ticker import MaxNLocator
     from matplotlib.transforms import offset_copy
 
-    x_metric, y_metric = TRADEOFF
+    x_metric, y_metric = metrics
     x, y = x_metric.headline.column, y_metric.headline.column
     drawn = [
-        (run, run.configs.assign(front=pareto_front(run.configs)), marker)
+        (run, run.configs.assign(front=pareto_front(run.configs, metrics)), marker)
         for run, marker in zip(runs, RUN_MARKERS, strict=False)
         if run.has(x) and run.has(y)
     ]
@@ -320,8 +330,14 @@ def tradeoff_figure(runs: list[Run]) -> matplotlib.figure.Figure:
 
 
 def short_label(row: pd.Series) -> str:
-    """A configuration in a few characters, as its config_id begins: `euler s20 g4`."""
-    return f"{row['scheduler']} s{row['num_inference_steps']} g{row['guidance_scale']:g}"
+    """A configuration in a few characters, as its config_id begins: `euler s20 g4`, with the
+    task's strength or outpaint expansion where it has one (`str0.6`, `t0-r16-b0-l0`)."""
+    text = f"{row['scheduler']} s{row['num_inference_steps']} g{row['guidance_scale']:g}"
+    if pd.notna(row.get("strength")):
+        text += f" str{row['strength']:g}"
+    if pd.notna(row.get("outpaint")):
+        text += f" {row['outpaint']}"
+    return text
 
 
 def _by_model(run: Run) -> pd.DataFrame:
@@ -466,12 +482,13 @@ def _figure(width: float, height: float) -> matplotlib.figure.Figure:
     return fig
 
 
-def _encode(fig: matplotlib.figure.Figure, name: str, caption: str) -> Figure:
+def encode_figure(fig: matplotlib.figure.Figure, name: str, caption: str) -> Figure:
+    """The figure as a PNG named `name`, under `caption`."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return Figure(name, caption, buffer.getvalue())
 
 
-def _percent(confidences: pd.Series | list[float]) -> str:
+def percent(confidences: pd.Series | list[float]) -> str:
     """The intervals' confidence in words, both runs' when they differ: `95%`."""
     return " and ".join(f"{c:.0%}" for c in dict.fromkeys(confidences))

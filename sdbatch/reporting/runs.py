@@ -10,10 +10,12 @@ from sdbatch.errors import InputError
 from sdbatch.evaluation.compare import model_name, model_names
 from sdbatch.evaluation.metric import Metric
 from sdbatch.evaluation.record import MetricsRecord, read_metrics_record
-from sdbatch.output import METRICS_DIR, Output
+from sdbatch.output import METRICS_DIR, SOURCES, Output
 from sdbatch.records import RunRecord
 
 PARAMS = ["scheduler", "num_inference_steps", "guidance_scale"]
+# An image-conditioned task's parameters (outputs evaluated before tasks lack these columns).
+TASK_PARAMS = ["strength", "outpaint"]
 # The column load_run adds when a run has several models or adapters: each configuration's
 # model and adapter in words (compare.model_names). Without it the report reads as for one model.
 MODEL = "model_adapter"
@@ -33,6 +35,7 @@ class Run:
     effects: pd.DataFrame | None = None  # each sweep axis's levels, averaged over the others
     replicates: pd.DataFrame | None = None  # per configuration and bootstrap replicate
     baseline: str | None = None  # the model (and adapter) compared against, when several
+    sources: bool = False  # an image-conditioned run: OUT/sources.parquet holds its sources
 
     @property
     def models(self) -> list[str]:
@@ -61,7 +64,8 @@ def load_run(location: str) -> Run:
         # models and adapters in the sweep's order (the file's), each one's configurations sorted
         configs[MODEL] = pd.Categorical(names, categories=list(dict.fromkeys(names)))
         baseline = baseline_of(configs, record.spec.baseline_setting)
-    configs = configs.sort_values([MODEL, *PARAMS] if baseline else PARAMS, ignore_index=True)
+    params = [*PARAMS, *(c for c in TASK_PARAMS if c in configs)]
+    configs = configs.sort_values([MODEL, *params] if baseline else params, ignore_index=True)
     if baseline:
         configs[MODEL] = configs[MODEL].astype(str)
     if "unet_evals_per_image" not in configs:
@@ -69,7 +73,8 @@ def load_run(location: str) -> Run:
         evals = {c.config_id: c.unet_evals_per_image for c in record.configs}
         configs["unet_evals_per_image"] = configs["config_id"].map(evals)
     paired = [_optional_table(out, name) for name in ("differences", "effects", "replicates")]
-    return Run(record.spec.name, out, configs, metrics, record, *paired, baseline)
+    sources = out.fs.exists(out.path(SOURCES))
+    return Run(record.spec.name, out, configs, metrics, record, *paired, baseline, sources)
 
 
 def baseline_of(configs: pd.DataFrame, named: tuple[str, str | None, float | None]) -> str:

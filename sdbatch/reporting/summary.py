@@ -24,7 +24,7 @@ from sdbatch.evaluation.compare import (
 from sdbatch.evaluation.metric import ALIGNMENT, QUALITY, Metric
 from sdbatch.evaluation.registry import REGISTRY, TRADEOFF, ranked_metrics
 from sdbatch.reporting.parts import Section
-from sdbatch.reporting.runs import MODEL, PARAMS, Run
+from sdbatch.reporting.runs import MODEL, PARAMS, TASK_PARAMS, Run
 
 
 def sections(runs: list[Run], missing: list[str]) -> list[Section]:
@@ -64,7 +64,12 @@ def label(row: pd.Series) -> str:
     """A configuration in words, its model and adapter first when the run has several."""
     steps, guidance = row["num_inference_steps"], row["guidance_scale"]
     model = f"{row[MODEL]}, " if MODEL in row else ""
-    return f"{model}{row['scheduler']}, {steps} steps, guidance {guidance:g}"
+    text = f"{model}{row['scheduler']}, {steps} steps, guidance {guidance:g}"
+    if pd.notna(row.get("strength")):
+        text += f", strength {row['strength']:g}"
+    if pd.notna(row.get("outpaint")):
+        text += f", outpaint {row['outpaint']}"
+    return text
 
 
 SECONDS_HEADER = "s/image, median [IQR]"
@@ -212,6 +217,9 @@ AXIS_NAMES = {
     "model": "model",
     "lora": "adapter",
     "lora_scale": "adapter scale",
+    "task": "task",
+    "strength": "strength",
+    "outpaint": "outpaint expansion",
     "scheduler": "scheduler",
     "num_inference_steps": "steps",
     "guidance_scale": "guidance scale",
@@ -405,6 +413,10 @@ def _every_configuration(run: Run) -> pd.DataFrame:
         policy = run.metrics.suite.safety
         counts = run.configs["n_flagged"].map(lambda n: "n/a" if pd.isna(n) else f"{n:.0f}")
         table.insert(5, f"flagged ({policy}d)", counts)
+    for column in ("outpaint", "strength"):  # an image-conditioned task's, after the guidance
+        if run.has(column):
+            values = run.configs[column]
+            table.insert(4, column, values if column == "outpaint" else values.map("{:g}".format))
     if run.baseline is not None:
         scales = run.configs["lora_scale"].map(lambda s: NO_ADAPTER if pd.isna(s) else f"{s:g}")
         table.insert(1, "model", run.configs["model"])
@@ -422,6 +434,7 @@ def _comparison(a: Run, b: Run) -> Section:
     runs' bootstrap replicates drew the same prompts, else by whether the intervals overlap."""
     # the same model and adapter too, when both runs have several
     keys = [MODEL, *PARAMS] if a.baseline and b.baseline else PARAMS
+    keys = [*keys, *(c for c in TASK_PARAMS if c in a.configs and c in b.configs)]
     joined = a.configs.merge(b.configs, on=keys, suffixes=("_a", "_b"))
     paired = (
         a.replicates is not None
@@ -501,9 +514,11 @@ def _side(row: pd.Series, suffix: str) -> pd.Series:
 def _provenance(run: Run) -> Section:
     m, r = run.metrics, run.record
     clip = m.clip
+    models = ", ".join(f"`{s.ref}` ({s.identity})" for s in r.sources.values())
+    adapters = "".join(f"; adapter `{a.ref}` ({a.identity})" for a in r.adapters)
     lines = [
-        f"Output `{run.out.location}`; model `{r.model.ref}` ({r.model.identity}), "
-        f"dtype {r.dtype or 'n/a'}, seed {r.spec.seed}, "
+        f"Output `{run.out.location}`; model{'s' if len(r.sources) > 1 else ''} {models}"
+        f"{adapters}, dtype {r.dtype or 'n/a'}, seed {r.spec.seed}, "
         f"{r.prompts.count} prompts (sha256 {r.prompts.sha256[:16]}).",
         f"CLIP `{clip.ref if clip else 'n/a'}` ({clip.identity if clip else 'n/a'}); "
         f"{m.truncated_prompts} prompts longer than CLIP's context were truncated "

@@ -14,6 +14,7 @@ from sdbatch.reporting.plots import plots
 from sdbatch.reporting.render import markdown, page
 from sdbatch.reporting.runs import load_run
 from sdbatch.reporting.summary import sections
+from sdbatch.reporting.tasks import source_galleries, task_figures, task_sections
 
 REPORT = "report"
 
@@ -44,9 +45,16 @@ def write_report(
         for run in runs:
             run.name = run.out.location.rstrip("/").rsplit("/", 1)[-1]
     # 2. plots, image galleries and tables
-    shown = [g for run in runs for g in galleries(run, len(runs) > 1, prompts, prompt)]
+    named = len(runs) > 1
+    shown = [
+        g
+        for run in runs
+        for g in (*source_galleries(run, named, prompts), *galleries(run, named, prompts, prompt))
+    ]
     figures, missing = plots(runs)
+    figures += task_figures(runs)
     parts = sections(runs, missing)
+    parts[1:1] = [s for run in runs for s in task_sections(run)]
     # 3. write the PNGs, then the Markdown, then index.html last
     out = runs[0].out
     folder = REPORT if len(runs) == 1 else f"{REPORT}/vs-{runs[1].name}"

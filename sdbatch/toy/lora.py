@@ -26,11 +26,8 @@ from tqdm import tqdm
 from sdbatch.builtin import builtin_path
 from sdbatch.schedulers import make_scheduler
 from sdbatch.toy import world
-from sdbatch.toy.train import denoising_loss, image_tensors
+from sdbatch.toy.train import THREADS, denoising_loss, image_tensors
 
-# One thread: float sums split across threads could give other weights with another count, and
-# on a busy 2-core machine two threads wait on each other (one step took 20x as long).
-THREADS = 1
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 # The base's prior images are drawn as the demo draws its best-judged ones: with euler, as the
 # pipeline's own default (PNDM) draws builtin:toy's images badly.
