@@ -67,10 +67,11 @@ below it (tests/test_layout.py holds the code to this list).
     models                          model reference -> pinned ModelSource; pipeline loading
     spec                            the job spec: typed, validated, up front
     toy.build                       writes every builtin model's shipped files
+    toy.tasks                       trains toy-inpaint and toy-depth (9- and 5-channel UNets)
     toy.lora                        trains the toy-purple adapter: a LoRA that teaches toy purple
     toy.train                       trains toy-clip and toy on the shapes world
     toy.components                  the builtin models' parts (byte tokenizer, scheduler, CLIP)
-    toy.world                       the shapes world: scenes, rendering, the pixel judge
+    toy.world                       the shapes world: scenes, rendering, masks, depth, the judge
     builtin                         builtin:NAME -> a model or adapter folder shipped in the package
     schedulers                      scheduler names -> diffusers classes (from_config)
     publish                         files written whole: a temporary name, then a move

@@ -8,6 +8,10 @@ loads through `from_pretrained` like any checkpoint, an adapter through `load_lo
     tiny-dinov2       a Dinov2Model and its image processor, toy size, fixed random weights: the
                       `fid.features: dinov2` extractor in tests
     toy-purple        an adapter: a LoRA (diffusers' format) that teaches toy the color purple
+    toy-inpaint       toy as a StableDiffusionInpaintPipeline: a 9-channel UNet (latents, mask,
+                      masked image) fine-tuned from toy's, toy's other parts as they are
+    toy-depth         toy as a StableDiffusionDepth2ImgPipeline: a 5-channel UNet (latents,
+                      depth) fine-tuned from toy's, and a tiny DPT depth estimator
 
 `sdbatch.toy.build` makes their files.
 """

@@ -1,8 +1,9 @@
 """Build the shipped files of every builtin model, from a fixed seed, into the package.
 
 `tiny`, `tiny-clip` and `tiny-dinov2` are the real classes at toy size with fixed random weights
-(seconds); `toy-clip` and `toy` are trained on the shapes world by `sdbatch.toy.train`, and the
-adapter `toy-purple` by `sdbatch.toy.lora` (minutes each):
+(seconds); `toy-clip` and `toy` are trained on the shapes world by `sdbatch.toy.train`, the
+adapter `toy-purple` by `sdbatch.toy.lora`, and toy's inpainting and depth-to-image checkpoints
+`toy-inpaint` and `toy-depth` by `sdbatch.toy.tasks` from the shipped toy (minutes each):
 
     python -m sdbatch.toy.build tiny
     python -m sdbatch.toy.build tiny-clip
@@ -10,18 +11,22 @@ adapter `toy-purple` by `sdbatch.toy.lora` (minutes each):
     python -m sdbatch.toy.build toy-clip      # the same as python -m sdbatch.toy.train toy-clip
     python -m sdbatch.toy.build toy
     python -m sdbatch.toy.build toy-purple
+    python -m sdbatch.toy.build toy-inpaint   # after toy: it copies toy's VAE and text encoder
+    python -m sdbatch.toy.build toy-depth
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from sdbatch.builtin import MODELS_DIR
 from sdbatch.toy.components import make_byte_tokenizer, make_clip, save_sd_pipeline
 from sdbatch.toy.lora import train_toy_purple
+from sdbatch.toy.tasks import train_toy_depth, train_toy_inpaint
 from sdbatch.toy.train import train_toy, train_toy_clip
 
 
@@ -132,6 +137,8 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "toy-clip": train_toy_clip,
     "toy": train_toy,
     "toy-purple": train_toy_purple,
+    "toy-inpaint": train_toy_inpaint,
+    "toy-depth": train_toy_depth,
 }
 
 
@@ -141,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dest", type=Path, help="folder to write (default: the package's own)")
     args = parser.parse_args(argv)
     destination = args.dest or MODELS_DIR / args.name
+    began = time.perf_counter()
     BUILDERS[args.name](destination)
-    print(destination)
+    print(f"{destination} ({time.perf_counter() - began:.0f} s)")
 
 
 if __name__ == "__main__":

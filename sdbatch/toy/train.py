@@ -49,11 +49,13 @@ def image_tensors(count: int, seed: int, scenes: list[world.Scene] = world.SCENE
     return tensor, [caption for _, caption in pairs]
 
 
-def denoising_loss(unet, noise_scheduler, clean, ids, states, generator):
+def denoising_loss(unet, noise_scheduler, clean, ids, states, generator, condition=None):
     """Stable Diffusion's training loss on `clean` latents captioned `ids` (rows of `states`,
     row 0 the empty caption): captions dropped 10% of the time, so that the unconditional
     prediction classifier-free guidance subtracts is trained too; noise at a random timestep;
-    the prediction's squared error against that noise."""
+    the prediction's squared error against that noise. `condition` (N x C x h x w: an inpainting
+    UNet's mask and masked image, a depth UNet's depth) is put after the noisy latents'
+    channels, as the pipelines put it."""
     import torch
 
     count = len(clean)
@@ -62,6 +64,8 @@ def denoising_loss(unet, noise_scheduler, clean, ids, states, generator):
     noise = torch.randn(clean.shape, generator=generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator)
     noisy = noise_scheduler.add_noise(clean, noise, t)
+    if condition is not None:
+        noisy = torch.cat([noisy, condition], dim=1)
     prediction = unet(noisy, t, encoder_hidden_states=states[ids]).sample
     return torch.nn.functional.mse_loss(prediction, noise)
 
