@@ -13,7 +13,7 @@ from sdbatch import distribute
 from sdbatch.errors import InputError
 from sdbatch.evaluation.extractors import DINOV2
 from sdbatch.evaluation.inputs import resolve_suite
-from sdbatch.evaluation.run import EvalSummary, evaluate
+from sdbatch.evaluation.run import EvalSummary, check_sources, evaluate
 from sdbatch.evaluation.suite import Suite, load_suite
 from sdbatch.generation import GenerateSummary, generate
 from sdbatch.models import CLIP, PIPELINE, ModelKind, ModelSource, fetch_models, resolve_model
@@ -65,6 +65,7 @@ def run(
                 "suite: the job spec names no evaluation suite; add `suite:` or --suite"
             )
         suite = load_suite(spec.suite)
+    check_sources(suite, spec.task != "text2img", "the job's task is text2img")
     inputs = resolve_suite(suite)
     # 2. generate
     generated = generate(

@@ -318,7 +318,6 @@ def test_configs_carry_the_task_and_the_metrics_with_intervals(evaluated_tasks):
     for metric in ("psnr", "ssim", "clip_directional"):
         assert (configs[f"{metric}_low"] <= configs[metric]).all()
         assert (configs[metric] <= configs[f"{metric}_high"]).all()
-    # sweep.Config has no task yet on this branch: every configuration reads as text2img
     assert {"task", "strength", "outpaint"} <= set(configs.columns)
     columns = list(configs.columns)
     assert columns.index("lora_scale") + 1 == columns.index("task")
@@ -339,3 +338,19 @@ def test_a_suite_with_source_metrics_refuses_an_output_without_sources(
     err = refused("eval", out, "--suite", suite)
     assert err.startswith("metrics: clip_directional compares images with their sources"), err
     assert not (out / "metrics").exists()
+
+
+def test_a_text2img_job_with_source_metrics_is_refused_before_it_generates(
+    evaluated_tasks, tmp_path, spec_file, refused
+):
+    import yaml
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(evaluated_tasks["suite"]))
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": ["a red circle"]}), prompts)
+    out = tmp_path / "out"
+    err = refused("run", spec_file(job(prompts)), "--suite", suite, "--out", out)
+    assert err.startswith("metrics: clip_directional compares images with their sources, and the "
+                          "job's task is text2img"), err  # fmt: skip
+    assert not out.exists()

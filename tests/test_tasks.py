@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import job
+import yaml
+from conftest import REPO, job
 from PIL import Image
 from test_generate import keys, kill_once, read, sdbatch
 
@@ -242,3 +243,40 @@ def test_resume_after_the_driver_is_killed(tmp_path, spec_file, ray_address, ref
     error = refused("generate", path, "--out", output, "--dry-run")
     assert error.startswith(f"--out: {output} holds a different job (1 source image(s)"), error
     assert "first '000002-" in error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["img2img", "outpaint", "depth2img"])
+def test_a_shipped_task_job_resumes_after_the_driver_is_killed(
+    task, tmp_path, spec_file, ray_address
+):
+    """jobs/TASK.yaml on its shipped models and prompt file, cut short (4 prompts, 4 steps, a unit
+    per prompt): a rerun after a SIGKILL makes what is left, every row once. depth2img leaves the
+    depth column out, so builtin:toy-depth's own depth estimator runs."""
+    data = yaml.safe_load((REPO / "jobs" / f"{task}.yaml").read_text())
+    data["prompts"] |= {"path": str(REPO / "jobs" / data["prompts"]["path"]), "limit": 4}
+    if task == "depth2img":
+        data["prompts"]["depth_column"] = None
+    data["sweep"] |= {"num_inference_steps": [4], "images_per_prompt": 1}
+    data["runtime"] = {"batch_size": 1, "shard_size": 1}
+    spec = parse_spec(data)
+    units = 4 * spec.sweep.configurations * len(spec.models)
+    path = spec_file(data)
+    output = tmp_path / "killed"
+    driver = sdbatch("generate", str(path), "--out", str(output), "--address", ray_address)
+    markers = output / "_units"
+    kill_once(driver, lambda: len(list(markers.glob("*.json")) if markers.exists() else []) >= 2)
+    done = len(list(markers.glob("*.json")))
+    assert 2 <= done < units, "the kill should land mid-job"
+
+    rerun = sdbatch("generate", str(path), "--out", str(output), "--address", ray_address)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert f"resuming: {done} images done" in err
+    rows = read(output)
+    assert len(rows) == units and len(set(keys(rows))) == len(rows)
+    assert {r["task"] for r in rows} == {task}
+    if task == "depth2img":
+        assert all(
+            s["depth"] is None for s in pq.read_table(output / "sources.parquet").to_pylist()
+        )

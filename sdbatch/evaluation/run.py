@@ -63,6 +63,17 @@ class EvalSummary:
     extraction_seconds: float = 0.0  # from the first loaded actor to the last shard written
 
 
+def check_sources(suite: Suite, has_sources: bool, lacking: str) -> None:
+    """Refuse a suite whose metrics compare images with their sources for a run without any
+    (a text2img run); `lacking` says why there are none, for the error."""
+    if suite.needs(Need.SOURCES) and not has_sources:
+        needing = next(m.name for m in suite.chosen_metrics if Need.SOURCES in m.needs)
+        raise InputError(
+            f"metrics: {needing} compares images with their sources, and {lacking}; leave it "
+            "out of the suite"
+        )
+
+
 def evaluate(
     output: str,
     suite: Suite | None = None,
@@ -104,12 +115,8 @@ def evaluate(
     inputs = inputs or resolve_suite(suite)
     sources = None
     if suite.needs(Need.SOURCES):
-        if not out.fs.exists(out.path(SOURCES)):
-            needing = next(m.name for m in suite.chosen_metrics if Need.SOURCES in m.needs)
-            raise InputError(
-                f"metrics: {needing} compares images with their sources, and {output} has no "
-                f"{SOURCES} (a text2img run); leave it out of the suite"
-            )
+        exists = out.fs.exists(out.path(SOURCES))
+        check_sources(suite, exists, f"{output} has no {SOURCES} (a text2img run)")
         sources = f"{out.location}/{SOURCES}"
 
     # 2. plan: the reference (unless cached) and every generated unit without a shard of its own
