@@ -250,14 +250,16 @@ def test_resume_after_the_driver_is_killed(tmp_path, spec_file, ray_address, ref
 def test_a_shipped_task_job_resumes_after_the_driver_is_killed(
     task, tmp_path, spec_file, ray_address
 ):
-    """jobs/TASK.yaml on its shipped models and prompt file, cut short (4 prompts, 4 steps, a unit
-    per prompt): a rerun after a SIGKILL makes what is left, every row once. depth2img leaves the
-    depth column out, so builtin:toy-depth's own depth estimator runs."""
+    """jobs/TASK.yaml on its shipped models and prompt file, cut short (4 prompts, 10 steps, a
+    unit per prompt): a rerun after a SIGKILL makes what is left, every row once. depth2img
+    leaves the depth column out, so builtin:toy-depth's own depth estimator runs."""
     data = yaml.safe_load((REPO / "jobs" / f"{task}.yaml").read_text())
     data["prompts"] |= {"path": str(REPO / "jobs" / data["prompts"]["path"]), "limit": 4}
     if task == "depth2img":
         data["prompts"]["depth_column"] = None
-    data["sweep"] |= {"num_inference_steps": [4], "images_per_prompt": 1}
+    del data["suite"], data["output"]
+    # 10 steps: img2img's strength 0.1 needs them to denoise at all
+    data["sweep"] |= {"num_inference_steps": [10], "images_per_prompt": 1}
     data["runtime"] = {"batch_size": 1, "shard_size": 1}
     spec = parse_spec(data)
     units = 4 * spec.sweep.configurations * len(spec.models)
