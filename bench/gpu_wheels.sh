@@ -12,7 +12,7 @@ download() {
         --platform manylinux2014_x86_64 -d .whl "$@"
 }
 download "diffusers==$(python3 -c 'import diffusers; print(diffusers.__version__)')" \
-    torch-fidelity jsonschema jsonschema-specifications referencing rpds-py
+    torch-fidelity jsonschema jsonschema-specifications referencing rpds-py nvidia-ml-py
 download "ray==$(python3 -c 'import ray; print(ray.__version__)')"
 python3 - <<'PY'
 import base64, hashlib, pathlib, zipfile

@@ -54,6 +54,7 @@ below it (tests/test_layout.py holds the code to this list).
     generation                      generate(): spec -> committed image dataset, resumable
     integrity                       committed units checked against their markers; verify()
     worker                          plain class: a model kept loaded, adapters, tasks -> rows
+    gpu_usage                       a worker's GPU busy % while it generates, sampled by NVML
     distribute                      Ray: a session, one actor per GPU, units by model, retries
     worker_logs                     a worker's library warnings -> its log file; errors -> stderr
     output                          the output's layout: run.json, unit commits, markers

@@ -37,6 +37,7 @@ from PIL import Image
 
 from sdbatch.adapters import AdapterSource
 from sdbatch.errors import first_line
+from sdbatch.gpu_usage import GpuUsage
 from sdbatch.image_rows import ImageRow, image_table
 from sdbatch.models import ModelSource, load_pipeline
 from sdbatch.output import Output
@@ -111,6 +112,7 @@ class Worker:
         self._shapes: set[tuple[str | None, str, int, int, int]] = set()
         # zlib releases the GIL, so PNG encoding of one batch overlaps the next batch's denoising.
         self._encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        self._usage = GpuUsage.of_this_process() if self.device == "cuda" else None
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs, for the run's provenance."""
@@ -123,7 +125,17 @@ class Worker:
             "versions": library_versions(),
             "model_loads": self.model_loads,
             "adapter_loads": self.adapter_loads,
+            "gpu": self._gpu_summary(),
         }
+
+    def _gpu_summary(self) -> dict[str, Any] | None:
+        """Busy % while generating and peak memory; None on CPU."""
+        import torch
+
+        if self.device != "cuda":
+            return None
+        usage = self._usage.summary() if self._usage else {"busy_percent": None, "samples": 0}
+        return {**usage, "peak_memory_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
 
     def device_name(self) -> str:
         """The accelerator's name (``NVIDIA H100 80GB HBM3``), or ``cpu``."""
@@ -168,6 +180,8 @@ class Worker:
                 self._shrink_batch(len(batch), e)
                 continue
             wall = time.perf_counter() - began
+            if self._usage is not None:
+                self._usage.batch(began, began + wall, warmup)
             self._shapes.add(shape)
             timings.append(BatchTiming(len(batch), wall, warmup))
             start += len(batch)

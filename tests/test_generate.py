@@ -143,7 +143,9 @@ def test_images_do_not_depend_on_actor_count_batch_or_shard_size(reference, spec
     summary = generate(load_spec(spec_file(data)), output=str(other), address=ray_address)
     assert summary.new_images == 48
     run = json.loads((other / "run.json").read_text())
-    assert len(run["history"][-1]["workers"]) == 2
+    workers = run["history"][-1]["workers"]
+    assert len(workers) == 2
+    assert all(w["device"] == "cpu" and w["gpu"] is None for w in workers)
     a, b = read(output), read(other)
     assert keys(a) == keys(b)
     assert all(x["seed"] == y["seed"] for x, y in zip(a, b, strict=True))

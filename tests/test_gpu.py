@@ -1,10 +1,12 @@
-"""What only a CUDA GPU can show: a real out-of-memory error splitting the batch, and fp16 images
-that do not depend on the batch they were made in. Marked `gpu` (skipped elsewhere);
-bench/gpu_check.sh runs them on a lent GPU, with the Inception FID test of test_eval.py."""
+"""What only a CUDA GPU can show: a real out-of-memory error splitting the batch, fp16 images
+that do not depend on the batch they were made in, and each actor's GPU busy % in run.json.
+Marked `gpu` (skipped elsewhere); bench/gpu_check.sh runs them on a lent GPU, with the Inception
+FID test of test_eval.py."""
 
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -65,3 +67,16 @@ def test_fp16_images_do_not_depend_on_the_batch(prompt_file, tmp_path, ray_addre
         assert np.array_equal(pixels, made["b8-again"][key])
         difference = np.abs(pixels - made["b1"][key])
         assert difference.max() <= 4 and difference.mean() <= 0.5, key
+
+
+def test_each_actor_records_its_gpu_busy_percent(prompt_file, tmp_path, ray_address):
+    """Busy % sampled by NVML while the actor generated, with its peak memory, in run.json."""
+    pytest.importorskip("pynvml")
+    spec = job(prompt_file(), runtime={"batch_size": 4, "dtype": "fp16"},
+               sweep={"height": 512, "width": 512, "num_inference_steps": [30]})  # fmt: skip
+    generate(parse_spec(spec), output=str(tmp_path / "out"), address=ray_address)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    (worker,) = run["history"][-1]["workers"]
+    assert worker["device"] != "cpu"
+    assert worker["gpu"]["samples"] > 0 and 0 < worker["gpu"]["busy_percent"] <= 100
+    assert worker["gpu"]["peak_memory_gib"] > 0
