@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sdbatch.errors import InputError, JobFailed
+from sdbatch.errors import STOP_REQUESTED, InputError, JobFailed
 
 if TYPE_CHECKING:
     from sdbatch.generation import GenerateSummary
@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     # SIGTERM (Slurm, Kubernetes, `timeout`) stops a run the way Ctrl-C does.
     _terminated.clear()
-    sigterm = signal.signal(signal.SIGTERM, _terminate)
+    STOP_REQUESTED.clear()
+    sigint = signal.signal(signal.SIGINT, _stop)
+    sigterm = signal.signal(signal.SIGTERM, _stop)
     try:
         return args.handler(args)
     except InputError as e:
@@ -202,11 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return EXIT_FAILED
     finally:
+        signal.signal(signal.SIGINT, sigint)
         signal.signal(signal.SIGTERM, sigterm)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    _terminated.set()
+def _stop(signum: int, frame: object) -> None:
+    if signum == signal.SIGTERM:
+        _terminated.set()
+    STOP_REQUESTED.set()
     raise KeyboardInterrupt
 
 

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
-from sdbatch.errors import InputError, JobFailed, first_line
+from sdbatch.errors import InputError, JobFailed, first_line, stop_if_requested
 
 log = logging.getLogger("sdbatch")
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -393,6 +393,7 @@ def run_units(
 
     try:
         while pending or running:
+            stop_if_requested()
             for actor in list(idle):
                 unit = _next_unit(pending, actor, affinity, holds)
                 if unit is not None:

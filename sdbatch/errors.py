@@ -1,4 +1,7 @@
-"""The two kinds of failure a user sees: bad input (exit 2), and a job that broke (exit 1)."""
+"""The two kinds of failure a user sees: bad input (exit 2), and a job that broke (exit 1); and the
+stop a signal asks for."""
+
+import threading
 
 # An error quotes values from files a user (or anyone) wrote; the message must stay one short
 # line whatever they hold. Values are cut where they are quoted (typed_data.shown); this is the
@@ -37,6 +40,18 @@ class StoreFailed(JobFailed):
 
 class LeaseLost(JobFailed):
     """Another driver took the output over; this run must not write to it any more."""
+
+
+# Set by the CLI's SIGINT and SIGTERM handlers, which also raise KeyboardInterrupt. Python drops an
+# exception raised while a finalizer runs (Ray frees object references in Cython deallocators), and
+# a run once went on to the end after its SIGINT: long loops check this as well.
+STOP_REQUESTED = threading.Event()
+
+
+def stop_if_requested() -> None:
+    """Raise KeyboardInterrupt if a signal asked the run to stop."""
+    if STOP_REQUESTED.is_set():
+        raise KeyboardInterrupt
 
 
 def first_line(error: BaseException) -> str:

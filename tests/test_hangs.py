@@ -208,6 +208,37 @@ def test_a_signal_stops_the_driver_and_a_rerun_completes_the_job(
     assert not list((out / "_tmp").iterdir())
 
 
+class SlowWorker(Worker):
+    def _generate(self, unit, prompts, seeds):
+        time.sleep(0.4)
+        return super()._generate(unit, prompts, seeds)
+
+
+def test_a_stop_request_whose_interrupt_was_lost_still_stops_the_run(
+    tmp_path, ray_address, monkeypatch
+):
+    """A signal handler's KeyboardInterrupt can be dropped (raised while a finalizer runs); the
+    flag it sets stops the run all the same, within a second."""
+    from sdbatch.errors import STOP_REQUESTED
+
+    monkeypatch.setattr("sdbatch.generation.Worker", SlowWorker)
+    spec, out = write_job(tmp_path, actors=1), tmp_path / "out"
+
+    def request_stop() -> None:
+        while len(committed_units(out)) < 2:
+            time.sleep(0.05)
+        STOP_REQUESTED.set()  # what the handler does, without its exception
+
+    threading.Thread(target=request_stop, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate(parse_spec(yaml.safe_load(spec.read_text())), output=str(out),
+                     address=ray_address)  # fmt: skip
+    finally:
+        STOP_REQUESTED.clear()
+    assert 2 <= len(committed_units(out)) < 6
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
