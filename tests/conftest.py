@@ -43,10 +43,11 @@ def parti():
 
 @pytest.fixture(scope="session")
 def ray_address():
-    """One real Ray instance for the whole session (2 CPUs, loopback); yields its address."""
+    """One real Ray instance for the whole session (2 CPUs, loopback); yields its address. A new
+    one always ("local"): never a cluster some other process left running on this machine."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
