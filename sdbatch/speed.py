@@ -17,6 +17,7 @@ from sdbatch.spec import Runtime
 # Above this side (px), `vae_tiling: auto` decodes in tiles: the decoder's last blocks run at full
 # resolution, so its memory grows with the pixels and past SDXL's native size outgrows the UNet's.
 VAE_TILING_SIDE = 1024
+RECOMPILE_LIMIT = 64  # compiled shapes per model
 
 
 def apply(pipe: Any, runtime: Runtime, device: str) -> dict[str, Any]:
@@ -51,6 +52,9 @@ def apply(pipe: Any, runtime: Runtime, device: str) -> dict[str, Any]:
     # 4. compile last, so the graphs see the final modules
     mode = "default" if runtime.compile is True else runtime.compile or None
     if mode:
+        # Each size x guidance passes x batch size of a sweep is a graph of its own; past dynamo's
+        # default of 8 a model would run eager again, with nothing but a warning to say so.
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
         pipe.unet.compile(mode=mode, dynamic=False)
         pipe.vae.decoder.compile(mode=mode, dynamic=False)
     return {
