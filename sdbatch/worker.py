@@ -117,7 +117,8 @@ class Worker:
         # until `choose_batch_size` has measured it (batch_size: auto).
         self.batch_size: int | None = None if setup.batch_size == "auto" else setup.batch_size
         self.batch_probe: dict[int, float] = {}  # batch size -> images/s, as measured
-        self.warmup_seconds = 0.0  # of the warm-up batches (compiling, with compile)
+        # Of the warm-up batches (compiling, with compile) and of the batch probe.
+        self.warmup_seconds = 0.0
         self._tiled: set[tuple[int, int]] = set()  # sizes whose VAE decode was tiled
         # The UNet input shapes this worker has run: the first call at each one is warm-up.
         self._shapes: set[tuple[str | None, str, int, int, int]] = set()
@@ -340,6 +341,8 @@ class Worker:
         at most PROBE_STEPS steps: the UNet's share of the time, not the ranking, changes with
         steps. Raises what batch 1 raises.
         """
+        import torch
+
         probe = dataclasses.replace(
             unit,
             config=dataclasses.replace(
@@ -348,6 +351,7 @@ class Worker:
             ),
         )
         passes = guidance_passes(unit.config.guidance_scale)
+        started = time.perf_counter()
         size = 1
         while size <= unit.num_images:
             self.batch_size = size  # what _generate pads to, when compiled
@@ -359,7 +363,9 @@ class Worker:
             except Exception as e:
                 if size == 1 or not _out_of_memory(e):
                     raise
-                self._shrink_batch(size, e)
+                log.info("batch_size auto: %d is out of memory (%s)", size, first_line(e))
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
                 break
             rate = size / (time.perf_counter() - began)
             # warm now: the run's first call at this size is not a warm-up
@@ -370,6 +376,7 @@ class Worker:
                 break
             size *= 2
         best = max(self.batch_probe, key=self.batch_probe.__getitem__)
+        self.warmup_seconds += time.perf_counter() - started
         log.info(
             "batch_size auto: %d (images/s by batch size: %s)",
             best, ", ".join(f"{b}: {r:.3g}" for b, r in self.batch_probe.items()),

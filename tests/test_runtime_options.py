@@ -142,8 +142,8 @@ def test_batch_size_auto_measures_keeps_the_fastest_and_writes_no_probe_images(e
     assert sum(b.images for b in batches) == 3
     # per size a warm-up and a timed call of 2 steps (at most PROBE_STEPS), at 2 passes an image
     assert calls[:8] == [2, 2, 2, 2, 4, 4, 4, 4]
-    # its sizes are warm: the run's first batch at the chosen size is not a warm-up
-    assert not batches[0].warmup
+    # its sizes are warm: the run's first batch at the chosen size is not a warm-up, the probe is
+    assert not batches[0].warmup and w.describe()["speed"]["warmup_seconds"] > 0
 
 
 def test_batch_size_auto_stops_at_out_of_memory(tmp_path, monkeypatch):
