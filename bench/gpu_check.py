@@ -11,14 +11,16 @@ this one command, inside about 8 minutes on an H100/H200-class GPU:
   `runtime` option this version of sdbatch has for speed (the options it lacks are named, not run);
 - images/s, ratio to the plain loop, % of the GPU's arithmetic limit (FLOPs per image counted by
   torch's FlopCounterMode on the pipeline itself), GPU busy % after warm-up and peak GPU memory
-  (sampled by NVML every 0.1 s);
+  (sampled by NVML every 0.1 s); for sdbatch also images/s after warm-up (each shape's first
+  call, which compiles with `compile`) and the warm-up's seconds;
 - evaluation throughput: `sdbatch evaluate` over generated 512 px images with a CLIP ViT-L/14-shaped
   model and torchmetrics' Inception (random weights), images/s.
 
     bash bench/gpu_check.sh            # on a GPU machine; then it runs the GPU-only tests
     python bench/gpu_check.py --smoke  # on CPU in under a minute: tiny shapes, the same code path
 
---smoke builds tiny pipelines of the same classes, so CI runs every line of this script.
+--smoke builds tiny pipelines of the same classes, so CI runs every line of this script (the
+compile row with TORCH_COMPILE_DISABLE=1: CPU compiling takes minutes).
 """
 
 from __future__ import annotations
@@ -42,8 +44,12 @@ from sdbatch.spec import Runtime
 # Dense fp16/bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; others are measured.
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "L40S": 362, "L4": 121}
 # The runtime options that trade nothing for speed, by the name they have (or will have) in
-# sdbatch's `runtime:`; the table runs those this version has and names the others.
-SPEED_OPTIONS = {"compile": {"compile": True}}
+# sdbatch's `runtime:`; the table runs those this version has and names the others. The defaults'
+# row already has channels_last, SDPA attention and VAE slicing (all "auto": on for CUDA).
+SPEED_OPTIONS = {
+    "compile": {"compile": True},
+    "batch_size auto": {"batch_size": "auto"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +259,8 @@ def peak_tflops(device: str) -> tuple[float, str]:
 
 
 def measure(way, shape: Shape, folder: Path, work: Path, images: int, name: str, **options):
-    """(generation seconds, images) of `way` (plain_loop or with_sdbatch) on `images` prompts."""
+    """(generation seconds, images, sdbatch's warm-up columns) of `way` (plain_loop or
+    with_sdbatch) on `images` prompts."""
     texts = [f"{TEXTS[i % len(TEXTS)]}, variation {i}" for i in range(images)]
     args = argparse.Namespace(
         model=str(folder), scheduler="euler", steps=shape.steps, guidance=7.5, size=shape.size,
@@ -262,10 +269,24 @@ def measure(way, shape: Shape, folder: Path, work: Path, images: int, name: str,
     out = work / f"{shape.name}-{name}"
     out.mkdir()
     _, generation, _ = way(args, texts, out)
-    return generation, len(texts)
+    return generation, len(texts), warmup_columns(out / "out") if way is with_sdbatch else {}
 
 
-def row(name, images, seconds, plain_rate, flops, peak, sampler, baseline):
+def warmup_columns(output: Path) -> dict:
+    """Images/s of the batches after warm-up (each shape's first call: compiling, with compile),
+    and the warm-up batches' seconds, from the rows sdbatch wrote."""
+    import pyarrow.dataset as pads
+
+    rows = pads.dataset(str(output / "images")).to_table(["warmup", "generation_seconds"])
+    warm = [s for w, s in zip(*rows.to_pydict().values(), strict=True) if not w]
+    cold = sum(rows["generation_seconds"].to_pylist()) - sum(warm)
+    return {
+        "images/s after warm-up": round(len(warm) / sum(warm), 3) if warm else None,
+        "warm-up s": round(cold, 1),
+    }
+
+
+def row(name, images, seconds, warmup, plain_rate, flops, peak, sampler, baseline):
     rate = images / seconds
     busy = sampler.busy_after_warmup()
     memory = sampler.peak_gib(baseline) if sampler.samples else None
@@ -277,7 +298,9 @@ def row(name, images, seconds, plain_rate, flops, peak, sampler, baseline):
         "% of limit": round(100 * rate * flops / (peak * 1e12), 1),
         "GPU busy %": None if busy is None else round(busy),
         "peak GiB": None if memory is None else round(memory, 1),
-    }
+        "images/s after warm-up": None,
+        "warm-up s": None,
+    } | warmup
 
 
 def measure_generation(args, shape: Shape, work: Path, device: str, peak: float) -> list[dict]:
@@ -289,12 +312,12 @@ def measure_generation(args, shape: Shape, work: Path, device: str, peak: float)
 
     def sampled(fn, *fn_args, **fn_options):
         with GpuSampler() as sampler:
-            seconds, images = fn(*fn_args, **fn_options)
-        return seconds, images, sampler
+            measured = fn(*fn_args, **fn_options)
+        return (*measured, sampler)
 
-    def add(name, seconds, images, sampler):
-        rows.append(row(name, images, seconds, rows[0]["images/s"] if rows else None, flops,
-                        peak, sampler, baseline))  # fmt: skip
+    def add(name, seconds, images, warmup, sampler):
+        rows.append(row(name, images, seconds, warmup, rows[0]["images/s"] if rows else None,
+                        flops, peak, sampler, baseline))  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
 
     rows: list[dict] = []
@@ -445,6 +468,9 @@ def main() -> None:
         sys.exit("bench/gpu_check.py: no CUDA GPU here; --smoke runs the tiny shapes on CPU")
     if args.smoke:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
+        # The compile row's code path without inductor's minutes of CPU compiling (set before
+        # Ray starts, so its workers inherit it); tests/test_runtime_options.py compiles for real.
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"
     peak, peak_note = peak_tflops(device)
     began = time.perf_counter()
     results: dict = {"device": peak_note, "generation": {}, "evaluation": None}

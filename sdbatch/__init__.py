@@ -65,6 +65,7 @@ below it (tests/test_layout.py holds the code to this list).
     sweep                           configurations (model x adapter x grid x task), seeds, units
     sources                         source images, masks, depth maps: checked, sized; their file
     adapters                        LoRA reference -> pinned AdapterSource; its fit to a model
+    speed                           runtime speed options on a loaded pipeline: compile, attention
     models                          model reference -> pinned ModelSource; pipeline loading
     spec                            the job spec: typed, validated, up front
     toy.build                       writes every builtin model's shipped files

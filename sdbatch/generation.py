@@ -190,6 +190,7 @@ def generate(
                 batch_size=spec.runtime.batch_size,
                 png_compress_level=spec.runtime.png_compress_level,
                 log_dir=out.log_folder(),
+                runtime=spec.runtime,
             )
             progress = (total, total - left, "generating")
             result = distribute.run_units(

@@ -273,8 +273,23 @@ class Runtime:
     """How the work is run. None of it changes which images are made, so a resume may change it."""
 
     actors: int | Literal["auto"] = "auto"
-    batch_size: int = 8
+    # Images per pipeline call; auto: each worker measures 1, 2, 4, ... on its first unit and
+    # keeps the fastest (probe batches are thrown away; see Worker.choose_batch_size).
+    batch_size: int | Literal["auto"] = 8
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    # torch.compile of the UNet and the VAE decoder (true: mode "default"). Off by default: it
+    # compiles for minutes per batch shape before the first image; a short job never wins it back.
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
+    # UNet and VAE in channels-last memory format; auto: on CUDA (faster convolutions), not on CPU.
+    channels_last: bool | Literal["auto"] = "auto"
+    # sdpa: torch's scaled_dot_product_attention (diffusers' AttnProcessor2_0, its default);
+    # eager: diffusers' plain AttnProcessor (matmul, softmax, matmul), for debugging.
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    # The VAE decodes in overlapping tiles; auto: for sides above 1,024 px (speed.py), where a whole
+    # decode would need more memory than the UNet. Tiles are blended, so pixels change slightly.
+    vae_tiling: bool | Literal["auto"] = "auto"
+    # The VAE decodes a batch one image at a time (lower peak memory, same pixels); auto: on CUDA.
+    vae_slicing: bool | Literal["auto"] = "auto"
     # Prompts per work unit. A unit is the grain of resume: smaller loses less work on a crash,
     # larger writes fewer, bigger Parquet files.
     shard_size: int = 16
@@ -288,7 +303,10 @@ class Runtime:
         conform(self)
         if self.actors != "auto":
             within(self.actors, 1, MAX_ACTORS, "actors", "or auto: one per GPU")
-        within(self.batch_size, 1, MAX_BATCH_SIZE, "batch_size")
+        if self.batch_size != "auto":
+            within(
+                self.batch_size, 1, MAX_BATCH_SIZE, "batch_size", "or auto: the fastest measured"
+            )
         within(self.shard_size, 1, MAX_SHARD_SIZE, "shard_size")
         within(self.png_compress_level, 0, 9, "png_compress_level")
         within(self.retries, 0, MAX_RETRIES, "retries")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import io
 import logging
@@ -29,12 +30,13 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from sdbatch import speed
 from sdbatch.adapters import AdapterSource
 from sdbatch.errors import first_line
 from sdbatch.gpu_usage import GpuUsage
@@ -44,7 +46,7 @@ from sdbatch.output import Output
 from sdbatch.records import BatchTiming, UnitMarker, library_versions
 from sdbatch.schedulers import guidance_passes, make_scheduler
 from sdbatch.sources import pixels as png_pixels
-from sdbatch.spec import Expansion
+from sdbatch.spec import Expansion, Runtime
 from sdbatch.sweep import WorkUnit, image_seed
 from sdbatch.worker_logs import quiet_libraries
 
@@ -52,6 +54,10 @@ log = logging.getLogger("sdbatch")
 # diffusers' pipelines make transformers warn at import about optional vision backends, before a
 # worker can send its warnings to its log file (quiet_libraries): set in the actor's environment.
 ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error"}
+# batch_size: auto tries a larger batch while it gives this many times the best images/s so far,
+# at most this many denoising steps per probe call.
+PROBE_GAIN = 1.05
+PROBE_STEPS = 10
 # The tasks whose pipeline is derived from the loaded one's components, and the class that does it.
 DERIVED = {
     "img2img": "AutoPipelineForImage2Image",
@@ -68,7 +74,7 @@ class GenerationSetup:
     dtype: str  # fp16, bf16 or fp32
     output: str  # an Output.location
     run_id: str  # the lease's: a unit commits only while its run holds the output
-    batch_size: int
+    batch_size: int | str  # or "auto": measured on the first unit (Worker.choose_batch_size)
     png_compress_level: int
     threads: int | None = None  # torch CPU threads; None keeps torch's default
     log_dir: str | None = None  # for the libraries' warnings (quiet_libraries); None: as they are
@@ -76,6 +82,8 @@ class GenerationSetup:
     # The model (its reference) this worker loads first; None: the first of `models`.
     # distribute sets it per actor (`affinity`), so that actors start on different models.
     affinity: str | None = None
+    # The spec's runtime: its speed options (compile, channels_last, attention, VAE) apply here.
+    runtime: Runtime = field(default_factory=Runtime)
 
 
 def encode_png(pixels: np.ndarray, level: int) -> bytes:
@@ -106,8 +114,13 @@ class Worker:
         self.pipe: Any = None
         self._use_model(setup.affinity or setup.models[0].ref)
         self._output = Output(setup.output)
-        # Lowered, for the rest of this worker's life, when a batch runs out of memory.
-        self.batch_size = setup.batch_size
+        # Lowered, for the rest of this worker's life, when a batch runs out of memory; None
+        # until `choose_batch_size` has measured it (batch_size: auto).
+        self.batch_size: int | None = None if setup.batch_size == "auto" else setup.batch_size
+        self.batch_probe: dict[int, float] = {}  # batch size -> images/s, as measured
+        # Of the warm-up batches (compiling, with compile) and of the batch probe.
+        self.warmup_seconds = 0.0
+        self._tiled: set[tuple[int, int]] = set()  # sizes whose VAE decode was tiled
         # The UNet input shapes this worker has run: the first call at each one is warm-up.
         self._shapes: set[tuple[str | None, str, int, int, int]] = set()
         # zlib releases the GIL, so PNG encoding of one batch overlaps the next batch's denoising.
@@ -126,6 +139,14 @@ class Worker:
             "model_loads": self.model_loads,
             "adapter_loads": self.adapter_loads,
             "gpu": self._gpu_summary(),
+            "speed": {
+                **self.speed,
+                "vae_tiled_sizes": [list(size) for size in sorted(self._tiled)],
+                "batch_size": self.batch_size,
+                # JSON keys are strings: the sizes as text
+                "batch_probe": {str(b): round(r, 4) for b, r in self.batch_probe.items()},
+                "warmup_seconds": round(self.warmup_seconds, 3),
+            },
         }
 
     def _gpu_summary(self) -> dict[str, Any] | None:
@@ -154,6 +175,8 @@ class Worker:
         self._pipeline(unit.config.task).scheduler = self._schedulers[name]
 
         # 2. generate batch by batch; every image has its own seed, whatever batch it lands in
+        if self.batch_size is None:
+            self.batch_size = self.choose_batch_size(unit)
         images = [
             (p, s) for p in range(len(unit.prompt_ids)) for s in range(unit.images_per_prompt)
         ]
@@ -166,7 +189,7 @@ class Worker:
             batch = images[start : start + self.batch_size]
             seeds = [image_seed(unit.seed, unit.prompt_ids[p], s) for p, s in batch]
             passes = guidance_passes(config.guidance_scale)
-            shape = (self.model, config.task, len(batch) * passes, *config.size)
+            shape = (self.model, config.task, self._padded(len(batch)) * passes, *config.size)
             # Not a switch of scheduler: it builds no tensors (measured no slower). The first
             # call at a new shape is left out too: on a GPU it selects kernels and grows the
             # memory pool; leaving out one call per shape costs one sample, counting it a bias.
@@ -183,6 +206,7 @@ class Worker:
             if self._usage is not None:
                 self._usage.batch(began, began + wall, warmup)
             self._shapes.add(shape)
+            self.warmup_seconds += wall if warmup else 0.0
             timings.append(BatchTiming(len(batch), wall, warmup))
             start += len(batch)
             seconds = wall / len(batch)
@@ -223,6 +247,7 @@ class Worker:
             torch.cuda.empty_cache()
         _return_freed_memory()
         self.pipe = load_pipeline(self._sources[ref], self.setup.dtype, self.device)
+        self.speed = speed.apply(self.pipe, self.setup.runtime, self.device)
         self.model = ref
         self.model_loads += 1
         # Every scheduler is built from the model's own config, never from the last one used.
@@ -291,6 +316,13 @@ class Worker:
         import torch
 
         config = unit.config
+        count = len(seeds)
+        # A short batch is padded to the full size (its last image repeated, then dropped), so
+        # a compiled model meets one shape per configuration instead of compiling again.
+        pad = self._padded(count) - count
+        prompts, seeds = prompts + prompts[-1:] * pad, seeds + seeds[-1:] * pad
+        if speed.tile_vae(self.pipe, self.setup.runtime, config.size):
+            self._tiled.add(config.size)
         result = self._pipeline(config.task)(
             prompt=[unit.prompts[p] for p in prompts],
             negative_prompt=[unit.negative_prompts[p] for p in prompts],
@@ -305,8 +337,65 @@ class Worker:
         pixels = (result.images * 255).round().clamp(0, 255).to(torch.uint8)
         # None when the model has no checker; pipelines that never have one (SDXL) lack the field.
         flags = getattr(result, "nsfw_content_detected", None)
-        flags = [None] * len(seeds) if flags is None else [bool(f) for f in flags]
-        return pixels.permute(0, 2, 3, 1).cpu().numpy(), flags
+        flags = [None] * count if flags is None else [bool(f) for f in flags[:count]]
+        return pixels[:count].permute(0, 2, 3, 1).cpu().numpy(), flags
+
+    def _padded(self, size: int) -> int:
+        """The batch size a call of `size` images runs at: the full batch size when compiled."""
+        if self.speed["compile"] and self.batch_size:
+            return max(size, self.batch_size)
+        return size
+
+    def choose_batch_size(self, unit: WorkUnit) -> int:
+        """The batch size of the most images/s on `unit`'s configuration (batch_size: auto).
+
+        Sizes 1, 2, 4, ... up to the unit's images are run, each once to warm up (kernel
+        selection, compiling) and once timed, until one runs out of memory or is less than
+        PROBE_GAIN faster than the best so far. The probe's images are thrown away, and it runs
+        at most PROBE_STEPS steps: the UNet's share of the time, not the ranking, changes with
+        steps. Raises what batch 1 raises.
+        """
+        import torch
+
+        probe = dataclasses.replace(
+            unit,
+            config=dataclasses.replace(
+                unit.config,
+                num_inference_steps=min(unit.config.num_inference_steps, PROBE_STEPS),
+            ),
+        )
+        passes = guidance_passes(unit.config.guidance_scale)
+        started = time.perf_counter()
+        size = 1
+        while size <= unit.num_images:
+            self.batch_size = size  # what _generate pads to, when compiled
+            batch = [i % len(unit.prompt_ids) for i in range(size)]
+            try:
+                self._generate(probe, batch, list(range(size)))
+                began = time.perf_counter()
+                self._generate(probe, batch, list(range(size)))
+            except Exception as e:
+                if size == 1 or not _out_of_memory(e):
+                    raise
+                log.info("batch_size auto: %d is out of memory (%s)", size, first_line(e))
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+                break
+            rate = size / (time.perf_counter() - began)
+            # warm now: the run's first call at this size is not a warm-up
+            self._shapes.add((self.model, unit.config.task, size * passes, *unit.config.size))
+            best = max(self.batch_probe.values(), default=0.0)
+            self.batch_probe[size] = rate
+            if rate < PROBE_GAIN * best:
+                break
+            size *= 2
+        best = max(self.batch_probe, key=self.batch_probe.__getitem__)
+        self.warmup_seconds += time.perf_counter() - started
+        log.info(
+            "batch_size auto: %d (images/s by batch size: %s)",
+            best, ", ".join(f"{b}: {r:.3g}" for b, r in self.batch_probe.items()),
+        )  # fmt: skip
+        return best
 
     def _row(
         self,
