@@ -345,6 +345,7 @@ def run_units(
     loading: dict[Any, Any] = {}
     holds: dict[Any, str] = {}  # actor -> what it has loaded (with `affinity`)
     described: dict[Any, int] = {}  # actor -> its entry in result.workers
+    ready: list[Any] = []  # loaded actors, in the order they became ready
 
     def start_actor() -> None:
         if affinity is None:
@@ -358,6 +359,8 @@ def run_units(
 
     def replace(actor: Any) -> None:
         holds.pop(actor, None)
+        if actor in ready:
+            ready.remove(actor)
         _replace(actor, actors, start_actor)
 
     log.info("starting %s (each loads the model once)", plan.describe())
@@ -373,7 +376,6 @@ def run_units(
     inherited: dict[str, int] = {}  # attempts made on a piece's work as part of a larger unit
     allowed: dict[str, int] = {}  # retries of a piece (none: its failure already repeated)
     counted: Counter[str] = Counter()  # images the bar counted for a unit's current attempt
-    ready: list[Any] = []  # loaded actors, in the order they became ready
     result = RunResult([], 0.0)
     bar = None
 
