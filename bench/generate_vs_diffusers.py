@@ -5,8 +5,9 @@ that image's own seeded generator, save each PNG to a file. sdbatch batches imag
 configuration, encodes PNGs while the next batch denoises, and writes Parquet.
 
 Both make identical images (same seeds, same scheduler); the script checks that and prints images/s
-for both, whole-run (model load and, for sdbatch, Ray start included) and generation-only. Both use
-the same torch thread count: the cores each sdbatch actor gets (all of them with one actor).
+for both, whole-run (model load and, for sdbatch, Ray start included) and generation-only. Both get
+the machine's cores: the loop one torch thread per core, sdbatch's actors share them (one actor:
+as many threads; `--actors 2` on 2 cores: one thread each), as in bench/eval_vs_torchmetrics.py.
 
     python bench/generate_vs_diffusers.py                      # builtin:tiny, 128x128, CPU
     python bench/generate_vs_diffusers.py --model /path/to/sd15 --size 512 --images 256
@@ -105,8 +106,8 @@ def with_sdbatch(args, texts: list[str], folder: Path) -> tuple[float, float, di
         for r in rows
     }
     run = json.loads((folder / "out" / "run.json").read_text())
-    threads = {w["torch_threads"] for w in run["history"][-1]["workers"]}
-    if threads != {args.threads}:
+    threads = [w["torch_threads"] for w in run["history"][-1]["workers"]]
+    if sum(threads) != args.threads:
         raise SystemExit(f"sdbatch's workers ran {threads} torch threads, the loop {args.threads}")
     return summary.seconds, summary.generation_seconds, images
 
@@ -126,8 +127,7 @@ def main() -> None:
     args.per_prompt = 2
     args.batch = 1
     args.runtime = {"batch_size": args.batch_size, "actors": args.actors}
-    # what distribute.plan_actors gives each CPU actor of a local Ray instance
-    args.threads = max(1, (os.cpu_count() or 1) // (1 if args.actors == "auto" else args.actors))
+    args.threads = os.cpu_count() or 1  # a local Ray instance's CPUs, which its actors share
     texts = [f"{TEXTS[i % len(TEXTS)]}, variation {i}" for i in range(args.images // 2)]
     n = len(texts) * args.per_prompt
 
@@ -139,7 +139,10 @@ def main() -> None:
     same = max(np.abs(plain[2][k] - ours[2][k]).max() for k in plain[2])
     print(f"\n{n} images, {args.size}x{args.size}, {args.steps} steps {args.scheduler}, ", end="")
     print(f"guidance {args.guidance}, model {args.model}; max pixel difference {same}/255")
-    print(f"torch threads {args.threads} on both sides; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.threads} torch threads on each side, actors {args.actors}; "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
     print(f"{'':24}{'whole run s':>12}{'images/s':>10}{'gen-only s':>12}{'images/s':>10}")
     for name, (wall, gen, _) in (("plain diffusers loop", plain), ("sdbatch", ours)):
         print(f"{name:24}{wall:12.1f}{n / wall:10.2f}{gen:12.1f}{n / gen:10.2f}")
