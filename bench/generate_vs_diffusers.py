@@ -6,8 +6,9 @@ configuration, encodes PNGs while the next batch denoises, and writes Parquet.
 
 Both make identical images (same seeds, same scheduler); the script checks that and prints images/s
 for both, whole-run (model load and, for sdbatch, Ray start included) and generation-only. Both get
-the machine's cores: the loop one torch thread per core, sdbatch's actors share them (one actor:
-as many threads; `--actors 2` on 2 cores: one thread each), as in bench/eval_vs_torchmetrics.py.
+the same cores (`--threads`, default all): the loop as many torch threads, sdbatch's local Ray as
+many CPUs, which its actors share (one actor: as many threads; `--actors 2 --threads 2`: one
+thread each), as in bench/eval_vs_torchmetrics.py.
 
     python bench/generate_vs_diffusers.py                      # builtin:tiny, 128x128, CPU
     python bench/generate_vs_diffusers.py --model /path/to/sd15 --size 512 --images 256
@@ -123,11 +124,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--actors", default="auto", type=lambda v: v if v == "auto" else int(v))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores per side")
     args = parser.parse_args()
     args.per_prompt = 2
     args.batch = 1
     args.runtime = {"batch_size": args.batch_size, "actors": args.actors}
-    args.threads = os.cpu_count() or 1  # a local Ray instance's CPUs, which its actors share
+    # The CPUs of the local Ray instance sdbatch starts, which its actors share.
+    os.environ["RAY_OVERRIDE_RESOURCES"] = json.dumps({"CPU": args.threads})
     texts = [f"{TEXTS[i % len(TEXTS)]}, variation {i}" for i in range(args.images // 2)]
     n = len(texts) * args.per_prompt
 
