@@ -5,7 +5,10 @@ that image's own seeded generator, save each PNG to a file. sdbatch batches imag
 configuration, encodes PNGs while the next batch denoises, and writes Parquet.
 
 Both make identical images (same seeds, same scheduler); the script checks that and prints images/s
-for both, whole-run (model load and, for sdbatch, Ray start included) and generation-only.
+for both, whole-run (model load and, for sdbatch, Ray start included) and generation-only. Both get
+the same cores (`--threads`, default all): the loop as many torch threads, sdbatch's local Ray as
+many CPUs, which its actors share (one actor: as many threads; `--actors 2 --threads 2`: one
+thread each), as in bench/eval_vs_torchmetrics.py.
 
     python bench/generate_vs_diffusers.py                      # builtin:tiny, 128x128, CPU
     python bench/generate_vs_diffusers.py --model /path/to/sd15 --size 512 --images 256
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +44,7 @@ def plain_loop(args, texts: list[str], folder: Path) -> tuple[float, float, dict
     s, pixels)."""
     import torch
 
+    torch.set_num_threads(args.threads)
     began = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(resolve_model(args.model), "fp16" if device == "cuda" else "fp32", device)
@@ -100,6 +106,10 @@ def with_sdbatch(args, texts: list[str], folder: Path) -> tuple[float, float, di
         )
         for r in rows
     }
+    run = json.loads((folder / "out" / "run.json").read_text())
+    threads = [w["torch_threads"] for w in run["history"][-1]["workers"]]
+    if sum(threads) != args.threads:
+        raise SystemExit(f"sdbatch's workers ran {threads} torch threads, the loop {args.threads}")
     return summary.seconds, summary.generation_seconds, images
 
 
@@ -114,10 +124,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--actors", default="auto", type=lambda v: v if v == "auto" else int(v))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores per side")
     args = parser.parse_args()
     args.per_prompt = 2
     args.batch = 1
     args.runtime = {"batch_size": args.batch_size, "actors": args.actors}
+    # The CPUs of the local Ray instance sdbatch starts, which its actors share.
+    os.environ["RAY_OVERRIDE_RESOURCES"] = json.dumps({"CPU": args.threads})
     texts = [f"{TEXTS[i % len(TEXTS)]}, variation {i}" for i in range(args.images // 2)]
     n = len(texts) * args.per_prompt
 
@@ -129,6 +142,10 @@ def main() -> None:
     same = max(np.abs(plain[2][k] - ours[2][k]).max() for k in plain[2])
     print(f"\n{n} images, {args.size}x{args.size}, {args.steps} steps {args.scheduler}, ", end="")
     print(f"guidance {args.guidance}, model {args.model}; max pixel difference {same}/255")
+    print(
+        f"{args.threads} torch threads on each side, actors {args.actors}; "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
     print(f"{'':24}{'whole run s':>12}{'images/s':>10}{'gen-only s':>12}{'images/s':>10}")
     for name, (wall, gen, _) in (("plain diffusers loop", plain), ("sdbatch", ours)):
         print(f"{name:24}{wall:12.1f}{n / wall:10.2f}{gen:12.1f}{n / gen:10.2f}")

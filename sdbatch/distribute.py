@@ -283,10 +283,12 @@ class RunResult:
 
 @dataclass
 class _Running:
-    """A unit on an actor, and when the actor last reported progress on it."""
+    """A unit on an actor, whether its turn there began (a unit queued behind another waits,
+    which is no stall), and when the actor last reported progress on it."""
 
     actor: Any
     unit: Any
+    started: bool
     heard: float = dataclasses.field(default_factory=time.monotonic)
     warned: bool = False
 
@@ -302,7 +304,11 @@ def run_units(
     affinity: Callable[[Any], str] | None = None,
     env: dict[str, str] | None = None,
 ) -> RunResult:
-    """Run every unit on `plan.count` actors of class `worker`, giving each idle one the next unit.
+    """Run every unit on `plan.count` actors of class `worker`, giving each one the next unit.
+
+    An actor holds up to `worker.UNITS_IN_FLIGHT` units (default 1): with 2 it gets its next unit
+    while the current one runs, so it never waits for the driver between units; its `run` takes
+    them in turn, yielding 0 when a unit's turn begins.
 
     A unit that raises is put back in the queue, so another actor may take it; one whose actor
     process dies (killed, out of host memory, node lost) or stops reporting progress (see
@@ -328,14 +334,18 @@ def run_units(
     import ray
 
     runtime_env = {"env_vars": env} if env else None
+    depth = getattr(worker, "UNITS_IN_FLIGHT", 1)
+    # A threaded actor: each unit in flight runs `run` in a thread of its own (Ray streams
+    # generators from threaded actors as from plain ones).
     remote = ray.remote(worker).options(
-        num_gpus=plan.gpus, num_cpus=plan.cpus, runtime_env=runtime_env
+        num_gpus=plan.gpus, num_cpus=plan.cpus, runtime_env=runtime_env, max_concurrency=depth
     )
     actor_setup = dataclasses.replace(setup, threads=plan.threads)
     actors: list[Any] = []
     loading: dict[Any, Any] = {}
     holds: dict[Any, str] = {}  # actor -> what it has loaded (with `affinity`)
     described: dict[Any, int] = {}  # actor -> its entry in result.workers
+    ready: list[Any] = []  # loaded actors, in the order they became ready
 
     def start_actor() -> None:
         if affinity is None:
@@ -349,6 +359,8 @@ def run_units(
 
     def replace(actor: Any) -> None:
         holds.pop(actor, None)
+        if actor in ready:
+            ready.remove(actor)
         _replace(actor, actors, start_actor)
 
     log.info("starting %s (each loads the model once)", plan.describe())
@@ -364,7 +376,6 @@ def run_units(
     inherited: dict[str, int] = {}  # attempts made on a piece's work as part of a larger unit
     allowed: dict[str, int] = {}  # retries of a piece (none: its failure already repeated)
     counted: Counter[str] = Counter()  # images the bar counted for a unit's current attempt
-    idle: list[Any] = []
     result = RunResult([], 0.0)
     bar = None
 
@@ -391,18 +402,50 @@ def run_units(
             log.error("unit %s failed %d times, giving up: %s", unit.unit_id, tries, error)
             result.failed[unit.unit_id] = Failure(unit, tries, error)
 
+    def held_by(actor: Any) -> list[Any]:
+        return [ref for ref, job in running.items() if job.actor is actor]
+
+    def ended(ref: Any) -> None:
+        """`ref`'s unit is over; the next one its actor holds has its turn now."""
+        actor = running.pop(ref).actor
+        for job in (running[r] for r in held_by(actor)):
+            if not job.started:
+                job.started, job.heard = True, time.monotonic()
+
+    def drop(actor: Any, blamed: dict[str, str]) -> None:
+        """Replace `actor` and give back every unit it holds: those `blamed` (by unit id, with
+        the reason) count an attempt; the others (waiting their turn, or innocent of a stall)
+        go back to the front of the queue, uncounted."""
+        for ref in held_by(actor):
+            unit = running.pop(ref).unit
+            if unit.unit_id in blamed:
+                give_back(unit, blamed[unit.unit_id])
+            else:
+                if bar is not None:
+                    bar.update(-counted.pop(unit.unit_id, 0))
+                pending.appendleft(unit)
+        replace(actor)
+
+    def hand_out() -> None:
+        """Fill the actors' first slots, then their further ones, keeping a unit for each actor
+        still loading (a queued unit would wait while a fresh actor had none)."""
+        for slot in range(depth):
+            for actor in ready:
+                if slot and len(pending) <= len(loading):
+                    return
+                if len(held_by(actor)) == slot:
+                    unit = _next_unit(pending, actor, affinity, holds)
+                    if unit is not None:
+                        running[actor.run.remote(unit)] = _Running(actor, unit, started=not slot)
+
     try:
         while pending or running:
             stop_if_requested()
-            for actor in list(idle):
-                unit = _next_unit(pending, actor, affinity, holds)
-                if unit is not None:
-                    idle.remove(actor)
-                    running[actor.run.remote(unit)] = _Running(actor, unit)
-            ready, _ = ray.wait([*loading, *running], num_returns=1, timeout=1.0)
+            hand_out()
+            reported, _ = ray.wait([*loading, *running], num_returns=1, timeout=1.0)
             if bar is not None:
                 bar.update(0)  # keeps elapsed time and ETA moving between batches
-            for ref in ready:
+            for ref in reported:
                 if ref in loading:
                     actor = loading.pop(ref)
                     try:
@@ -417,37 +460,39 @@ def run_units(
                     except ray.exceptions.RayError as e:
                         raise JobFailed(f"a worker failed to load: {_reason(e)}") from e
                     described[actor] = len(result.workers) - 1
-                    idle.append(actor)
+                    ready.append(actor)
                     # Throughput is counted from the first loaded worker: model loading is not
                     # generation speed.
                     bar = bar or _progress_bar(*progress)
                     continue
+                if ref not in running:
+                    continue  # given back with its actor's other unit, just now
                 job = running[ref]
                 actor, unit = job.actor, job.unit
                 try:
                     item = ray.get(next(ref))
                 except StopIteration:
-                    del running[ref]
-                    idle.append(actor)
+                    ended(ref)
                     continue
                 except ray.exceptions.RayActorError as e:
-                    del running[ref]
                     log.warning("a worker died during unit %s; starting another", unit.unit_id)
-                    replace(actor)
-                    give_back(unit, f"worker died: {_reason(e)}")
+                    # Each unit whose turn had begun may have been the cause.
+                    died = f"worker died: {_reason(e)}"
+                    held = [running[r] for r in held_by(actor)]
+                    drop(actor, {j.unit.unit_id: died for j in held if j.started})
                     continue
                 except ray.exceptions.RayError as e:
-                    del running[ref]
+                    ended(ref)
                     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(
                         e.cause, JobFailed
                     ):
                         raise e.cause from None  # no unit's fault: retrying would not help
-                    idle.append(actor)
                     give_back(unit, _reason(e))
                     continue
                 heard = time.monotonic()
-                slowest = max(slowest, heard - job.heard)
-                job.heard = heard
+                if job.started:
+                    slowest = max(slowest, heard - job.heard)
+                job.started, job.heard = True, heard
                 if isinstance(item, int):  # a batch; the last item is the unit's result
                     bar.update(item)
                     counted[unit.unit_id] += item
@@ -458,11 +503,13 @@ def run_units(
             if loading and now - placement_checked > PLACEMENT_CHECK_SECONDS:
                 placement_checked = now
                 _check_placeable(plan)
-            for ref in _stalled(running, slowest, now, result.stalled):
-                job = running.pop(ref)
-                result.stalled.append(job.unit.unit_id)
-                replace(job.actor)
-                give_back(job.unit, f"stalled: no progress for {now - job.heard:.0f} s")
+            late = _stalled(running, slowest, now, result.stalled)
+            result.stalled += [job.unit.unit_id for job in late]
+            blamed = {
+                j.unit.unit_id: f"stalled: no progress for {now - j.heard:.0f} s" for j in late
+            }
+            for actor in {job.actor: None for job in late}:
+                drop(actor, blamed)
         _describe_again(described, actors, result.workers)
     finally:
         if bar is not None:
@@ -526,8 +573,9 @@ def _describe_again(described: dict[Any, int], actors: list[Any], workers: list)
 
 def _stalled(
     running: dict[Any, _Running], slowest: float, now: float, stalled: list[str]
-) -> list[Any]:
-    """The running units past their progress deadline; warns once of each at half of it.
+) -> list[_Running]:
+    """The units whose turn began and that are past their progress deadline; warns once of each
+    at half of it.
 
     A unit's deadline doubles each time it was given up on: one far heavier than every unit
     seen so far (a larger size, many more steps) gets through on a later attempt.
@@ -535,7 +583,9 @@ def _stalled(
     if not slowest:
         return []
     late = []
-    for ref, job in running.items():
+    for job in running.values():
+        if not job.started:
+            continue
         deadline = max(STALL_MIN_SECONDS, STALL_FACTOR * slowest)
         deadline *= 2 ** stalled.count(job.unit.unit_id)
         quiet = now - job.heard
@@ -544,7 +594,7 @@ def _stalled(
                 "unit %s made no progress for %.0f s; stopping its worker and starting another",
                 job.unit.unit_id, quiet,
             )  # fmt: skip
-            late.append(ref)
+            late.append(job)
         elif quiet > deadline / 2 and not job.warned:
             job.warned = True
             log.warning(

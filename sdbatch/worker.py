@@ -27,9 +27,11 @@ import io
 import logging
 import os
 import socket
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,17 @@ DERIVED = {
     "outpaint": "AutoPipelineForInpainting",
 }
 
+# What `encode_prompt` returns, in its order (SD's pipelines: the first two).
+EMBEDDINGS = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
+# Shards x adapters x tasks whose prompt embeddings a worker keeps: units come shard-major, so
+# one shard's configurations follow each other; a few MB each.
+EMBEDDING_CACHE = 8
+
 
 @dataclass(frozen=True)
 class GenerationSetup:
@@ -96,6 +109,11 @@ def encode_png(pixels: np.ndarray, level: int) -> bytes:
 class Worker:
     """Loads a model once and keeps it; `run` generates a work unit and commits it."""
 
+    # Units an actor holds at once (distribute): one generating, the next already there, so
+    # the accelerator never waits for the driver between units, and a commit overlaps the
+    # next unit's generation.
+    UNITS_IN_FLIGHT = 2
+
     def __init__(self, setup: GenerationSetup):
         import torch
 
@@ -126,6 +144,8 @@ class Worker:
         # zlib releases the GIL, so PNG encoding of one batch overlaps the next batch's denoising.
         self._encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
         self._usage = GpuUsage.of_this_process() if self.device == "cuda" else None
+        # Held by the unit that generates (see `run`); the other one in flight waits or commits.
+        self._turn = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs, for the run's provenance."""
@@ -165,7 +185,21 @@ class Worker:
         return torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
 
     def run(self, unit: WorkUnit) -> Iterator[int | UnitMarker]:
-        """Generate `unit`, yielding each batch's image count; commit it and yield its marker."""
+        """Generate `unit`, yielding 0 when it starts and each batch's image count; commit it
+        and yield its marker.
+
+        Units generate one at a time, in turn; a unit's commit (PNG encoding it waits for, the
+        Parquet write, the upload, the marker) runs after its turn, while the next unit
+        generates: distribute hands an actor its next unit before this one ends.
+        """
+        with self._turn:
+            yield 0  # the unit's turn began: the driver's stall clock starts for it now
+            rows, timings = yield from self._make(unit)
+        yield self._commit(unit, rows, timings)
+
+    def _make(self, unit: WorkUnit) -> Iterator[int]:
+        """Generate `unit` batch by batch, yielding each batch's image count; returns its rows
+        (their PNGs still encoding) and batch timings."""
         # 1. switch model (only if it is another), adapter and scheduler
         self._use_model(unit.config.model or self.model)
         self._use_adapter(unit.config.lora, unit.config.lora_scale)
@@ -181,8 +215,7 @@ class Worker:
             (p, s) for p in range(len(unit.prompt_ids)) for s in range(unit.images_per_prompt)
         ]
         config = unit.config
-        rows: list[ImageRow] = []
-        pngs = []
+        rows: list[tuple[ImageRow, Future[bytes]]] = []
         timings: list[BatchTiming] = []
         start = 0
         while start < len(images):
@@ -211,28 +244,38 @@ class Worker:
             start += len(batch)
             seconds = wall / len(batch)
             level = self.setup.png_compress_level
-            pngs += [self._encoder.submit(encode_png, px, level) for px in pixels]
             rows += [
-                self._row(unit, p, s, seed, flag, len(batch), seconds, warmup)
-                for (p, s), seed, flag in zip(batch, seeds, flags, strict=True)
+                (
+                    self._row(unit, p, s, seed, flag, len(batch), seconds, warmup),
+                    self._encoder.submit(encode_png, px, level),
+                )
+                for (p, s), seed, flag, px in zip(batch, seeds, flags, pixels, strict=True)
             ]
             yield len(batch)
+        return rows, timings
 
-        # 3. commit: the images first, the done marker last
-        for row, png in zip(rows, pngs, strict=True):
+    def _commit(
+        self,
+        unit: WorkUnit,
+        rows: list[tuple[ImageRow, Future[bytes]]],
+        timings: list[BatchTiming],
+    ) -> UnitMarker:
+        """Write the unit's images, then its done marker (the commit); returns the marker."""
+        for row, png in rows:
             row.image["bytes"] = png.result()
         marker = UnitMarker(
             unit_id=unit.unit_id,
             config_id=unit.config.config_id,
             prompt_ids=unit.prompt_ids,
             images=len(rows),
-            generation_seconds=sum(r.generation_seconds for r in rows),
-            nsfw_flagged=sum(bool(r.nsfw_flagged) for r in rows),
+            generation_seconds=sum(r.generation_seconds for r, _ in rows),
+            nsfw_flagged=sum(bool(r.nsfw_flagged) for r, _ in rows),
             run=unit.run,
             batches=tuple(timings),
             device=self.device_name(),
         )
-        yield self._output.commit_unit(image_table(rows), marker, self.setup.run_id)
+        table = image_table([r for r, _ in rows])
+        return self._output.commit_unit(table, marker, self.setup.run_id)
 
     def _use_model(self, ref: str) -> None:
         """Load model `ref`, unless it is the one loaded; the previous one is freed first, as
@@ -255,6 +298,8 @@ class Worker:
         self._schedulers: dict[str, Any] = {}
         self._adapters_loaded: set[str] = set()
         self._pipes: dict[str, Any] = {}
+        # Prompt embeddings of the last shards, by what determines them (`_prompt_inputs`).
+        self._embedded: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
 
     def _pipeline(self, task: str) -> Any:
         """The loaded model's pipeline for `task`, built once from its components."""
@@ -324,8 +369,7 @@ class Worker:
         if speed.tile_vae(self.pipe, self.setup.runtime, config.size):
             self._tiled.add(config.size)
         result = self._pipeline(config.task)(
-            prompt=[unit.prompts[p] for p in prompts],
-            negative_prompt=[unit.negative_prompts[p] for p in prompts],
+            **self._prompt_inputs(unit, prompts),
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
             # CPU generators give the same noise on any device, so a seed means one image.
@@ -396,6 +440,45 @@ class Worker:
             best, ", ".join(f"{b}: {r:.3g}" for b, r in self.batch_probe.items()),
         )  # fmt: skip
         return best
+
+    def _prompt_inputs(self, unit: WorkUnit, prompts: list[int]) -> dict[str, Any]:
+        """The prompt arguments of the pipeline call for a batch of the unit's prompts: their
+        text-encoder outputs, computed once per shard and reused by its configurations.
+
+        The key holds everything the outputs depend on: the model, its adapter and scale (a
+        LoRA may change the text encoder), the task's pipeline, whether guidance needs the
+        negative prompts, and the texts. The pipeline computes the same tensors itself from
+        the texts (`encode_prompt`, the same call); the text encoder's rows do not depend on
+        what else is in its batch, so the images are the same bit for bit (tests check it).
+        """
+        import torch
+
+        config = unit.config
+        guided = guidance_passes(config.guidance_scale) > 1
+        key = (
+            self.model, config.task, config.lora, config.lora_scale, guided,
+            unit.prompts, unit.negative_prompts,
+        )  # fmt: skip
+        if key in self._embedded:
+            self._embedded.move_to_end(key)
+        else:
+            encoded = self._pipeline(config.task).encode_prompt(
+                prompt=list(unit.prompts),
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guided,
+                negative_prompt=list(unit.negative_prompts),
+            )
+            # SD's pipelines return two tensors, SDXL's four; None where guidance needs none.
+            self._embedded[key] = {
+                name: tensor
+                for name, tensor in zip(EMBEDDINGS, encoded, strict=False)
+                if tensor is not None
+            }
+            while len(self._embedded) > EMBEDDING_CACHE:
+                self._embedded.popitem(last=False)
+        rows = torch.tensor(prompts, device=self.device)
+        return {name: t[rows] for name, t in self._embedded[key].items()}
 
     def _row(
         self,

@@ -48,7 +48,9 @@ def one_unit(config: Config, texts=("a red circle",), images_per_prompt=1, negat
 
 
 def run(worker: Worker, unit) -> tuple[list, dict]:
-    items = list(worker.run(unit))
+    """Each batch's image count, and the marker; the first item says the unit's turn began."""
+    first, *items = worker.run(unit)
+    assert first == 0
     return items[:-1], items[-1]
 
 
@@ -218,8 +220,8 @@ class OutOfMemoryAbove:
             super().__setattr__(name, value)
 
     def __call__(self, **kwargs):
-        self.sizes.append(len(kwargs["prompt"]))
-        if len(kwargs["prompt"]) > self.limit:
+        self.sizes.append(len(kwargs["prompt_embeds"]))
+        if len(kwargs["prompt_embeds"]) > self.limit:
             raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.pipe(**kwargs)
 
