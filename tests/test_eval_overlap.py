@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import suite_data
 
 from sdbatch.evaluation.inputs import resolve_suite
@@ -39,7 +40,7 @@ def units(evaluated_output, tmp_path) -> list[FeatureUnit]:
     return [generated, *plan.units]
 
 
-def worker(evaluated_output, prefetch: bool) -> FeatureWorker:
+def worker(evaluated_output, prefetch: bool | None) -> FeatureWorker:
     inputs = resolve_suite(evaluated_output["suite"])
     return FeatureWorker(ExtractionSetup(
         clip=inputs.clip, extractor=inputs.extractor, batch_size=BATCH,
@@ -65,9 +66,12 @@ def test_prefetching_writes_the_same_shards(evaluated_output, tmp_path):
                 assert np.array_equal(array, after[name]), name
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("prefetch", [True, False, None])
 def test_the_next_batch_is_prepared_while_the_model_runs(evaluated_output, tmp_path, prefetch):
+    """By default (None) only a GPU worker prefetches: a CPU worker's torch threads fill its
+    cores, and there the extra thread made extraction slower."""
     extracting = worker(evaluated_output, prefetch)
+    expected = torch.cuda.is_available() if prefetch is None else prefetch
     clip = extracting.clip
     spans = {"pixels": [], "embed": []}
 
@@ -95,8 +99,8 @@ def test_the_next_batch_is_prepared_while_the_model_runs(evaluated_output, tmp_p
         )
     ]
     assert len(overlapping) == len(spans["embed"]) - 1 >= 2
-    assert all(overlapping) if prefetch else not any(overlapping)
-    assert all(thread is not main for *_, thread in spans["pixels"]) == prefetch
+    assert all(overlapping) if expected else not any(overlapping)
+    assert all(thread is not main for *_, thread in spans["pixels"]) == expected
 
 
 def test_the_same_actors_extract_the_reference_and_the_generated_shards(
@@ -112,6 +116,6 @@ def test_the_same_actors_extract_the_reference_and_the_generated_shards(
     evaluate(str(out), suite, address=ray_address)
 
     workers = json.loads((out / "metrics" / "metrics.json").read_text())["workers"]
-    assert len(workers) == suite.runtime.actors == 2
-    assert len({w["pid"] for w in workers}) == 2
+    # An actor still loading when the last unit ends took none and is not listed.
+    assert 1 <= len({w["pid"] for w in workers}) == len(workers) <= suite.runtime.actors
     assert sum(w["units"] for w in workers) == len(reference) + len(generated)

@@ -44,9 +44,10 @@ class ExtractionSetup:
     clip_embeddings: bool = False  # shards keep every image's CLIP embedding (Need.EMBEDDINGS)
     threads: int | None = None
     log_dir: str | None = None  # for the libraries' warnings (quiet_libraries); None: as they are
-    # Decode and preprocess the next batch in a thread while the model embeds this one; the
-    # features are the same either way.
-    prefetch: bool = True
+    # Decode and preprocess the next batch in a thread while the model embeds this one (the
+    # features are the same either way). None: on a GPU only, where the CPU waits for the model;
+    # a CPU actor's torch threads already fill its cores, and the extra thread measured slower.
+    prefetch: bool | None = None
 
 
 class FeatureWorker:
@@ -68,6 +69,7 @@ class FeatureWorker:
         self.extract = None
         if setup.extractor is not None:
             self.extract = build_extractor(setup.extractor, self.device, self.clip)
+        self.prefetch = self.device == "cuda" if setup.prefetch is None else setup.prefetch
         self.units = 0  # extracted, reference and generated alike
 
     def describe(self) -> dict[str, Any]:
@@ -129,7 +131,7 @@ class FeatureWorker:
     def _prepared(
         self, blobs: list[bytes], resolution: int | None, embed: bool
     ) -> Iterator[tuple[list[np.ndarray], Any]]:
-        """Each batch decoded, with CLIP's pixel values when it is embedded; with `prefetch`,
+        """Each batch decoded, with CLIP's pixel values when it is embedded; with prefetching,
         the next batch is prepared in a thread meanwhile (PIL's decoding and resizing, numpy and
         torch's model release the GIL), one batch ahead: pixel values of two batches at most."""
 
@@ -139,7 +141,7 @@ class FeatureWorker:
 
         size = self.setup.batch_size
         chunks = [blobs[start : start + size] for start in range(0, len(blobs), size)]
-        if not self.setup.prefetch or len(chunks) < 2:
+        if not self.prefetch or len(chunks) < 2:
             yield from map(prepare, chunks)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
