@@ -203,8 +203,8 @@ def test_the_clip_extractor_embeds_each_reference_image_once(evaluated_output, t
     (unit,) = plan.units
     worker = FeatureWorker(ExtractionSetup(clip, extractor, batch_size=16, clip_embeddings=True))
     embedded = []
-    embed = worker.clip.embed_images
-    worker.clip.embed_images = lambda images: embedded.append(len(images)) or embed(images)
+    embed = worker.clip.embed_pixels
+    worker.clip.embed_pixels = lambda pixels: embedded.append(len(pixels)) or embed(pixels)
     list(worker.run(unit))
     assert sum(embedded) == unit.num_images == 40
     assert plan.missing_units() == []

@@ -48,7 +48,16 @@ class ClipEncoder:
         self._texts: dict[str, tuple[np.ndarray, bool]] = {}
 
     def embed_images(self, images: list[np.ndarray]) -> np.ndarray:
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        """The images' CLIP embeddings."""
+        return self.embed_pixels(self.pixels(images))
+
+    def pixels(self, images: list[np.ndarray]) -> Any:
+        """The images as CLIP's processor prepares them (a tensor on the CPU); thread-safe
+        beside `embed_pixels`, so a worker prepares the next batch while the model runs."""
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def embed_pixels(self, pixels: Any) -> np.ndarray:
+        """The CLIP embeddings of images prepared by `pixels`."""
         return _tensor(self.model.get_image_features(pixel_values=pixels.to(self.device)))
 
     def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

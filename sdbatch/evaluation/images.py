@@ -1,5 +1,5 @@
-"""Decoding a shard's images: from a generated unit's Parquet file (with the columns that say what
-made each image) or from reference image files, to H x W x 3 uint8 arrays."""
+"""Reading a shard's images: from a generated unit's Parquet file (with the columns that say what
+made each image) or from reference image files, and decoding them to H x W x 3 uint8 arrays."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from sdbatch.evaluation.sources import SOURCE_COLUMNS
 from sdbatch.image_rows import KEY_COLUMNS
 
 
-def read_images(unit: FeatureUnit) -> tuple[list[np.ndarray], dict[str, list[Any]]]:
-    """Decode a unit's images to H x W x 3 uint8 arrays and, for generated ones, the columns
-    of each: its key and its prompt, and what it was made from when the unit has `sources`."""
+def read_unit(unit: FeatureUnit) -> tuple[list[bytes], dict[str, list[Any]]]:
+    """A unit's encoded images (`decode_image` turns each into an array) and, for generated
+    ones, the columns of each: its key and its prompt, and what it was made from when the unit
+    has `sources`."""
     keys: dict[str, list[Any]] = {}
     if len(unit.files) == 1 and unit.files[0].endswith(".parquet"):
         columns = ["image"]
@@ -35,11 +36,12 @@ def read_images(unit: FeatureUnit) -> tuple[list[np.ndarray], dict[str, list[Any
     else:
         blobs = [fsspec.open(path, "rb").open().read() for path in unit.files]
     # A reference `limit` can end inside a row group.
-    images = [_decode(blob, unit.resolution) for blob in blobs[: unit.num_images]]
-    return images, keys
+    return blobs[: unit.num_images], keys
 
 
-def _decode(blob: bytes, resolution: int | None) -> np.ndarray:
+def decode_image(blob: bytes, resolution: int | None) -> np.ndarray:
+    """An encoded image as an H x W x 3 uint8 array; given a `resolution` (reference images),
+    resized and center-cropped to it."""
     image = Image.open(io.BytesIO(blob)).convert("RGB")
     if resolution is not None:
         # Short side to `resolution` (bicubic, antialiased when shrinking), then a center crop.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from sdbatch.evaluation.clip import ClipEncoder
 from sdbatch.evaluation.extractors import ExtractorInfo, build_extractor
-from sdbatch.evaluation.images import read_images
+from sdbatch.evaluation.images import decode_image, read_unit
 from sdbatch.evaluation.metric import Metric, UnitImages
 from sdbatch.evaluation.shards import (
     CLIP_EMBEDDINGS,
@@ -43,6 +44,10 @@ class ExtractionSetup:
     clip_embeddings: bool = False  # shards keep every image's CLIP embedding (Need.EMBEDDINGS)
     threads: int | None = None
     log_dir: str | None = None  # for the libraries' warnings (quiet_libraries); None: as they are
+    # Decode and preprocess the next batch in a thread while the model embeds this one (the
+    # features are the same either way). None: on a GPU only, where the CPU waits for the model;
+    # a CPU actor's torch threads already fill its cores, and the extra thread measured slower.
+    prefetch: bool | None = None
 
 
 class FeatureWorker:
@@ -64,26 +69,33 @@ class FeatureWorker:
         self.extract = None
         if setup.extractor is not None:
             self.extract = build_extractor(setup.extractor, self.device, self.clip)
+        self.prefetch = self.device == "cuda" if setup.prefetch is None else setup.prefetch
+        self.units = 0  # extracted, reference and generated alike
 
     def describe(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
+        """Where this worker runs and how many units it extracted, for the provenance."""
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": self.device,
+            "units": self.units,
+        }
 
     def run(self, unit: FeatureUnit) -> Iterator[int | dict[str, Any]]:
         """Extract `unit`, yielding each batch's image count, then its statistics per config."""
         import torch
 
-        # 1. read and decode the images (and, for generated ones, what made them)
-        images, columns = read_images(unit)
-        # 2. embed and extract, batch by batch (the clip extractor reuses the embeddings)
-        embeddings, features = [], []
-        size = self.setup.batch_size
+        # 1. read the encoded images (and, for generated ones, what made them)
+        blobs, columns = read_unit(unit)
+        # 2. decode, embed and extract, batch by batch (the clip extractor reuses the embeddings)
+        images, embeddings, features = [], [], []
         embed = self.clip is not None and (unit.generated or self.setup.clip_embeddings)
         with torch.inference_mode():
-            for start in range(0, len(images), size):
-                batch = images[start : start + size]
+            for batch, pixels in self._prepared(blobs, unit.resolution, embed):
+                images += batch
                 embedded = None
                 if embed:
-                    embedded = self.clip.embed_images(batch)
+                    embedded = self.clip.embed_pixels(pixels)
                     embeddings.append(embedded)
                 if self.extract is not None:
                     features.append(self.extract(batch, embedded))
@@ -113,4 +125,29 @@ class FeatureWorker:
         # What a rerun checks the shard against before it trusts it (shards.pending_units).
         shard[UNIT_ID] = np.asarray(unit.unit_id)
         write_npz(unit.destination, shard)
+        self.units += 1
         yield {"unit_id": unit.unit_id, "stats": shard_stats(shard)}
+
+    def _prepared(
+        self, blobs: list[bytes], resolution: int | None, embed: bool
+    ) -> Iterator[tuple[list[np.ndarray], Any]]:
+        """Each batch decoded, with CLIP's pixel values when it is embedded; with prefetching,
+        the next batch is prepared in a thread meanwhile (PIL's decoding and resizing, numpy and
+        torch's model release the GIL), one batch ahead: pixel values of two batches at most."""
+
+        def prepare(chunk: list[bytes]) -> tuple[list[np.ndarray], Any]:
+            batch = [decode_image(blob, resolution) for blob in chunk]
+            return batch, self.clip.pixels(batch) if embed else None
+
+        size = self.setup.batch_size
+        chunks = [blobs[start : start + size] for start in range(0, len(blobs), size)]
+        if not self.prefetch or len(chunks) < 2:
+            yield from map(prepare, chunks)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+            ahead = pool.submit(prepare, chunks[0])
+            for chunk in chunks[1:]:
+                ready = ahead.result()
+                ahead = pool.submit(prepare, chunk)
+                yield ready
+            yield ahead.result()
