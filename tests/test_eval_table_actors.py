@@ -4,17 +4,17 @@ are unchanged; and the reference's parts are computed once, not by each actor.""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from conftest import suite_data
 
-from sdbatch.evaluation.compare import best_versus_others, main_effects
-from sdbatch.evaluation.gather import gather
-from sdbatch.evaluation.inputs import resolve_suite
+from sdbatch.evaluation import table
 from sdbatch.evaluation.metric_math import FeatureStats
 from sdbatch.evaluation.reference import ReferenceStats
-from sdbatch.evaluation.shards import SHARDS
+from sdbatch.evaluation.run import evaluate
 from sdbatch.evaluation.suite import parse_suite
 from sdbatch.evaluation.table import (
     ConfigUnit,
@@ -22,10 +22,9 @@ from sdbatch.evaluation.table import (
     TableSetup,
     TableWorker,
     config_metrics,
-    config_table,
-    table_on_ray,
+    table_metrics,
 )
-from sdbatch.output import METRICS_DIR, Output
+from sdbatch.output import METRICS_DIR
 
 METRICS = ["clip_score", "fid", "kid", "cmmd", "precision", "recall", "density", "coverage"]
 RTOL = 1e-12
@@ -70,7 +69,7 @@ def test_actors_compute_what_the_driver_computes(tmp_path, ray_address):
     units, context = synthetic(tmp_path)
     _, fresh = synthetic(tmp_path)  # the same, none of the reference's parts computed yet
     on_driver = {u.unit_id: config_metrics(u, context) for u in units}
-    on_ray = table_on_ray(units, fresh, actors=2)
+    on_ray = table_metrics(units, fresh, on_ray=True, actors=2, start_seconds=0)
     assert on_ray.keys() == on_driver.keys()
     for config_id, (columns, replicates) in on_driver.items():
         assert np.isfinite(columns["fid"]) and np.isfinite(columns["kid_mean"])
@@ -97,35 +96,30 @@ def test_actors_read_the_reference_parts_computed_once(tmp_path, ray_address):
     assert_same(config_metrics(units[1], context)[0], result[0])
 
 
-def test_the_table_and_its_paired_comparisons_are_the_drivers(evaluated_output):
-    """evaluate() on a cluster computed the table on actors: the driver's, column for column."""
-    out, suite = Output(str(evaluated_output["out"])), evaluated_output["suite"]
-    inputs = resolve_suite(suite)
-    run = out.read_run()
-    markers = sorted(out.done_units(), key=lambda m: m.unit_id)
-    image_columns = tuple(c for m in inputs.image_metrics for c in m.image_columns)
-    shards = f"{METRICS_DIR}/{SHARDS}/{inputs.shard_key}"
-    gathered = gather(out, shards, markers, {}, image_columns, suite.safety)
-    reference = inputs.reference.statistics()
-    table, replicates = config_table(
-        run, markers, gathered, reference, inputs.extractor.dim, suite, on_ray=False
-    )
-    metrics = evaluated_output["out"] / METRICS_DIR
-    confidence = suite.bootstrap.confidence
-    pairs = {
-        "configs": table,
-        "replicates": replicates.reset_index(drop=True),
-        "differences": best_versus_others(table, replicates, confidence),
-        "effects": main_effects(table, replicates, confidence),
-    }
-    assert len(pairs["differences"]) and len(pairs["replicates"])
-    for name, expected in pairs.items():
-        got = pq.read_table(metrics / f"{name}.parquet").to_pandas()
-        pd.testing.assert_frame_equal(got, expected, check_dtype=False, rtol=RTOL, atol=0, obj=name)
+def test_evaluate_on_actors_writes_the_drivers_tables(
+    evaluated_output, tmp_path, monkeypatch, caplog, ray_address
+):
+    """evaluate() with actors computing the table (however small it is) writes the tables the
+    driver wrote, paired differences and effects included."""
+    out = tmp_path / "out"
+    shutil.copytree(evaluated_output["out"], out)  # the shards too: nothing is extracted again
+    monkeypatch.setattr(table, "ACTOR_START_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="sdbatch"):
+        evaluate(str(out), evaluated_output["suite"], address=ray_address)
+    assert "3 more configurations on 2 CPU actors" in caplog.text
+    driver = evaluated_output["out"] / METRICS_DIR
+    for name in ("configs", "replicates", "differences", "effects"):
+        expected = pq.read_table(driver / f"{name}.parquet").to_pandas()
+        got = pq.read_table(out / METRICS_DIR / f"{name}.parquet").to_pandas()
+        assert len(got), name
+        pd.testing.assert_frame_equal(got, expected, rtol=RTOL, atol=0, obj=name)
 
 
-def test_one_configuration_needs_no_actor(tmp_path, ray_address):
-    units, context = synthetic(tmp_path, configs=1)
-    on_driver = config_metrics(units[0], context)
-    _, fresh = synthetic(tmp_path, configs=1)
-    assert_same(on_driver[0], table_on_ray(units, fresh)[units[0].unit_id][0])
+def test_a_small_table_stays_on_the_driver(tmp_path, ray_address, caplog):
+    """Actors start in seconds: a table that takes less is computed here, as without Ray."""
+    units, context = synthetic(tmp_path)
+    with caplog.at_level("INFO", logger="sdbatch"):
+        table_metrics(units, context, on_ray=True)
+        assert "more configurations on" not in caplog.text
+        table_metrics(units, context, on_ray=True, start_seconds=0)
+        assert "4 more configurations on 2 CPU actors" in caplog.text

@@ -4,11 +4,11 @@ with warm-up left out), and the columns of every metric of the suite; and the bo
 of the columns with intervals, all drawn on the same prompts.
 
 The metrics of a configuration (`config_metrics`) are computed on the driver, or, on a cluster,
-by Ray actors (`TableWorker`), configurations in parallel. Both run the same function on the same
-values: the driver draws the replicates once for all. On Ray, a configuration's features and
-statistics travel once, to the actor that computes it; the reference's parts that metrics compute
-once (FID's square root, KID's reference kernels, PRDC's radii) are computed by a first task with
-the first configuration, and every actor reads them once from the object store.
+by Ray actors (`TableWorker`), configurations in parallel (`table_metrics`). Both run the same
+function on the same values: the driver draws the replicates once for all. The driver computes
+the first configuration, and with it the reference's parts that metrics compute once (FID's square
+root, KID's reference kernels, PRDC's radii); every actor reads them once from the object store,
+and a configuration's features and statistics travel once, to the actor that computes it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from sdbatch import distribute
-from sdbatch.errors import JobFailed, first_line
+from sdbatch.errors import JobFailed
 from sdbatch.evaluation.gather import Gathered
-from sdbatch.evaluation.metric import ConfigGroup, Need, aggregate_with_intervals
+from sdbatch.evaluation.metric import ConfigGroup, Metric, Need, aggregate_with_intervals
 from sdbatch.evaluation.metric_math import FeatureStats, FrechetReference, cluster_counts
 from sdbatch.evaluation.reference import ReferenceStats
 from sdbatch.evaluation.suite import Suite
@@ -108,6 +109,9 @@ class TableContext:
     configuration, whichever process computes it: that pairs them."""
 
     suite: Suite
+    # The suite's metrics, resolved here: one registered only in the driver's process (a
+    # notebook's) reaches the actors too.
+    metrics: tuple[Metric, ...]
     reference: ReferenceStats | None
     feature_dim: int | None
     prompts: pd.Index  # the run's prompt ids, sorted: the columns of `draws`
@@ -125,7 +129,7 @@ class TableContext:
         prompts = pd.Index(sorted(prompt_ids.unique()))
         b = suite.bootstrap
         draws = cluster_counts(len(prompts), b.samples, b.seed)
-        return cls(suite, reference, feature_dim, prompts, draws)
+        return cls(suite, tuple(suite.chosen_metrics), reference, feature_dim, prompts, draws)
 
     @cached_property
     def frechet(self) -> FrechetReference | None:
@@ -155,7 +159,7 @@ def config_metrics(
     weights = context.draws[:, context.prompts.get_indexer(unit.images["prompt_id"])]
     columns: dict[str, Any] = {}
     replicates: dict[str, np.ndarray] = {}
-    for metric in suite.chosen_metrics:
+    for metric in context.metrics:
         row, drawn = aggregate_with_intervals(metric, group, suite.settings_of(metric), weights)
         columns.update(row)
         replicates.update(drawn)
@@ -175,20 +179,17 @@ def config_table(
     the replicates: per configuration and replicate, each column with an interval.
 
     Args:
-        on_ray: compute the configurations' metrics on actors of the Ray session open now
-            (`table_on_ray`); else here, one after another.
+        on_ray: compute the configurations' metrics on actors of the Ray session open now,
+            where they repay their start (`table_metrics`).
     """
     # 1. the configurations with generated images (configured ones may not be generated yet)
     images = gathered.images
     by_config = dict(tuple(images.groupby("config_id", sort=False)))
     configs = [c for c in run.configs if c.config_id in by_config]
     context = TableContext.of(suite, reference, feature_dim, images["prompt_id"])
-    units = (config_unit(c.config_id, by_config[c.config_id], gathered, context) for c in configs)
+    units = [config_unit(c.config_id, by_config[c.config_id], gathered, context) for c in configs]
     # 2. their metrics
-    if on_ray:
-        metrics = table_on_ray(list(units), context)
-    else:
-        metrics = {u.unit_id: config_metrics(u, context) for u in units}
+    metrics = table_metrics(units, context, on_ray)
     # 3. the rows: parameters, counts, timing, metrics
     batches = batch_frame(markers)
     rows, replicates = [], []
@@ -226,6 +227,10 @@ def config_unit(
     return ConfigUnit(config_id, counted, gathered.stats.get(config_id), features, embeddings)
 
 
+# Table actors start in seconds (new processes that import torch; 5 s on an idle 2-core machine,
+# 15 s on a busy one): where the configurations after the first would take less than this
+# here, the driver computes them.
+ACTOR_START_SECONDS = 30.0
 # numpy's BLAS reads its thread count from these when it loads: an actor's process starts with
 # them set to its share of the cores.
 BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -266,57 +271,54 @@ class TableWorker:
         yield result
 
 
-def _first(unit: ConfigUnit, context: TableContext) -> tuple[tuple[dict, dict], TableContext]:
-    """The first configuration's metrics, and the context with the reference's parts they
-    computed, for every actor to read."""
-    return config_metrics(unit, context), context
-
-
-def table_on_ray(
-    units: list[ConfigUnit], context: TableContext, actors: int | None = None
+def table_metrics(
+    units: list[ConfigUnit],
+    context: TableContext,
+    on_ray: bool,
+    actors: int | None = None,
+    start_seconds: float | None = None,
 ) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    """Every unit's `config_metrics`, computed on Ray in the session open now: the first by a
-    task, which computes the reference's parts too; the others by `actors` CPU actors (default:
-    one per CPU of the cluster, at most one per unit), each reading those parts once.
+    """Every unit's `config_metrics`: the first here, which computes the reference's parts
+    too; the others on `actors` CPU actors of the Ray session open now (default: one per CPU
+    of the cluster, at most one per unit) when `on_ray` and the first one took long enough that
+    they would take longer here than `start_seconds` (default: ACTOR_START_SECONDS), else here.
 
     Raises:
-        JobFailed: a configuration failed on every attempt.
+        JobFailed: a configuration failed on every attempt of an actor.
     """
-    import ray
-
     if not units:
         return {}
-    retries = context.suite.runtime.retries
+    # 1. the first configuration, and with it the reference's parts every other one reuses
+    began = time.perf_counter()
+    results = {units[0].unit_id: config_metrics(units[0], context)}
+    rest = units[1:]
+    # 2. the others: on actors, where they repay their start
+    start = ACTOR_START_SECONDS if start_seconds is None else start_seconds
+    if on_ray and rest and (time.perf_counter() - began) * len(rest) > start:
+        results.update(_on_actors(rest, context, actors))
+    else:
+        results.update({u.unit_id: config_metrics(u, context) for u in rest})
+    return results
+
+
+def _on_actors(
+    units: list[ConfigUnit], context: TableContext, actors: int | None
+) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    import ray
+
     count = actors or int(ray.cluster_resources().get("CPU", 1))
-    plan = distribute.cpu_actors(max(1, min(count, len(units) - 1)))
+    plan = distribute.cpu_actors(max(1, min(count, len(units))))
+    log.info("metrics of %d more configurations on %s", len(units), plan.describe())
+    # the reference's parts travel once to the object store, and from it once to each actor
+    setup = TableSetup(ray.put(context))
+    progress = (sum(len(u.images) for u in units), 0, "metrics")
     env = dict.fromkeys(BLAS_THREADS, str(plan.threads))
-    log.info("metrics of %d configurations on %s", len(units), plan.describe())
-    # 1. the first configuration, and the reference's parts, computed once; the actors start
-    # meanwhile, and wait for them
-    first, prepared = (
-        ray.remote(_first)
-        .options(
-            num_cpus=plan.cpus,
-            runtime_env={"env_vars": env},
-            num_returns=2,
-            max_retries=retries,
-        )
-        .remote(units[0], context)
-    )
-    # 2. the others, in parallel, on actors that each read those parts once
-    result = distribute.RunResult([], 0.0)
-    if rest := units[1:]:
-        progress = (sum(len(u.images) for u in rest), 0, "metrics")
-        setup = TableSetup(prepared)
-        result = distribute.run_units(TableWorker, setup, rest, plan, progress, retries, env=env)
-    try:
-        result.results[units[0].unit_id] = ray.get(first)
-    except ray.exceptions.RayError as e:
-        result.failed[units[0].unit_id] = distribute.Failure(units[0], 1, first_line(e))
-    if result.failed:
-        unit_id, failure = next(iter(result.failed.items()))
+    retries = context.suite.runtime.retries
+    done = distribute.run_units(TableWorker, setup, units, plan, progress, retries, env=env)
+    if done.failed:
+        unit_id, failure = next(iter(done.failed.items()))
         raise JobFailed(
-            f"the metrics of {len(result.failed)} configuration(s) failed after "
-            f"{failure.attempts} attempt(s), first {unit_id}: {failure.error}"
+            f"the metrics of {len(done.failed)} configuration(s) failed after "
+            f"{failure.attempts} attempts, first {unit_id}: {failure.error}"
         )
-    return result.results
+    return done.results
