@@ -7,8 +7,9 @@ The metrics of a configuration (`config_metrics`) are computed on the driver, or
 by Ray actors (`TableWorker`), configurations in parallel (`table_metrics`). Both run the same
 function on the same values: the driver draws the replicates once for all. The driver computes
 the first configuration, and with it the reference's parts that metrics compute once (FID's square
-root, KID's reference kernels, PRDC's radii); every actor reads them once from the object store,
-and a configuration's features and statistics travel once, to the actor that computes it.
+root, KID's reference kernels, PRDC's radii), and the second, whose time says whether actors
+repay their start; every actor reads those parts once from the object store, and a
+configuration's features and statistics travel once, to the actor that computes it.
 """
 
 from __future__ import annotations
@@ -278,23 +279,27 @@ def table_metrics(
     actors: int | None = None,
     start_seconds: float | None = None,
 ) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    """Every unit's `config_metrics`: the first here, which computes the reference's parts
-    too; the others on `actors` CPU actors of the Ray session open now (default: one per CPU
-    of the cluster, at most one per unit) when `on_ray` and the first one took long enough that
-    they would take longer here than `start_seconds` (default: ACTOR_START_SECONDS), else here.
+    """Every unit's `config_metrics`: the first two here (the first computes the reference's
+    parts too); the others on `actors` CPU actors of the Ray session open now (default: one per
+    CPU of the cluster, at most one per unit) when `on_ray` and the second one took long enough
+    that they would take longer here than `start_seconds` (default: ACTOR_START_SECONDS); else
+    here.
 
     Raises:
         JobFailed: a configuration failed on every attempt of an actor.
     """
-    if not units:
-        return {}
-    # 1. the first configuration, and with it the reference's parts every other one reuses
-    began = time.perf_counter()
-    results = {units[0].unit_id: config_metrics(units[0], context)}
-    rest = units[1:]
-    # 2. the others: on actors, where they repay their start
+    results: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
+    rest, seconds = list(units), 0.0
+    # 1. the first configuration, and with it the reference's parts every other one reuses;
+    # then the second, whose time (without those parts) says what the others would take here
+    for _ in range(2 if on_ray else 0):
+        if rest:
+            began = time.perf_counter()
+            results[rest[0].unit_id] = config_metrics(rest[0], context)
+            seconds, rest = time.perf_counter() - began, rest[1:]
+    # 2. the others: on actors where they repay their start
     start = ACTOR_START_SECONDS if start_seconds is None else start_seconds
-    if on_ray and rest and (time.perf_counter() - began) * len(rest) > start:
+    if on_ray and rest and seconds * len(rest) > start:
         results.update(_on_actors(rest, context, actors))
     else:
         results.update({u.unit_id: config_metrics(u, context) for u in rest})
