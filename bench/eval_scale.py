@@ -13,22 +13,38 @@ measured on a few whole configurations (`--measure`); the direct side's is the m
 replicates. Wall seconds grow with the machine's load (printed at the end); CPU seconds over the
 threads are what idle cores would take at best.
 
+The table section (`--section table`) times the whole per-configuration table of a sweep, FID
+with its replicates and KID (100 subsets of 1000), every configuration's features and statistics
+made up front: on the driver (`config_metrics` one configuration after another, numpy's and
+torch's threads on every core), then on a local Ray instance's actors (`table_metrics`: the
+first configuration and the reference's parts on the driver, the others on `--workers` actors,
+each its share of the cores) for each `--workers`; the reference's parts are computed again by
+each run. It prints each one's seconds and the largest relative difference from the driver's.
+
     python bench/eval_scale.py                 # d = 2048 and 1024: 1000 images, 200 replicates
     python bench/eval_scale.py --dim 2048 --threads 1
     python bench/eval_scale.py --per-prompt 4  # 250 prompts of 4 images each
+    python bench/eval_scale.py --section table --dim 2048 --workers 2           # 120 configurations
+    python bench/eval_scale.py --section table --dim 2048 --configs 24 --workers 1 --workers 2 \
+        --no-driver
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
+from sdbatch import distribute
+from sdbatch.evaluation.metric import Bootstrap
 from sdbatch.evaluation.metric_math import (
     FeatureStats,
     FrechetReference,
@@ -36,6 +52,9 @@ from sdbatch.evaluation.metric_math import (
     cluster_counts,
     fid,
 )
+from sdbatch.evaluation.reference import ReferenceSource, ReferenceStats
+from sdbatch.evaluation.suite import Suite
+from sdbatch.evaluation.table import ConfigUnit, TableContext, config_metrics, table_metrics
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -120,6 +139,70 @@ def fid_bootstrap(args: argparse.Namespace, d: int, threads: int) -> None:
     )
 
 
+def sweep_table(args: argparse.Namespace, d: int) -> None:
+    """Prints the table section: driver and actors on the same configurations."""
+    # 1. a reference and the configurations' features (each its own noise and shift)
+    rng = np.random.default_rng(d)
+    began = time.perf_counter()
+    real = synthetic(rng, args.reference, d, shift=0.3)
+    stats = FeatureStats.of(real)
+    reference = ReferenceStats(stats.mean(), stats.covariance(), len(real), real.astype(np.float32))
+    base = synthetic(rng, args.images, d, shift=0.3)
+    prompts = [f"p{i:05d}" for i in range(args.images // args.per_prompt)]
+    images = pd.DataFrame({"prompt_id": np.repeat(prompts, args.per_prompt)})
+    units = []
+    for c in range(args.configs):
+        x = (base + rng.normal(scale=0.3, size=base.shape) + 0.01 * c).astype(np.float32)
+        units.append(ConfigUnit(f"c{c:03d}", images, FeatureStats.of(x), x, None))
+    suite = Suite(
+        name="bench",
+        metrics=("fid", "kid"),
+        reference=ReferenceSource(stats="synthetic.npz"),
+        bootstrap=Bootstrap(samples=args.replicates, seed=args.seed),
+    )
+    print(
+        f"\ntable, d = {d}: {args.configs} configurations of {args.images} images "
+        f"({len(prompts)} prompts), reference {args.reference}, {args.replicates} replicates, "
+        f"FID and KID ({suite.kid.subsets} subsets of {suite.kid.subset_size}); "
+        f"made in {time.perf_counter() - began:.0f} s"
+    )
+
+    def context() -> TableContext:  # none of the reference's parts computed yet
+        fresh = dataclasses.replace(reference, derived={})
+        return TableContext.of(suite, fresh, d, images["prompt_id"])
+
+    # 2. the driver, then the actors, each line printed when done
+    print(f"{'':32}{'seconds':>10}{'minutes':>10}{'s/config':>10}{'max rel. diff':>16}", flush=True)
+    baseline: dict = {}
+
+    def report(label: str, seconds: float, computed: dict) -> None:
+        difference = max(
+            float(np.nanmax(np.abs(np.asarray(got[name]) / np.asarray(expected) - 1), initial=0))
+            for config_id, pair in (baseline or computed).items()
+            for part, got in zip(pair, computed[config_id], strict=True)
+            for name, expected in part.items()
+            if isinstance(expected, (float, np.ndarray))
+        )
+        baseline.update(baseline or computed)
+        per_config = seconds / args.configs
+        print(
+            f"{label:32}{seconds:10.1f}{seconds / 60:10.2f}{per_config:10.2f}{difference:16.1e}",
+            flush=True,
+        )
+
+    if args.driver:
+        took, computed = timed(lambda: {u.unit_id: config_metrics(u, context()) for u in units})
+        report(f"driver, {torch.get_num_threads()} threads", took[0], computed)
+    with distribute.session(None):
+        for workers in args.workers or [os.cpu_count()]:
+            took, computed = timed(
+                lambda w=workers: table_metrics(units, context(), True, w, start_seconds=0)
+            )
+            threads = max(1, os.cpu_count() // workers)
+            report(f"{workers} actor(s), {threads} thread(s) each", took[0], computed)
+    print("seconds: wall, from the first configuration to the last; actors: their start included")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, action="append", help="feature dimension (repeatable)")
@@ -131,6 +214,13 @@ def main() -> None:
     parser.add_argument("--measure", type=int, default=2, help="configurations timed (fast)")
     parser.add_argument("--direct", type=int, default=3, help="replicates timed (direct)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--section", choices=("fid", "table"), default="fid")
+    parser.add_argument(
+        "--workers", type=int, action="append", help="table: actors (repeatable; default: CPUs)"
+    )
+    parser.add_argument(
+        "--driver", action=argparse.BooleanOptionalAction, default=True, help="table: time it"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -144,10 +234,15 @@ def main() -> None:
         os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(args.threads)))
         os.execv(sys.executable, [sys.executable, *sys.argv])
     threads = torch.get_num_threads()
-    print(f"FID bootstrap, {threads} threads on {os.cpu_count()} CPUs")
     before = os.getloadavg()[0]
-    for d in args.dim:
-        fid_bootstrap(args, d, threads)
+    if args.section == "table":
+        logging.getLogger("sdbatch").setLevel(logging.ERROR)  # FID's n < d warning, each config
+        for d in args.dim:
+            sweep_table(args, d)
+    else:
+        print(f"FID bootstrap, {threads} threads on {os.cpu_count()} CPUs")
+        for d in args.dim:
+            fid_bootstrap(args, d, threads)
     # On a shared machine other processes take CPUs: the wall times grow, the CPU times less.
     print(f"\nload average {before:.1f} before, {os.getloadavg()[0]:.1f} after")
 

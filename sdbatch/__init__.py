@@ -27,7 +27,7 @@ below it (tests/test_layout.py holds the code to this list).
     reporting.parts                 what a report is made of: sections, figures, galleries
     evaluation.run                  evaluate(): plan shards, extract on actors, gather, write
     evaluation.compare              paired differences, main effects, models vs the baseline
-    evaluation.table                per-configuration table: every metric's aggregate
+    evaluation.table                per-configuration table: every metric's aggregate, on actors
     evaluation.gather               shards -> per-image rows, merged statistics, features
     evaluation.worker               plain class: images -> CLIP, features, per-image scores
     evaluation.inputs               a suite resolved: CLIP pinned, extractor, reference, shard key

@@ -180,14 +180,21 @@ def _check_cluster(address: str | None) -> bool:
     return False
 
 
+def has_cluster(address: str | None) -> bool:
+    """Whether `session(address)` would use a cluster that exists (one named by `address` or
+    $RAY_ADDRESS, or a session already connected: a notebook's, a test's) rather than start a
+    Ray instance on this machine: known before Ray starts."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def local_without_gpu(address: str | None) -> bool:
     """Whether `session(address)` would start a Ray instance on this machine, which has no GPU:
     known before Ray starts."""
-    if address or os.environ.get("RAY_ADDRESS"):
-        return False
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return False  # a session of a notebook or a test: its cluster decides
+    if has_cluster(address):
+        return False  # its cluster decides
     import torch
 
     return not torch.cuda.is_available()
@@ -238,8 +245,14 @@ def plan_actors(actors: int | Literal["auto"]) -> ActorPlan:
                 "runtime.actors=%d but the cluster has %d GPUs; Ray waits for more", count, gpus
             )
         return ActorPlan(count, gpus=1, cpus=1, threads=None)
-    count = 1 if actors == "auto" else actors
-    cpus = resources.get("CPU", 1)
+    return cpu_actors(1 if actors == "auto" else actors)
+
+
+def cpu_actors(count: int) -> ActorPlan:
+    """`count` CPU actors sharing the cluster's cores, each one's share reserved."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
     largest_node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
     # Share the cores: more actors than cores is allowed (fractional reservations), never fewer
     # cores than one thread each.

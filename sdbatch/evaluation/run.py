@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -163,7 +164,13 @@ def evaluate(
     if excluded := int(images["_excluded"].sum()):
         log.info("%d images the safety checker flagged are left out of the metrics", excluded)
     feature_dim = inputs.extractor.dim if inputs.extractor else None
-    table, replicates = config_table(run, markers, gathered, reference, feature_dim, suite)
+    # On a cluster (named, or a session already open) its actors compute the configurations'
+    # metrics; without one, the driver does: a local Ray instance would share its cores.
+    on_ray = distribute.has_cluster(address)
+    with distribute.session(address) if on_ray else nullcontext():
+        table, replicates = config_table(
+            run, markers, gathered, reference, feature_dim, suite, on_ray
+        )
 
     confidence = suite.bootstrap.confidence
     differences = best_versus_others(table, replicates, confidence)
