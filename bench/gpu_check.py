@@ -264,7 +264,7 @@ def measure(way, shape: Shape, folder: Path, work: Path, images: int, name: str,
     texts = [f"{TEXTS[i % len(TEXTS)]}, variation {i}" for i in range(images)]
     args = argparse.Namespace(
         model=str(folder), scheduler="euler", steps=shape.steps, guidance=7.5, size=shape.size,
-        seed=0, per_prompt=1, **options,
+        seed=0, per_prompt=1, threads=None, **options,
     )  # fmt: skip
     out = work / f"{shape.name}-{name}"
     out.mkdir()
@@ -403,7 +403,7 @@ def measure_evaluation(args, work: Path) -> dict:
     texts = [f"{TEXTS[i % len(TEXTS)]}, variation {i}" for i in range(images)]
     gen_args = argparse.Namespace(
         model="builtin:tiny", scheduler="euler", steps=1, guidance=7.5, size=size, seed=0,
-        per_prompt=1, runtime={"batch_size": 64},
+        per_prompt=1, threads=None, runtime={"batch_size": 64},
     )  # fmt: skip
     (work / "eval").mkdir()
     with_sdbatch(gen_args, texts, work / "eval")
