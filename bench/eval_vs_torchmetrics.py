@@ -10,20 +10,25 @@ bootstrap replicates).
 
 Both see identical images: made first by `sdbatch generate` (not timed), with the generated images
 folder itself as FID's reference. Each measurement runs in a process of its own, after torch,
-transformers and Ray are imported and Ray started: the plain loop, sdbatch as this checkout has it
-("after"), and sdbatch as the git revision `--before` had it (unpacked with `git archive`), in
-turn, `--repeats` times; medians are printed, with each round's ratio to the plain loop. Both
-sides use the same cores: the plain loop `--threads` torch threads, sdbatch `--actors` actors
-sharing them (one thread each when there are as many actors as threads) and its driver's metric
-math `--threads` threads. The script checks that per-configuration CLIP score and FID agree
-(torchmetrics clips the mean score at 0, sdbatch each image's, so a configuration with a negative
-cosine is compared over its other images, untimed), that before and after wrote the same
-configs.parquet and replicates.parquet, and prints images/s, counting every image that goes
-through CLIP (generated + reference).
+transformers and Ray are imported (each side's own library, torchmetrics or sdbatch's evaluation,
+is imported inside its timing; the parent also times each process whole): the plain loop, sdbatch
+as this checkout has it ("after"), and sdbatch as the git revision `--before` had it (unpacked with
+`git archive`), in turn, `--repeats` times; medians are printed, with each round's ratio to the
+plain loop. Both sides use the same cores: the plain loop `--threads` torch threads; sdbatch with
+`--actors 1` (its default) on a machine without a GPU extracts in its own process with `--threads`
+threads, as `sdbatch eval` without a cluster does, and Ray is not started; with more actors (or a
+GPU), Ray is started before the timing with `--threads` CPUs, which the actors share (one thread
+each when there are as many actors as threads). The driver's metric math gets `--threads` threads.
+The script checks that per-configuration CLIP score and FID agree (torchmetrics clips the mean
+score at 0, sdbatch each image's, so a configuration with a negative cosine is compared over its
+other images, untimed), that before and after wrote the same configs.parquet and
+replicates.parquet, and prints images/s, counting every image that goes through CLIP (generated +
+reference).
 
     python bench/eval_vs_torchmetrics.py                       # 512 prompts: 2048 + 2048 images
     python bench/eval_vs_torchmetrics.py --prompts 64 --repeats 1
-    python bench/eval_vs_torchmetrics.py --threads 1 --actors 1   # one core each
+    python bench/eval_vs_torchmetrics.py --threads 1          # one core each
+    python bench/eval_vs_torchmetrics.py --actors 2           # two CPU actors on a Ray instance
     python bench/eval_vs_torchmetrics.py --kid --bootstrap 200     # sdbatch does more
     python bench/eval_vs_torchmetrics.py --before none         # this checkout only
 """
@@ -63,10 +68,11 @@ TIMED_COLUMNS = ("seconds_per_image", "timed_batches", "warmup_batches")
 class Measured:
     """One run's timings (seconds) and its (clip_score, fid) per configuration."""
 
-    whole: float  # models loaded and metrics computed; Ray's start excluded
+    whole: float  # its library imported, models loaded, metrics computed; Ray's start excluded
     loop: float  # feature extraction and metric updates only
     scores: dict[str, tuple[float, float]]
     resume: float | None = None  # sdbatch: the same call again, shards only
+    process: float | None = None  # the measuring process, from its start to its exit
 
 
 def make_images(args, folder: Path) -> None:
@@ -97,13 +103,11 @@ def make_images(args, folder: Path) -> None:
     generate(spec, output=str(folder / "out"))
 
 
-def with_sdbatch(args, out: Path, cache: Path) -> Measured:
-    """`sdbatch eval` on a connected Ray session with a fresh cache and no shards, then once more
-    (a resume: shards only)."""
-    from sdbatch.evaluation.run import evaluate
+def eval_suite(args, out: Path, cache: Path):
+    """The suite both sdbatch revisions run: what the plain loop computes, or more."""
     from sdbatch.evaluation.suite import parse_suite
 
-    suite = parse_suite(
+    return parse_suite(
         {
             "name": "bench-eval",
             "metrics": ["clip_score", "fid", *(["kid"] if args.kid else [])],
@@ -115,9 +119,16 @@ def with_sdbatch(args, out: Path, cache: Path) -> Measured:
             "runtime": {"actors": args.actors, "batch_size": args.batch_size},
         }
     )
+
+
+def with_sdbatch(out: Path, suite, imported: float) -> Measured:
+    """`sdbatch eval` with a fresh cache and no shards, then once more (a resume: shards only);
+    `imported`: the seconds importing sdbatch's evaluation took, counted in the whole."""
+    from sdbatch.evaluation.run import evaluate
+
     began = time.perf_counter()
     summary = evaluate(str(out), suite)
-    whole = time.perf_counter() - began
+    whole = imported + time.perf_counter() - began
     began = time.perf_counter()
     evaluate(str(out), suite)
     resume = time.perf_counter() - began
@@ -194,10 +205,13 @@ def batches(frame: pd.DataFrame, size: int, device: str):
 def plain_loop(args, out: Path) -> Measured:
     """CLIPScore + FID updated batch by batch, the reference first, then each configuration."""
     import torch
+
+    # Its library is imported inside the timing, as sdbatch's is: importing torchmetrics also
+    # imports much of what importing CLIPModel would (torch._dynamo, torch.distributed.tensor).
+    began = time.perf_counter()
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    began = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip, processor = load_clip(device)
     score = CLIPScore(model_name_or_path=lambda: (clip, processor)).to(device)
@@ -264,14 +278,32 @@ def measure(args) -> None:
         cache = data / f"cache-{result.stem}"
         shutil.rmtree(out / "metrics", ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
-        # Ray starts before the timing, with the cores the plain loop's threads have.
-        ray.init(
-            address="local", num_cpus=args.threads, include_dashboard=False, logging_level="ERROR"
-        )
+        began = time.perf_counter()
+        import sdbatch.evaluation.run  # noqa: F401  # its library, timed as torchmetrics' is
+
+        imported = time.perf_counter() - began
         try:
-            measured = with_sdbatch(args, out, cache)
-        finally:
-            ray.shutdown()
+            from sdbatch.evaluation.run import extracts_here
+        except ImportError:  # `--before` a revision that always extracted on actors
+
+            def extracts_here(suite, address):
+                return False
+
+        suite = eval_suite(args, out, cache)
+        if extracts_here(suite, None):
+            measured = with_sdbatch(out, suite, imported)
+        else:
+            # Ray starts before the timing, with the cores the plain loop's threads have.
+            ray.init(
+                address="local",
+                num_cpus=args.threads,
+                include_dashboard=False,
+                logging_level="ERROR",
+            )
+            try:
+                measured = with_sdbatch(out, suite, imported)
+            finally:
+                ray.shutdown()
         for name in ("configs", "replicates", "images"):
             shutil.copy(out / "metrics" / f"{name}.parquet", f"{result}.{name}.parquet")
     result.write_text(json.dumps(asdict(measured)))
@@ -290,8 +322,10 @@ def run_side(args, side: str, source: Path, data: Path, result: Path) -> Measure
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     command += ["--kid"] if args.kid else []
     env = {**os.environ, "PYTHONPATH": str(source)}
+    began = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    return Measured(**json.loads(result.read_text()))
+    process = time.perf_counter() - began
+    return Measured(**{**json.loads(result.read_text()), "process": process})
 
 
 def report(args, sides: dict[str, list[Measured]], generated: int) -> None:
@@ -309,24 +343,33 @@ def report(args, sides: dict[str, list[Measured]], generated: int) -> None:
     extra = ["KID"] * args.kid + [f"{args.bootstrap} bootstrap replicates"] * (args.bootstrap > 0)
     print(f"both compute CLIP score and FID; sdbatch also: {', '.join(extra) or 'nothing'}")
     print(
-        f"{'':30}{'whole s':>9}{'images/s':>10}{'vs plain':>10}"
+        f"{'':30}{'whole s':>9}{'images/s':>10}{'vs plain':>10}{'process s':>10}{'vs plain':>10}"
         f"{'loop s':>9}{'images/s':>10}{'vs plain':>10}{'resume s':>10}"
     )
+
+    def ratio(field: str, runs: list[Measured]) -> float:
+        pairs = zip(plain, runs, strict=True)
+        return np.median([getattr(p, field) / getattr(m, field) for p, m in pairs])
+
     for name, runs in sides.items():
         whole = np.median([m.whole for m in runs])
+        process = np.median([m.process for m in runs])
         loop = np.median([m.loop for m in runs])
-        ratio = np.median([p.whole / m.whole for p, m in zip(plain, runs, strict=True)])
-        loop_ratio = np.median([p.loop / m.loop for p, m in zip(plain, runs, strict=True)])
         resume = "" if runs[0].resume is None else f"{np.median([m.resume for m in runs]):10.2f}"
         print(
-            f"{name:30}{whole:9.2f}{n / whole:10.1f}{ratio:9.2f}x"
-            f"{loop:9.2f}{n / loop:10.1f}{loop_ratio:9.2f}x{resume}"
+            f"{name:30}{whole:9.2f}{n / whole:10.1f}{ratio('whole', runs):9.2f}x"
+            f"{process:10.2f}{ratio('process', runs):9.2f}x"
+            f"{loop:9.2f}{n / loop:10.1f}{ratio('loop', runs):9.2f}x{resume}"
         )
     before = [name for name in sides if name.startswith("sdbatch eval, before")]
     if before:
         ratios = [b.whole / a.whole for b, a in zip(sides[before[0]], sides[AFTER], strict=True)]
         print(f"{'after vs before':30}{'':19}{np.median(ratios):9.2f}x (whole run, per round)")
-    print("whole: models loaded (sdbatch: actors started), metrics computed; not Ray's start")
+    print(
+        "whole: its library imported (torchmetrics; sdbatch's evaluation), models loaded "
+        "(sdbatch: in its process, or actors started), metrics computed; not Ray's start"
+    )
+    print("process: the measuring process from start to exit (Ray's start and the resume too)")
     print("loop: plain = decode, embed, update, compute; sdbatch = its actors' extraction")
     print("resume: the same sdbatch eval again (shards re-read, metrics recomputed)")
 
@@ -390,8 +433,9 @@ def main() -> None:
     parser.add_argument(
         "--actors",
         type=lambda v: v if v == "auto" else int(v),
-        default=2,
-        help="sdbatch's CPU actors (with GPUs, auto: one per GPU)",
+        default=1,
+        help="sdbatch's CPU actors (1: extraction in its own process, without a GPU; with GPUs, "
+        "auto: one per GPU)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
-from sdbatch.errors import InputError, JobFailed, first_line, stop_if_requested
+from sdbatch.errors import InputError, JobFailed, described, first_line, stop_if_requested
 
 log = logging.getLogger("sdbatch")
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -246,6 +246,19 @@ def plan_actors(actors: int | Literal["auto"]) -> ActorPlan:
             )
         return ActorPlan(count, gpus=1, cpus=1, threads=None)
     return cpu_actors(1 if actors == "auto" else actors)
+
+
+def cpus_per_gpu() -> int:
+    """The fewest CPU cores a GPU has beside it on any live node with GPUs (at least 1): what a
+    GPU actor may use for its CPU-side work without crowding the node's other GPUs' actors."""
+    import ray
+
+    shares = [
+        n["Resources"].get("CPU", 0) / n["Resources"]["GPU"]
+        for n in ray.nodes()
+        if n["Alive"] and n["Resources"].get("GPU")
+    ]
+    return max(1, int(min(shares, default=1)))
 
 
 def cpu_actors(count: int) -> ActorPlan:
@@ -476,7 +489,7 @@ def run_units(
                     ready.append(actor)
                     # Throughput is counted from the first loaded worker: model loading is not
                     # generation speed.
-                    bar = bar or _progress_bar(*progress)
+                    bar = bar or progress_bar(*progress)
                     continue
                 if ref not in running:
                     continue  # given back with its actor's other unit, just now
@@ -660,10 +673,11 @@ def _reason(error: Exception) -> str:
         why = (lines[1:] or lines)[0]
         # Ray goes on to list every possible cause; the first sentences are the facts.
         return why if len(why) <= 160 else why[:160].rsplit(" ", 1)[0] + " ..."
-    return f"{type(error).__name__}: {first_line(error)}" if text else type(error).__name__
+    return described(error)
 
 
-def _progress_bar(total: int, done: int, doing: str) -> tqdm:
+def progress_bar(total: int, done: int, doing: str) -> tqdm:
+    """One bar over every image of a run: a terminal's, or a log line now and then."""
     if not sys.stderr.isatty():
         return _LogProgress(
             total=total, initial=done, desc=doing, mininterval=LOG_PROGRESS_SECONDS,

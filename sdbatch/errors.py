@@ -58,3 +58,9 @@ def first_line(error: BaseException) -> str:
     """An exception's message cut to one line (or its type's name), to quote inside an error."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def described(error: BaseException) -> str:
+    """An exception as one line: its type's name and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -1,6 +1,6 @@
-"""Evaluation's overlap: a feature worker decodes and preprocesses the next batch while its model
-embeds this one, writing the same shards as without; the same actors extract the reference and
-the generated shards."""
+"""Evaluation's overlap: a feature worker's decode threads prepare the next batch, each a part of
+it, while its model embeds this one, writing the same shards as without; the same actors extract
+the reference and the generated shards."""
 
 from __future__ import annotations
 
@@ -40,24 +40,26 @@ def units(evaluated_output, tmp_path) -> list[FeatureUnit]:
     return [generated, *plan.units]
 
 
-def worker(evaluated_output, prefetch: bool | None) -> FeatureWorker:
+def worker(evaluated_output, decode_threads: int | None, batch: int = BATCH) -> FeatureWorker:
     inputs = resolve_suite(evaluated_output["suite"])
     return FeatureWorker(ExtractionSetup(
-        clip=inputs.clip, extractor=inputs.extractor, batch_size=BATCH,
-        image_metrics=inputs.image_metrics, clip_embeddings=True, prefetch=prefetch,
+        clip=inputs.clip, extractor=inputs.extractor, batch_size=batch,
+        image_metrics=inputs.image_metrics, clip_embeddings=True, decode_threads=decode_threads,
     ))  # fmt: skip
 
 
-def test_prefetching_writes_the_same_shards(evaluated_output, tmp_path):
+def test_decode_threads_write_the_same_shards(evaluated_output, tmp_path):
+    """Batches of 3 split among 3 threads, and a last batch smaller than the threads."""
     shards = {}
-    for prefetch in (False, True):
-        extracting = worker(evaluated_output, prefetch)
-        for unit in units(evaluated_output, tmp_path / str(prefetch)):
+    for threads in (0, 3):
+        extracting = worker(evaluated_output, threads, batch=3)
+        for unit in units(evaluated_output, tmp_path / str(threads)):
             *counts, _ = extracting.run(unit)
-            assert sum(counts) == unit.num_images and len(counts) > 2
-            shards[prefetch, unit.generated] = read_npz(unit.destination)
+            assert sum(counts) == unit.num_images and len(counts) >= 2
+            assert unit.num_images % 3 or not unit.generated  # a last batch of fewer
+            shards[threads, unit.generated] = read_npz(unit.destination)
     for generated in (True, False):
-        before, after = shards[False, generated], shards[True, generated]
+        before, after = shards[0, generated], shards[3, generated]
         assert {"features", "clip_embeddings"} <= set(before) and set(before) == set(after)
         if generated:
             assert "clip_score" in before
@@ -66,41 +68,58 @@ def test_prefetching_writes_the_same_shards(evaluated_output, tmp_path):
                 assert np.array_equal(array, after[name]), name
 
 
-@pytest.mark.parametrize("prefetch", [True, False, None])
-def test_the_next_batch_is_prepared_while_the_model_runs(evaluated_output, tmp_path, prefetch):
-    """By default (None) only a GPU worker prefetches: a CPU worker's torch threads fill its
-    cores, and there the extra thread made extraction slower."""
-    extracting = worker(evaluated_output, prefetch)
-    expected = torch.cuda.is_available() if prefetch is None else prefetch
+def timed(spans, name, function, seconds=0.0):
+    def call(*args):
+        began = time.monotonic()
+        time.sleep(seconds)  # work that takes a while: a model slower than decoding, as most are
+        result = function(*args)
+        spans[name].append((began, time.monotonic(), threading.current_thread()))
+        return result
+
+    return call
+
+
+def overlap(a, b) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+@pytest.mark.parametrize("decode_threads", [1, 0, None])
+def test_the_next_batch_is_prepared_while_the_model_runs(
+    evaluated_output, tmp_path, decode_threads
+):
+    """By default (None) only a GPU worker has decode threads: a CPU worker's torch threads fill
+    its cores, and there an extra thread made extraction slower."""
+    extracting = worker(evaluated_output, decode_threads)
+    expected = torch.cuda.is_available() if decode_threads is None else decode_threads > 0
     clip = extracting.clip
     spans = {"pixels": [], "embed": []}
-
-    def timed(name, function, seconds=0.0):
-        def call(*args):
-            began = time.monotonic()
-            time.sleep(seconds)  # a model slower than decoding, as most are
-            result = function(*args)
-            spans[name].append((began, time.monotonic(), threading.current_thread()))
-            return result
-
-        return call
-
-    clip.pixels = timed("pixels", clip.pixels)
-    clip.embed_pixels = timed("embed", clip.embed_pixels, seconds=0.2)
+    clip.pixels = timed(spans, "pixels", clip.pixels)
+    clip.embed_pixels = timed(spans, "embed", clip.embed_pixels, seconds=0.2)
     list(extracting.run(units(evaluated_output, tmp_path)[0]))
 
     main = threading.main_thread()
     assert all(thread is main for *_, thread in spans["embed"])
     # batch k + 1 is prepared while batch k is embedded, in another thread
-    overlapping = [
-        start < embed_end and embed_start < end
-        for (start, end, _), (embed_start, embed_end, _) in zip(
-            spans["pixels"][1:], spans["embed"], strict=False
-        )
-    ]
+    pairs = zip(spans["pixels"][1:], spans["embed"], strict=False)
+    overlapping = [overlap(pixels, embed) for pixels, embed in pairs]
     assert len(overlapping) == len(spans["embed"]) - 1 >= 2
     assert all(overlapping) if expected else not any(overlapping)
     assert all(thread is not main for *_, thread in spans["pixels"]) == expected
+
+
+def test_a_batch_is_split_among_the_decode_threads(evaluated_output, tmp_path):
+    """Batches of 4 on 2 threads: each batch's two halves are prepared at once, in two threads."""
+    extracting = worker(evaluated_output, 2, batch=4)
+    clip = extracting.clip
+    spans = {"pixels": []}
+    clip.pixels = timed(spans, "pixels", clip.pixels, seconds=0.2)
+    generated = units(evaluated_output, tmp_path)[0]
+    list(extracting.run(generated))
+
+    halves = spans["pixels"]
+    assert len(halves) == 2 * -(-generated.num_images // 4) >= 2
+    first, second = halves[0], halves[1]
+    assert overlap(first, second) and first[2] is not second[2]
 
 
 def test_the_same_actors_extract_the_reference_and_the_generated_shards(

@@ -261,6 +261,9 @@ class Metric:
     # bound is raised to it, which loses no coverage since the true value is never lower.
     least: float | None = None
     most: float | None = None  # the greatest (a share's: 1), likewise for the upper bound
+    # What a reader must know about its numbers in the whole table (configs.parquet), said once
+    # as a warning after the table is computed: the table -> the warning, or None.
+    caveat: Callable[[Any], str | None] | None = None
 
     def bounds(
         self, estimate: float, replicates: np.ndarray, confidence: float

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -47,6 +47,7 @@ from sdbatch.evaluation.shards import CLIP_EMBEDDINGS, SHARDS, FeatureUnit, pend
 from sdbatch.evaluation.suite import Suite, load_suite
 from sdbatch.evaluation.table import config_table
 from sdbatch.evaluation.worker import ExtractionSetup, FeatureWorker
+from sdbatch.in_process import run_units_here
 from sdbatch.integrity import summarize, unit_problems
 from sdbatch.output import METRICS_DIR, SOURCES, Output
 from sdbatch.records import library_versions
@@ -229,6 +230,13 @@ def _setup(
     )
 
 
+def extracts_here(suite: Suite, address: str | None) -> bool:
+    """Whether the driver's own process extracts the features, without Ray: when the one CPU
+    actor on this machine (no cluster, no GPU) would only add a Ray instance and a second process
+    importing torch. Its library warnings then go where the caller's go."""
+    return suite.runtime.actors in (1, "auto") and distribute.local_without_gpu(address)
+
+
 def _extract(
     setup: ExtractionSetup,
     units: list[FeatureUnit],
@@ -236,11 +244,16 @@ def _extract(
     address: str | None,
     progress: tuple[int, int, str],
 ) -> distribute.RunResult:
-    with distribute.session(address):
-        plan = distribute.plan_actors(suite.runtime.actors)
-        result = distribute.run_units(
-            FeatureWorker, setup, units, plan, progress, suite.runtime.retries
-        )
+    retries = suite.runtime.retries
+    if extracts_here(suite, address):
+        here = replace(setup, log_dir=None)
+        result = run_units_here(FeatureWorker, here, units, progress, retries)
+    else:
+        with distribute.session(address):
+            plan = distribute.plan_actors(suite.runtime.actors)
+            if plan.gpus and setup.decode_threads is None:
+                setup = replace(setup, decode_threads=distribute.cpus_per_gpu())
+            result = distribute.run_units(FeatureWorker, setup, units, plan, progress, retries)
     if result.failed:
         # Metrics over a configuration with missing shards would be silently biased.
         unit_id, failure = next(iter(result.failed.items()))

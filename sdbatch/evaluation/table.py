@@ -212,6 +212,9 @@ def config_table(
         replicate = {"config_id": config_id, "replicate": np.arange(len(context.draws))}
         replicates.append(pd.DataFrame({**replicate, **drawn}))
     table = pd.DataFrame(rows).astype({"n_flagged": "Int64", "strength": "float64"})
+    for metric in suite.chosen_metrics:
+        if metric.caveat is not None and (warning := metric.caveat(table)):
+            log.warning("%s", warning)
     return table, pd.concat(replicates)
 
 

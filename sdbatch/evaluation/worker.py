@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +44,12 @@ class ExtractionSetup:
     clip_embeddings: bool = False  # shards keep every image's CLIP embedding (Need.EMBEDDINGS)
     threads: int | None = None
     log_dir: str | None = None  # for the libraries' warnings (quiet_libraries); None: as they are
-    # Decode and preprocess the next batch in a thread while the model embeds this one (the
-    # features are the same either way). None: on a GPU only, where the CPU waits for the model;
-    # a CPU actor's torch threads already fill its cores, and the extra thread measured slower.
-    prefetch: bool | None = None
+    # Threads that decode and preprocess the next batch while the model embeds this one, each a
+    # part of it (the features are the same either way); 0: none, each batch in turn. None: on a
+    # GPU the worker's cores (the node's share per GPU, set by the driver), so the GPU never waits
+    # for PIL; on a CPU none: a CPU actor's torch threads already fill its cores, and an extra
+    # thread measured slower there.
+    decode_threads: int | None = None
 
 
 class FeatureWorker:
@@ -69,7 +71,9 @@ class FeatureWorker:
         self.extract = None
         if setup.extractor is not None:
             self.extract = build_extractor(setup.extractor, self.device, self.clip)
-        self.prefetch = self.device == "cuda" if setup.prefetch is None else setup.prefetch
+        self.decode_threads = setup.decode_threads
+        if self.decode_threads is None:
+            self.decode_threads = len(os.sched_getaffinity(0)) if self.device == "cuda" else 0
         self.units = 0  # extracted, reference and generated alike
 
     def describe(self) -> dict[str, Any]:
@@ -131,9 +135,10 @@ class FeatureWorker:
     def _prepared(
         self, blobs: list[bytes], resolution: int | None, embed: bool
     ) -> Iterator[tuple[list[np.ndarray], Any]]:
-        """Each batch decoded, with CLIP's pixel values when it is embedded; with prefetching,
-        the next batch is prepared in a thread meanwhile (PIL's decoding and resizing, numpy and
-        torch's model release the GIL), one batch ahead: pixel values of two batches at most."""
+        """Each batch decoded, with CLIP's pixel values when it is embedded. With decode threads,
+        the next batch is prepared meanwhile, split among them (PIL's decoding and resizing,
+        numpy and torch's model release the GIL): pixel values of two batches at most."""
+        import torch
 
         def prepare(chunk: list[bytes]) -> tuple[list[np.ndarray], Any]:
             batch = [decode_image(blob, resolution) for blob in chunk]
@@ -141,13 +146,26 @@ class FeatureWorker:
 
         size = self.setup.batch_size
         chunks = [blobs[start : start + size] for start in range(0, len(blobs), size)]
-        if not self.prefetch or len(chunks) < 2:
+        threads = self.decode_threads
+        if not threads:
             yield from map(prepare, chunks)
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-            ahead = pool.submit(prepare, chunks[0])
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+
+            def submit(chunk: list[bytes]) -> list[Future]:
+                step = -(-len(chunk) // threads)
+                parts = [chunk[i : i + step] for i in range(0, len(chunk), step)]
+                return [pool.submit(prepare, part) for part in parts]
+
+            def joined(parts: list[Future]) -> tuple[list[np.ndarray], Any]:
+                prepared = [p.result() for p in parts]
+                batch = [image for images, _ in prepared for image in images]
+                return batch, torch.cat([pixels for _, pixels in prepared]) if embed else None
+
+            ahead = submit(chunks[0]) if chunks else []
             for chunk in chunks[1:]:
-                ready = ahead.result()
-                ahead = pool.submit(prepare, chunk)
+                ready = joined(ahead)
+                ahead = submit(chunk)
                 yield ready
-            yield ahead.result()
+            if chunks:
+                yield joined(ahead)

@@ -9,16 +9,14 @@ are the same. With fewer images than dimensions the estimate takes that path too
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from sdbatch.evaluation.metric import QUALITY, ConfigGroup, Interval, Metric, Need, Score
 from sdbatch.evaluation.metric_math import fid
-
-log = logging.getLogger("sdbatch")
 
 
 def aggregate(group: ConfigGroup, settings: Any) -> dict[str, Any]:
@@ -30,16 +28,22 @@ def aggregate(group: ConfigGroup, settings: Any) -> dict[str, Any]:
         value = float(group.frechet_resamples.distances(np.ones((1, n)))[0])
     else:
         value = fid(group.stats, group.frechet)
-    row: dict[str, Any] = {"fid": value}
     # With fewer images than dimensions the covariance is singular: FID is biased upwards.
-    row["fid_ill_conditioned"] = n < dim
-    if n < dim and group.weights is None:  # said once, for the estimate
-        log.warning(
-            "%s: %d images < %d feature dimensions: FID is biased upwards and ill-conditioned; "
-            "compare it only at equal n, or use KID",
-            group.config_id, n, dim,
-        )  # fmt: skip
-    return row
+    return {"fid": value, "fid_ill_conditioned": n < dim}
+
+
+def caveat(table: pd.DataFrame) -> str | None:
+    """Once per table, not per configuration: a sweep's configurations have the same n."""
+    ill = table["fid_ill_conditioned"].astype(bool)
+    if not ill.any():
+        return None
+    counted = table.loc[ill, "n_images"] - table.loc[ill, "n_excluded"]
+    return (
+        f"FID of {int(ill.sum())} of {len(table)} configurations ({counted.min()} to "
+        f"{counted.max()} images) has fewer images than feature dimensions: biased upwards and "
+        "ill-conditioned; compare it only at equal n, or use KID (configs.parquet: "
+        "fid_ill_conditioned)"
+    )
 
 
 def replicates(group: ConfigGroup, settings: Any, weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -61,4 +65,5 @@ FID = Metric(
     scores=(Score("fid", "FID"),),
     ranked=True,
     least=0.0,
+    caveat=caveat,
 )
