@@ -196,7 +196,7 @@ def sweep_table(args: argparse.Namespace, d: int) -> None:
     with distribute.session(None):
         for workers in args.workers or [os.cpu_count()]:
             took, computed = timed(
-                lambda w=workers: table_metrics(units, context(), True, w, start_seconds=0)
+                lambda w=workers: table_metrics(units, context(), True, w, start_seconds=0).results
             )
             threads = max(1, os.cpu_count() // workers)
             report(f"{workers} actor(s), {threads} thread(s) each", took[0], computed)

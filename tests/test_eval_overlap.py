@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import suite_data
 
+from sdbatch import distribute
 from sdbatch.evaluation.inputs import resolve_suite
 from sdbatch.evaluation.reference import ReferenceSource, plan_reference
 from sdbatch.evaluation.run import evaluate
@@ -138,3 +139,22 @@ def test_the_same_actors_extract_the_reference_and_the_generated_shards(
     # An actor still loading when the last unit ends took none and is not listed.
     assert 1 <= len({w["pid"] for w in workers}) == len(workers) <= suite.runtime.actors
     assert sum(w["units"] for w in workers) == len(reference) + len(generated)
+
+
+def test_a_gpu_actor_decodes_with_its_nodes_cores_per_gpu(monkeypatch):
+    """The fewest cores per GPU of any GPU node, so no node's actors crowd its cores; nodes
+    without GPUs and dead nodes do not count."""
+    import ray
+
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 96.0, "GPU": 8.0}},
+        {"Alive": True, "Resources": {"CPU": 40.0, "GPU": 4.0}},
+        {"Alive": True, "Resources": {"CPU": 2.0}},
+        {"Alive": False, "Resources": {"CPU": 4.0, "GPU": 4.0}},
+    ]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert distribute.cpus_per_gpu() == 10
+    nodes[1]["Resources"]["CPU"] = 2.0
+    assert distribute.cpus_per_gpu() == 1  # never none
+    monkeypatch.setattr(ray, "nodes", lambda: nodes[2:3])
+    assert distribute.cpus_per_gpu() == 1

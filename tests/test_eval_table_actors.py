@@ -4,6 +4,8 @@ are unchanged; and the reference's parts are computed once, not by each actor.""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import numpy as np
@@ -69,8 +71,12 @@ def test_actors_compute_what_the_driver_computes(tmp_path, ray_address):
     units, context = synthetic(tmp_path)
     _, fresh = synthetic(tmp_path)  # the same, none of the reference's parts computed yet
     on_driver = {u.unit_id: config_metrics(u, context) for u in units}
-    on_ray = table_metrics(units, fresh, on_ray=True, actors=2, start_seconds=0)
+    computed = table_metrics(units, fresh, on_ray=True, actors=2, start_seconds=0)
+    on_ray = computed.results
     assert on_ray.keys() == on_driver.keys()
+    # the first two on the driver, the others on the actors, each listed with how many it took
+    assert len(computed.workers) == 2 and len({w["pid"] for w in computed.workers}) == 2
+    assert sum(w["units"] for w in computed.workers) == len(units) - 2
     for config_id, (columns, replicates) in on_driver.items():
         assert np.isfinite(columns["fid"]) and np.isfinite(columns["kid_mean"])
         assert len(replicates["fid"]) == 30
@@ -108,6 +114,12 @@ def test_evaluate_on_actors_writes_the_drivers_tables(
         evaluate(str(out), evaluated_output["suite"], address=ray_address)
     assert "2 more configurations on 2 CPU actors" in caplog.text
     driver = evaluated_output["out"] / METRICS_DIR
+    # metrics.json lists the table's actors; the driver alone computed the fixture's
+    table_workers = json.loads((out / METRICS_DIR / "metrics.json").read_text())["table_workers"]
+    assert sum(w["units"] for w in table_workers) == 2 and os.getpid() not in {
+        w["pid"] for w in table_workers
+    }
+    assert json.loads((driver / "metrics.json").read_text())["table_workers"] == []
     for name in ("configs", "replicates", "differences", "effects"):
         expected = pq.read_table(driver / f"{name}.parquet").to_pandas()
         got = pq.read_table(out / METRICS_DIR / f"{name}.parquet").to_pandas()

@@ -43,7 +43,7 @@ class MetricsRecord:
     reference: ReferenceProvenance | None
     images: int
     versions: dict[str, str]
-    workers: tuple[dict[str, Any], ...]
+    workers: tuple[dict[str, Any], ...]  # the feature workers
     seconds: float
     # The suite's `safety` policy decides whether flagged images count in the metrics; the two
     # counts are absent from records written before it existed.
@@ -58,6 +58,9 @@ class MetricsRecord:
     # Two runs' replicates pair (evaluation.compare) when these are equal: same prompts, samples
     # and seed.
     bootstrap_draws: str = ""
+    # The actors that computed configurations' metrics (evaluation.table), with how many each;
+    # none where the driver computed them all.
+    table_workers: tuple[dict[str, Any], ...] = ()
     format: int = 1
 
     def to_json(self) -> bytes:

@@ -169,7 +169,7 @@ def evaluate(
     # metrics; without one, the driver does: a local Ray instance would share its cores.
     on_ray = distribute.has_cluster(address)
     with distribute.session(address) if on_ray else nullcontext():
-        table, replicates = config_table(
+        table, replicates, table_workers = config_table(
             run, markers, gathered, reference, feature_dim, suite, on_ray
         )
 
@@ -188,7 +188,8 @@ def evaluate(
             "effects": effects,
         },
     )
-    record = _metrics_record(suite, inputs, reference, images, workers, time.perf_counter() - began)
+    seconds = time.perf_counter() - began
+    record = _metrics_record(suite, inputs, reference, images, workers, table_workers, seconds)
     write_metrics_record(out, record)
     log.info("metrics of %d configurations in %s/%s", len(table), out.location, METRICS_DIR)
     seconds = time.perf_counter() - began
@@ -281,6 +282,7 @@ def _metrics_record(
     reference: ReferenceStats | None,
     images: pd.DataFrame,
     workers: list[dict],
+    table_workers: list[dict],
     seconds: float,
 ) -> MetricsRecord:
     truncated = images.get("clip_truncated")
@@ -302,6 +304,7 @@ def _metrics_record(
         images=len(images),
         versions={**library_versions(), "torchmetrics": metadata.version("torchmetrics")},
         workers=tuple(workers),
+        table_workers=tuple(table_workers),
         seconds=round(seconds, 3),
         flagged_images=int(images["nsfw_flagged"].sum()),
         excluded_images=int(images["_excluded"].sum()),

@@ -175,9 +175,10 @@ def config_table(
     feature_dim: int | None,
     suite: Suite,
     on_ray: bool = False,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per configuration with generated images, in the order of the run's sweep; and
-    the replicates: per configuration and replicate, each column with an interval.
+) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+    """One row per configuration with generated images, in the order of the run's sweep; the
+    replicates: per configuration and replicate, each column with an interval; and the actors
+    that computed configurations (`TableMetrics.workers`).
 
     Args:
         on_ray: compute the configurations' metrics on actors of the Ray session open now,
@@ -206,7 +207,7 @@ def config_table(
         row["n_excluded"] = int(generated["_excluded"].sum())
         row["unet_evals_per_image"] = config.unet_evals_per_image
         row.update(timing(batches[batches["config_id"] == config_id]))
-        columns, drawn = metrics[config_id]
+        columns, drawn = metrics.results[config_id]
         row.update(columns)
         rows.append(row)
         replicate = {"config_id": config_id, "replicate": np.arange(len(context.draws))}
@@ -215,7 +216,7 @@ def config_table(
     for metric in suite.chosen_metrics:
         if metric.caveat is not None and (warning := metric.caveat(table)):
             log.warning("%s", warning)
-    return table, pd.concat(replicates)
+    return table, pd.concat(replicates), metrics.workers
 
 
 def config_unit(
@@ -264,15 +265,28 @@ class TableWorker:
 
             context = ray.get(context)
         self.context: TableContext = context
+        self.units = 0  # configurations computed
 
     def describe(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": "cpu"}
+        """Where this worker runs and how many configurations it computed, for the provenance."""
+        where = {"host": socket.gethostname(), "pid": os.getpid(), "device": "cpu"}
+        return {**where, "units": self.units}
 
     def run(self, unit: ConfigUnit) -> Iterator[int | tuple[dict, dict]]:
         """A configuration's metrics (`config_metrics`), after its image count for the bar."""
         result = config_metrics(unit, self.context)
+        self.units += 1
         yield len(unit.images)
         yield result
+
+
+@dataclass
+class TableMetrics:
+    """Every configuration's `config_metrics` by id, and the actors that computed some (with how
+    many each), if any did."""
+
+    results: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]
+    workers: list[dict[str, Any]]
 
 
 def table_metrics(
@@ -281,7 +295,7 @@ def table_metrics(
     on_ray: bool,
     actors: int | None = None,
     start_seconds: float | None = None,
-) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+) -> TableMetrics:
     """Every unit's `config_metrics`: the first two here (the first computes the reference's
     parts too); the others on `actors` CPU actors of the Ray session open now (default: one per
     CPU of the cluster, at most one per unit) when `on_ray` and the second one took long enough
@@ -291,27 +305,29 @@ def table_metrics(
     Raises:
         JobFailed: a configuration failed on every attempt of an actor.
     """
-    results: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
+    done = TableMetrics({}, [])
     rest, seconds = list(units), 0.0
     # 1. the first configuration, and with it the reference's parts every other one reuses;
     # then the second, whose time (without those parts) says what the others would take here
     for _ in range(2 if on_ray else 0):
         if rest:
             began = time.perf_counter()
-            results[rest[0].unit_id] = config_metrics(rest[0], context)
+            done.results[rest[0].unit_id] = config_metrics(rest[0], context)
             seconds, rest = time.perf_counter() - began, rest[1:]
     # 2. the others: on actors where they repay their start
     start = ACTOR_START_SECONDS if start_seconds is None else start_seconds
     if on_ray and rest and seconds * len(rest) > start:
-        results.update(_on_actors(rest, context, actors))
+        on_actors = _on_actors(rest, context, actors)
+        done.results.update(on_actors.results)
+        done.workers = on_actors.workers
     else:
-        results.update({u.unit_id: config_metrics(u, context) for u in rest})
-    return results
+        done.results.update({u.unit_id: config_metrics(u, context) for u in rest})
+    return done
 
 
 def _on_actors(
     units: list[ConfigUnit], context: TableContext, actors: int | None
-) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+) -> distribute.RunResult:
     import ray
 
     count = actors or int(ray.cluster_resources().get("CPU", 1))
@@ -329,4 +345,4 @@ def _on_actors(
             f"the metrics of {len(done.failed)} configuration(s) failed after "
             f"{failure.attempts} attempts, first {unit_id}: {failure.error}"
         )
-    return done.results
+    return done
