@@ -25,7 +25,7 @@ below it (tests/test_layout.py holds the code to this list).
     reporting.summary               recommendation, models vs baseline, bests, effects, provenance
     reporting.runs                  an evaluated output: configs table, run and metrics records
     reporting.parts                 what a report is made of: sections, figures, galleries
-    evaluation.run                  evaluate(): plan shards, extract on actors, gather, write
+    evaluation.run                  evaluate(): plan shards, extract (actors or here), gather, write
     evaluation.compare              paired differences, main effects, models vs the baseline
     evaluation.table                per-configuration table: every metric's aggregate, on actors
     evaluation.gather               shards -> per-image rows, merged statistics, features
@@ -55,6 +55,7 @@ below it (tests/test_layout.py holds the code to this list).
     integrity                       committed units checked against their markers; verify()
     worker                          plain class: a model kept loaded, adapters, tasks -> rows
     gpu_usage                       a worker's GPU busy % while it generates, sampled by NVML
+    in_process                      units run in this process, as on one actor; no Ray
     distribute                      Ray: a session, one actor per GPU, units by model, retries
     worker_logs                     a worker's library warnings -> its log file; errors -> stderr
     output                          the output's layout: run.json, unit commits, markers
