@@ -122,10 +122,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--scheduler", default="euler")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=lambda v: v if v == "auto" else int(v),
+        default=8,
+        help="sdbatch's batch size, or auto (it probes for the fastest, inside the whole run)",
+    )
     parser.add_argument("--actors", default="auto", type=lambda v: v if v == "auto" else int(v))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores per side")
+    parser.add_argument(
+        "--plain-threads",
+        type=int,
+        help="the plain loop's torch threads, when fewer serve it better (default: --threads)",
+    )
     args = parser.parse_args()
     args.per_prompt = 2
     args.batch = 1
@@ -137,14 +147,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "plain").mkdir()
-        plain = plain_loop(args, texts, Path(tmp) / "plain")
+        plain_args = argparse.Namespace(
+            **{**vars(args), "threads": args.plain_threads or args.threads}
+        )
+        plain = plain_loop(plain_args, texts, Path(tmp) / "plain")
         ours = with_sdbatch(args, texts, Path(tmp))
 
     same = max(np.abs(plain[2][k] - ours[2][k]).max() for k in plain[2])
     print(f"\n{n} images, {args.size}x{args.size}, {args.steps} steps {args.scheduler}, ", end="")
     print(f"guidance {args.guidance}, model {args.model}; max pixel difference {same}/255")
     print(
-        f"{args.threads} torch threads on each side, actors {args.actors}; "
+        f"plain loop: {args.plain_threads or args.threads} torch threads; sdbatch: "
+        f"{args.threads} CPUs, actors {args.actors}, batch size {args.batch_size}; "
         f"load average {os.getloadavg()[0]:.1f} at the end"
     )
     print(f"{'':24}{'whole run s':>12}{'images/s':>10}{'gen-only s':>12}{'images/s':>10}")

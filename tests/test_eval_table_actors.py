@@ -75,7 +75,9 @@ def test_actors_compute_what_the_driver_computes(tmp_path, ray_address):
     on_ray = computed.results
     assert on_ray.keys() == on_driver.keys()
     # the first two on the driver, the others on the actors, each listed with how many it took
-    assert len(computed.workers) == 2 and len({w["pid"] for w in computed.workers}) == 2
+    # (an actor still loading when the last one ends took none and is not listed)
+    pids = {w["pid"] for w in computed.workers}
+    assert 1 <= len(pids) == len(computed.workers) <= 2 and os.getpid() not in pids
     assert sum(w["units"] for w in computed.workers) == len(units) - 2
     for config_id, (columns, replicates) in on_driver.items():
         assert np.isfinite(columns["fid"]) and np.isfinite(columns["kid_mean"])

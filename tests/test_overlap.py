@@ -34,7 +34,9 @@ ONE_ACTOR = {"batch_size": 2, "shard_size": 2, "actors": 1}
 
 def timeline(folder: Path) -> type:
     """A worker that appends what it does, and when, to a file in `folder`; its commit takes a
-    second, as an upload to a slow store would."""
+    second, as an upload to a slow store would, and a batch at least 0.3 s, as on a GPU: longer
+    than the driver's round trip (the tiny model's batches alone can be shorter on an idle
+    machine, and the next unit then arrives after the current one's turn)."""
 
     class Timed(Worker):
         def note(self, event: str, unit) -> None:
@@ -48,6 +50,7 @@ def timeline(folder: Path) -> type:
 
         def _generate(self, unit, prompts, seeds):
             self.note("batch", unit)
+            time.sleep(0.3)
             return super()._generate(unit, prompts, seeds)
 
         def _commit(self, unit, rows, timings):
