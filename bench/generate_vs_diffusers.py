@@ -8,9 +8,12 @@ Both make identical images (same seeds, same scheduler); the script checks that 
 for both, whole-run (model load and, for sdbatch, Ray start included) and generation-only. Both get
 the same cores (`--threads`, default all): the loop as many torch threads, sdbatch's local Ray as
 many CPUs, which its actors share (one actor: as many threads; `--actors 2 --threads 2`: one
-thread each), as in bench/eval_vs_torchmetrics.py.
+thread each), as in bench/eval_vs_torchmetrics.py. Where the loop runs faster on fewer threads
+than it has cores (a small model on a CPU), `--plain-threads` gives it those.
 
     python bench/generate_vs_diffusers.py                      # builtin:tiny, 128x128, CPU
+    python bench/generate_vs_diffusers.py --threads 2 --actors 2 --plain-threads 1 \
+        --batch-size 32 --images 768                           # the README's last row
     python bench/generate_vs_diffusers.py --model /path/to/sd15 --size 512 --images 256
 """
 
