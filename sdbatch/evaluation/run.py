@@ -188,8 +188,9 @@ def evaluate(
             "effects": effects,
         },
     )
-    seconds = time.perf_counter() - began
-    record = _metrics_record(suite, inputs, reference, images, workers, table_workers, seconds)
+    record = _metrics_record(
+        suite, inputs, reference, images, workers, table_workers, time.perf_counter() - began
+    )
     write_metrics_record(out, record)
     log.info("metrics of %d configurations in %s/%s", len(table), out.location, METRICS_DIR)
     seconds = time.perf_counter() - began

@@ -147,7 +147,7 @@ class FeatureWorker:
         size = self.setup.batch_size
         chunks = [blobs[start : start + size] for start in range(0, len(blobs), size)]
         threads = self.decode_threads
-        if not threads:
+        if not threads or not chunks:
             yield from map(prepare, chunks)
             return
         with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
@@ -162,10 +162,9 @@ class FeatureWorker:
                 batch = [image for images, _ in prepared for image in images]
                 return batch, torch.cat([pixels for _, pixels in prepared]) if embed else None
 
-            ahead = submit(chunks[0]) if chunks else []
+            ahead = submit(chunks[0])
             for chunk in chunks[1:]:
                 ready = joined(ahead)
                 ahead = submit(chunk)
                 yield ready
-            if chunks:
-                yield joined(ahead)
+            yield joined(ahead)
